@@ -1,0 +1,60 @@
+"""Rollout: turn prompt groups into trajectories with images and log-probs (pure; a Ray actor wraps it).
+
+Contract: every group is generated whole by the policy version current at the call, which travels
+with its trajectory; each sample's noise is `trajectory_noise(sample_seed(run, step, group, sample))`,
+so the same group gives the same images on any worker, batch shape or restart.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from common.config import SamplerConfig
+from common.policy import Policy
+from common.sampling import sample_with_logprob
+from common.seeds import sample_seed, trajectory_noise
+from common.types import PromptGroup, Trajectory
+
+
+class Rollout:
+    def __init__(self, policy: Policy, sampler: SamplerConfig, group_size: int, run_seed: int):
+        self.policy, self.cfg, self.group_size, self.run_seed = policy, sampler, group_size, run_seed
+        factor = policy.bundle.vae_scale_factor
+        if sampler.height % factor or sampler.width % factor:
+            raise ValueError(f"sampler.height/width ({sampler.height}x{sampler.width}) must be multiples of the "
+                             f"VAE scale factor {factor}")
+        channels = policy.unet.config.in_channels
+        self.latent_shape = (channels, sampler.height // factor, sampler.width // factor)
+        self.negative_embeds = policy.bundle.encode_prompts([sampler.negative_prompt])[0].float()
+
+    def seeds(self, group: PromptGroup) -> tuple[int, ...]:
+        return tuple(sample_seed(self.run_seed, group.step, group.group_index, i) for i in range(self.group_size))
+
+    @torch.no_grad()
+    def generate(self, groups: list[PromptGroup]) -> list[Trajectory]:
+        """Sample G images per group, in UNet batches of `sampler.batch_size` images."""
+        G, cfg, bundle = self.group_size, self.cfg, self.policy.bundle
+        prompt_embeds = bundle.encode_prompts([g.prompt for g in groups]).float()
+        seeds = [self.seeds(g) for g in groups]
+        noise = torch.stack([trajectory_noise(s, cfg.num_steps, self.latent_shape) for ss in seeds for s in ss])
+        cond = prompt_embeds.repeat_interleave(G, dim=0)
+        parts, images = [], []
+        for start in range(0, noise.shape[0], cfg.batch_size):
+            sl = slice(start, start + cfg.batch_size)
+            with self.policy.autocast():
+                part = sample_with_logprob(
+                    self.policy.unet, bundle.scheduler, cond[sl].to(self.policy.device),
+                    self.negative_embeds[None].to(self.policy.device), noise[sl], cfg.num_steps,
+                    cfg.guidance_scale, cfg.eta)
+            parts.append(part)
+            images.append(bundle.decode_images(part.latents[:, -1]))
+        latents = torch.cat([p.latents for p in parts]).cpu()
+        log_probs = torch.cat([p.log_probs for p in parts]).cpu()
+        images = torch.cat(images)
+        return [
+            Trajectory(group=g, latents=latents[i * G:(i + 1) * G], log_probs=log_probs[i * G:(i + 1) * G],
+                       timesteps=parts[0].timesteps, prompt_embeds=prompt_embeds[i].cpu(),
+                       negative_embeds=self.negative_embeds.cpu(), images=images[i * G:(i + 1) * G],
+                       seeds=seeds[i], policy_version=self.policy.version)
+            for i, g in enumerate(groups)
+        ]

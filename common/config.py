@@ -1,0 +1,299 @@
+"""Typed configuration for a whole run: one YAML file plus `key.sub=value` overrides.
+
+Every model is frozen and forbids unknown fields, so a typo is an error that names the field.
+Defaults reproduce the reference implementation of SafeDiffusion-R1 (see METHOD.md in the
+project's shared notes); the CPU demo config in deploy/configs shrinks them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from common.errors import UserInputError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(UserInputError, ValueError):
+    """A config that cannot be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(_Strict):
+    name: str = Field("safediff", description="Run name; outputs go to <output_dir>/<name>.")
+    seed: int = Field(0, ge=0, description="Run seed: every sample's noise derives from (seed, step, group, sample).")
+    steps: int = Field(300, ge=1, description="Training steps (rollout -> reward -> GRPO update). Reference: ~300 epochs.")
+    output_dir: Path = Field(Path("runs"), description="Directory under which the run directory is created.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks cuda when available, else cpu.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype of the frozen model weights and autocast; 'auto' = bfloat16 on cuda, float32 on cpu. "
+        "Trainable LoRA weights and all log-prob math stay float32.")
+    save_every: int = Field(50, ge=1, description="Write an adapter checkpoint every N steps (and at the end).")
+
+
+class ModelConfig(_Strict):
+    pretrained: str = Field(
+        "CompVis/stable-diffusion-v1-4",
+        description="Diffusers directory or hub id of an SD v1.x-architecture model (unet, vae, text_encoder, "
+        "tokenizer, scheduler subfolders). Hub ids resolve from the local HF cache when offline.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `pretrained` is a hub id.")
+    finetune: Literal["lora", "full"] = Field(
+        "lora", description="'lora' trains a peft LoRA adapter on the UNet; 'full' trains every UNet weight (reference).")
+
+
+class LoraConfig(_Strict):
+    rank: int = Field(8, ge=1, description="LoRA rank r.")
+    alpha: float = Field(8.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    target_modules: tuple[str, ...] = Field(
+        ("to_q", "to_k", "to_v", "to_out.0"), min_length=1,
+        description="UNet attention projections that get an adapter (peft target_modules).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+
+
+class SamplerConfig(_Strict):
+    num_steps: int = Field(50, ge=2, description="DDIM steps per image.")
+    eta: float = Field(1.0, gt=0, le=1, description="DDIM eta; must be > 0 so every step has a log-probability.")
+    guidance_scale: float = Field(5.0, ge=1, description="Classifier-free guidance scale.")
+    height: int = Field(512, ge=8, description="Image height in pixels (a multiple of the VAE's scale factor).")
+    width: int = Field(512, ge=8, description="Image width in pixels (a multiple of the VAE's scale factor).")
+    negative_prompt: str = Field("", description="Unconditional text for classifier-free guidance.")
+    batch_size: int = Field(16, ge=1, description="Images denoised per UNet batch (CFG doubles the UNet batch).")
+
+
+SAFE_ANCHORS = (
+    "a safe",
+    "a non-violent, non-sexual image",
+    "a wholesome, PG-rated photo",
+    "an image with no nudity, no gore, no weapons",
+    "appropriate image",
+)
+UNSAFE_ANCHORS = (
+    "explicit sexual content and nudity",
+    "pornographic material",
+    "an image with naked people engaged in sexual acts",
+)
+
+
+class ClipConfig(_Strict):
+    model: str = Field(
+        "ViT-H-14",
+        description="open_clip architecture name (e.g. ViT-H-14), or 'local-dir:PATH' for a folder holding "
+        "open_clip_config.json and its weights (how the tiny test models are stored).")
+    weights: Path | None = Field(
+        None, description="Local state dict loaded strictly over `model` (HPSv2.1: HPS_v2.1_compressed.pt). "
+        "Required (checked when the model loads) for a built-in architecture name; unused for 'local-dir:'.")
+    batch_size: int = Field(32, ge=1, description="Images per CLIP forward.")
+
+
+class RewardConfig(_Strict):
+    clip: ClipConfig = Field(default_factory=ClipConfig, description="The CLIP model that scores images.")
+    safe_anchors: tuple[str, ...] = Field(SAFE_ANCHORS, description="Safe anchor phrases S (may be empty: "
+                                          "the unsafe-anchor-only variant).")
+    unsafe_anchors: tuple[str, ...] = Field(UNSAFE_ANCHORS, min_length=1, description="Unsafe anchor phrases U.")
+    anchors_file: Path | None = Field(
+        None, description="YAML file with `safe:` and `unsafe:` lists; when set it replaces the two lists above.")
+    alpha: float = Field(0.5, ge=0, description="Steering strength: z(p) = n(E_T(p) + alpha * v_safe).")
+    steer: Literal["all", "unsafe_only"] = Field(
+        "all", description="'all' steers every prompt (reference); 'unsafe_only' steers prompts labelled unsafe "
+        "and scores the others against their own text (needs `unsafe` set on every prompt source).")
+    jpeg_roundtrip: bool = Field(False, description="Round-trip images through JPEG before scoring (reference: on).")
+    jpeg_quality: int = Field(75, ge=1, le=100, description="JPEG quality of the optional round trip.")
+
+
+class GRPOConfig(_Strict):
+    group_size: int = Field(16, ge=2, description="G: images per prompt, all from one policy version.")
+    prompts_per_step: int = Field(32, ge=1, description="Prompt groups per training step (reference: 4 per GPU x 8).")
+    adv_eps: float = Field(1e-8, gt=0, description="A = (r - mean_group) / (std_group + adv_eps), unbiased std.")
+    adv_clip: float = Field(2.5, gt=0, description="Advantages are clamped to [-adv_clip, adv_clip].")
+    clip_range: float = Field(1e-4, gt=0, description="PPO clip epsilon on the importance ratio.")
+    train_timesteps: int = Field(49, ge=1, description="Each sample trains on the first K trajectory steps "
+                                 "(reference: 49 of 50, the last dropped), in its own shuffled order.")
+    kl_beta: float = Field(0.0, ge=0, description="KL penalty beta * |mu - mu_ref|^2 / (2 sigma^2) to the base "
+                           "model (LoRA disabled); 0 reproduces the reference, which only logs approx_kl.")
+    updates_per_step: int = Field(16, ge=1, description="Optimiser steps per training step: the step's samples "
+                                  "are shuffled and split into this many equal minibatches.")
+    micro_batch_size: int = Field(4, ge=1, description="Samples per forward/backward (gradients accumulate "
+                                  "over micro-batches and trained timesteps).")
+    inner_epochs: int = Field(1, ge=1, description="Passes over one step's samples.")
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(1e-5, gt=0, description="AdamW learning rate (constant).")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW eps.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip applied before each optimiser step.")
+
+
+class PromptSource(_Strict):
+    path: Path = Field(description="Text file, one prompt per line (UTF-8). Empty and undecodable rows are skipped "
+                       "and counted; a file with no usable row is an error.")
+    weight: float = Field(1.0, gt=0, description="Relative sampling weight in the mixture.")
+    unsafe: bool | None = Field(None, description="Label for every prompt of this source, when known.")
+
+
+class PromptsConfig(_Strict):
+    sources: tuple[PromptSource, ...] = Field(
+        (PromptSource(path=Path("deploy/prompts/coprov2_captions.txt")),), min_length=1,
+        description="Prompt mixture. Default: the reference's CoProV2 captions (mixed, unlabelled).")
+
+
+class ClusterConfig(_Strict):
+    """Topology of the distributed runtime; the single-process loop ignores it."""
+
+    rollout_actors: int = Field(1, ge=1, description="Number of Ray rollout actors.")
+    reward_actors: int = Field(1, ge=1, description="Number of Ray reward actors.")
+    learner_workers: int = Field(1, ge=1, description="DeepSpeed ranks of the learner.")
+    gpus_per_rollout_actor: float = Field(0.0, ge=0, description="GPUs per rollout actor (0 = CPU).")
+    gpus_per_reward_actor: float = Field(0.0, ge=0, description="GPUs per reward actor; fractions allowed.")
+    gpus_per_learner_worker: float = Field(0.0, ge=0, description="GPUs per learner rank (0 = CPU, gloo).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    max_staleness: int = Field(0, ge=0, description="Policy versions a rollout may lag the learner (0 = on-policy).")
+
+
+class Config(_Strict):
+    run: RunConfig = Field(default_factory=RunConfig, description="Run identity, length, device and outputs.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The diffusion model and what is trained.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter shape (model.finetune=lora).")
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="DDIM sampling with log-probs.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="CLIP steering reward.")
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="GRPO advantages and PPO-clip update.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimiser.")
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Training prompts.")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Distributed topology.")
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> Config:
+        g = self.grpo
+        if g.train_timesteps > self.sampler.num_steps:
+            raise ValueError(f"grpo.train_timesteps ({g.train_timesteps}) exceeds sampler.num_steps "
+                             f"({self.sampler.num_steps})")
+        samples = g.prompts_per_step * g.group_size
+        if samples % g.updates_per_step:
+            raise ValueError(f"grpo.updates_per_step ({g.updates_per_step}) must divide the step's "
+                             f"{samples} samples (prompts_per_step x group_size)")
+        per_update = samples // g.updates_per_step
+        if per_update % g.micro_batch_size:
+            raise ValueError(f"grpo.micro_batch_size ({g.micro_batch_size}) must divide the {per_update} "
+                             "samples of one optimiser step")
+        if self.reward.steer == "unsafe_only":
+            unlabelled = [str(s.path) for s in self.prompts.sources if s.unsafe is None]
+            if unlabelled:
+                raise ValueError(f"reward.steer=unsafe_only needs prompts.sources[*].unsafe set; unlabelled: "
+                                 f"{', '.join(unlabelled)}")
+        if self.model.finetune == "full" and self.grpo.kl_beta > 0:
+            raise ValueError("grpo.kl_beta > 0 needs model.finetune=lora: the KL reference is the UNet with its "
+                             "adapter disabled, and a full fine-tune keeps no second copy")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: '{key}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["grpo.group_size=8", "run.name=x"]` -> nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from err
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            reason = "unknown field"
+        else:
+            reason = e["msg"].removeprefix("Value error, ")
+        lines.append(f"config error in {source}: {loc + ': ' if loc else ''}{reason}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (or defaults when `path` is None), apply overrides, validate.
+
+    Raises ConfigError with one line per problem, each naming the file and the dotted field.
+    """
+    source = str(path) if path is not None else "<defaults>"
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config error: cannot read {path}: {err}") from err
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config error in {path}: not valid YAML: {err}".replace("\n", " ")) from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config error in {path}: the top level must be a mapping of sections")
+        tree = loaded or {}
+    if overrides:
+        tree = _merge(tree, parse_overrides(overrides))
+        source += " + overrides"
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML text that `load_config` reads back to an equal Config."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def resolve_device_dtype(cfg: RunConfig) -> tuple[str, str]:
+    """('cuda'|'cpu', torch dtype name) after resolving 'auto'."""
+    import torch
+
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config error: run.device=cuda but no CUDA device is visible")
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return device, dtype
+
+
+def samples_per_update(cfg: GRPOConfig) -> int:
+    return cfg.prompts_per_step * cfg.group_size // cfg.updates_per_step
+
+
+__all__ = ["Config", "ConfigError", "load_config", "dump_config", "parse_overrides", "resolve_device_dtype",
+           "samples_per_update"]

@@ -1,0 +1,158 @@
+"""The model bundle: the SD v1.x components a rollout and a learner need, loaded strictly.
+
+`load_bundle` reads a diffusers directory (or a hub id from the local cache) with the same
+`from_pretrained` calls a user's real Stable Diffusion checkpoint goes through, and refuses any
+checkpoint whose keys do not match the architecture (the reference's `strict=False` loads hid
+such mismatches). `build_tiny_bundle` writes a random model of the very same classes, so tests
+exercise that loading path without downloading weights.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from common.errors import UserInputError
+
+
+class ModelLoadError(UserInputError, RuntimeError):
+    """A model that cannot be loaded as asked; the message names the config field and the path."""
+
+
+@dataclass
+class ModelBundle:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDIMScheduler
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def to(self, device: str | torch.device, dtype: torch.dtype) -> ModelBundle:
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device=device, dtype=dtype)
+        return self
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """CLIP text encoder last hidden states [N, L, D], as Stable Diffusion conditions on them."""
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+
+    @torch.no_grad()
+    def decode_images(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [N, C, h, w] -> uint8 images [N, 3, H, W]."""
+        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        images = self.vae.decode(latents).sample.float()
+        return ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
+def _check_loading_info(component: str, where: str, info: dict) -> None:
+    problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
+    problems = {k: v for k, v in problems.items() if v}
+    if problems:
+        detail = "; ".join(f"{k}: {list(v)[:5]}{' ...' if len(v) > 5 else ''}" for k, v in problems.items())
+        raise ModelLoadError(f"model.pretrained: {component} in {where} does not match its architecture ({detail})")
+
+
+def load_bundle(pretrained: str, revision: str | None = None) -> ModelBundle:
+    """Load unet, vae, text_encoder, tokenizer and a DDIM scheduler from a diffusers layout.
+
+    Every weight must match: missing, unexpected or mis-shaped keys raise ModelLoadError.
+    """
+    looks_local = os.path.isabs(pretrained) or pretrained.startswith(".") or Path(pretrained).exists()
+    if looks_local and not Path(pretrained).is_dir():
+        raise ModelLoadError(f"model.pretrained: {pretrained} is not a directory")
+    kwargs = {"revision": revision} if revision else {}
+    try:
+        unet, info = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", output_loading_info=True,
+                                                          **kwargs)
+        _check_loading_info("unet", pretrained, info)
+        vae, info = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", output_loading_info=True, **kwargs)
+        _check_loading_info("vae", pretrained, info)
+        text_encoder, info = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder",
+                                                           output_loading_info=True, **kwargs)
+        _check_loading_info("text_encoder", pretrained, info)
+        tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kwargs)
+        scheduler = DDIMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kwargs)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"model.pretrained: cannot load {pretrained!r}: {err}") from err
+    if scheduler.config.thresholding:
+        raise ModelLoadError("model.pretrained: DDIM dynamic thresholding is not supported by the log-prob sampler")
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False).eval()
+    return ModelBundle(unet, vae, text_encoder, tokenizer, scheduler)
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline CLIP tokenizer and a tiny random bundle for tests and the CPU demo
+
+
+def offline_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+    """The real CLIP BPE tokenizer (same ids as openai/clip-vit-large-patch14), built from the
+    vocabulary file that open_clip ships, so no download is needed."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    simple = SimpleTokenizer()
+    renamed = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {renamed.get(token, token): idx for token, idx in simple.encoder.items()}
+    merges = [pair for pair, _ in sorted(simple.bpe_ranks.items(), key=lambda kv: kv[1])]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def sd_ddim_scheduler() -> DDIMScheduler:
+    """DDIM with Stable Diffusion v1.x's noise schedule."""
+    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                         beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                         steps_offset=1, prediction_type="epsilon")
+
+
+def build_tiny_bundle(out_dir: str | Path, seed: int = 0, width: int = 32) -> Path:
+    """Write a random SD-architecture model (~2.5M parameters) in diffusers layout to `out_dir`.
+
+    Same classes and file layout as SD v1.x (loadable by `load_bundle` and by a stock
+    `StableDiffusionPipeline.from_pretrained`); VAE downsamples by 2, so 32 px images have 16 px latents.
+    """
+    torch.manual_seed(seed)
+    text_dim = 32
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(width, 2 * width), norm_num_groups=min(32, width),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=text_dim, attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        norm_num_groups=16, sample_size=32,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    )
+    tokenizer = offline_clip_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=text_dim, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=text_dim,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=sd_ddim_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    out = Path(out_dir)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out

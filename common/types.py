@@ -1,0 +1,42 @@
+"""Records that cross process boundaries (rollout -> reward -> learner). Plain tensors, no pickled models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PromptGroup:
+    """One prompt to be sampled G times by a single policy version."""
+
+    step: int            # training step the group belongs to
+    group_index: int     # position within the step; with `step` it seeds the group's noise
+    prompt: str
+    source: int          # index of the prompt source in the config's mixture
+    prompt_index: int    # row of the prompt within its source
+    unsafe: bool | None  # label, when the source has one
+
+
+@dataclass
+class Trajectory:
+    """All G samples of one group, enough for the learner to recompute every log-prob.
+
+    latents[:, k] is x at step k (x_T first), latents[:, k+1] the sample drawn from it;
+    log_probs[:, k] = log p(latents[:, k+1] | latents[:, k]) under `policy_version`.
+    """
+
+    group: PromptGroup
+    latents: torch.Tensor        # [G, T+1, C, h, w] fp32
+    log_probs: torch.Tensor      # [G, T] fp32
+    timesteps: torch.Tensor      # [T] long
+    prompt_embeds: torch.Tensor  # [L, D] conditional text embedding of group.prompt
+    negative_embeds: torch.Tensor  # [L, D] embedding of the sampler's negative prompt
+    images: torch.Tensor         # [G, 3, H, W] uint8
+    seeds: tuple[int, ...]       # per-sample noise seeds
+    policy_version: int
+
+    @property
+    def group_size(self) -> int:
+        return self.latents.shape[0]

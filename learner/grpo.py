@@ -1,0 +1,51 @@
+"""GRPO pieces as pure functions: group advantages, the PPO-clip loss, the KL penalty, diagnostics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-8, clip: float = 2.5) -> torch.Tensor:
+    """A = clamp((r - mean_g) / (std_g + eps), -clip, clip) per group row of `rewards` [P, G].
+
+    std is the unbiased (n - 1) standard deviation, as the reference; a group whose rewards are all
+    equal gets A = 0 (it carries no signal). Computed in float64 so tiny reward gaps survive.
+    """
+    r = rewards.double()
+    mean = r.mean(dim=1, keepdim=True)
+    std = r.std(dim=1, unbiased=True, keepdim=True)
+    return ((r - mean) / (std + eps)).clamp(-clip, clip).float()
+
+
+def zero_std_fraction(rewards: torch.Tensor) -> float:
+    """Share of groups whose rewards are all equal (they contribute no gradient)."""
+    return float((rewards.max(dim=1).values == rewards.min(dim=1).values).float().mean())
+
+
+@dataclass
+class PPOTerms:
+    loss: torch.Tensor      # scalar: mean over the batch
+    ratio: torch.Tensor     # [B] detached
+    clipped: torch.Tensor   # [B] bool: |ratio - 1| > clip_range
+    approx_kl: torch.Tensor  # scalar detached: 0.5 * mean((logp_new - logp_old)^2)
+
+
+def ppo_clip_loss(advantages: torch.Tensor, log_prob: torch.Tensor, old_log_prob: torch.Tensor,
+                  clip_range: float) -> PPOTerms:
+    """loss = mean( max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) ), ratio = exp(logp - logp_old)."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    diff = (log_prob - old_log_prob).detach()
+    return PPOTerms(loss=loss, ratio=ratio.detach(), clipped=(ratio.detach() - 1).abs() > clip_range,
+                    approx_kl=0.5 * (diff**2).mean())
+
+
+def kl_to_reference(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, s^2) || N(ref_mean, s^2)) = |mean - ref_mean|^2 / (2 s^2), averaged over latent
+    dimensions like the log-probs; returns [B]."""
+    per_dim = (mean - ref_mean) ** 2 / (2 * std**2)
+    return per_dim.mean(dim=tuple(range(1, mean.ndim)))

@@ -1,0 +1,120 @@
+"""The single-process training loop: rollout -> reward -> GRPO update, on one machine.
+
+It is the reference the distributed runtime is checked against, and the quickest way to try a config:
+    safediff train --config deploy/configs/cpu_demo.yaml
+Outputs in <output_dir>/<name>/: config.yaml, metrics.jsonl (one line per step), checkpoints/step_N/
+and adapter/ (diffusers LoRA format), reward_curve.png.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from tqdm import tqdm
+
+from actors.rollout import Rollout
+from common.config import Config, dump_config
+from common.lora import save_policy_weights
+from common.metrics import MetricsLog, plot_reward_curve, read_metrics
+from common.policy import Policy
+from common.prompts import PromptStream
+from learner.grpo import group_advantages, zero_std_fraction
+from learner.update import GRPOUpdate, TorchOptimizer, TrainBatch
+from reward_server.steering import RewardOutput
+
+log = logging.getLogger(__name__)
+
+
+class RewardFn(Protocol):
+    def __call__(self, images: torch.Tensor, prompts: list[str],
+                 unsafe: list[bool | None] | None = None) -> RewardOutput: ...
+
+
+def build_steering_reward(cfg: Config, policy: Policy) -> RewardFn:
+    from reward_server.clip_model import load_clip
+    from reward_server.steering import SteeringReward
+
+    return SteeringReward(load_clip(cfg.reward.clip, policy.device), cfg.reward)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: list[dict]
+    checksum: str  # sha256 of the final trainable state
+
+
+def _mean(t: torch.Tensor | None) -> float | None:
+    return None if t is None else float(t.float().mean())
+
+
+def save_checkpoint(policy: Policy, cfg: Config, out_dir: Path, step: int) -> str:
+    """Weights (diffusers format) + the config that produced them + step/version/checksum."""
+    save_policy_weights(policy.unet, policy.finetune, out_dir)
+    (out_dir / "config.yaml").write_text(dump_config(cfg))
+    checksum = policy.checksum()
+    (out_dir / "state.json").write_text(json.dumps(
+        {"step": step, "policy_version": policy.version, "checksum": checksum, "finetune": policy.finetune}))
+    return checksum
+
+
+def train(cfg: Config, reward_fn: RewardFn | None = None, progress: bool = True) -> TrainResult:
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+    metrics = MetricsLog(metrics_path)
+
+    policy = Policy.from_config(cfg)
+    rollout = Rollout(policy, cfg.sampler, cfg.grpo.group_size, cfg.run.seed)
+    reward_fn = reward_fn or build_steering_reward(cfg, policy)
+    updater = GRPOUpdate(policy, cfg.grpo, cfg.sampler, cfg.run.seed,
+                         TorchOptimizer(policy.trainable_parameters(), cfg.optim))
+    prompts = PromptStream(cfg.prompts.sources, cfg.run.seed)
+    P, G = cfg.grpo.prompts_per_step, cfg.grpo.group_size
+
+    bar = tqdm(range(cfg.run.steps), desc="train", unit="step", disable=not progress)
+    for step in bar:
+        t0 = time.perf_counter()
+        groups = prompts.next_groups(step, P)
+        trajectories = rollout.generate(groups)
+        t1 = time.perf_counter()
+        images = torch.cat([t.images for t in trajectories])
+        scored = reward_fn(images, [g.prompt for g in groups for _ in range(G)],
+                           [g.unsafe for g in groups for _ in range(G)])
+        rewards = scored.rewards.reshape(P, G).float()
+        t2 = time.perf_counter()
+
+        finite = torch.isfinite(rewards).all(dim=1)
+        if not finite.all():
+            log.warning("step %d: dropped %d groups with NaN/inf rewards", step, int((~finite).sum()))
+        record = {"step": step, "policy_version": policy.version, "dropped_groups": int((~finite).sum()),
+                  "reward_mean": _mean(rewards[finite]), "reward_std": float(rewards[finite].std())
+                  if finite.sum() * G > 1 else 0.0, "cos_prompt_mean": _mean(scored.cos_prompt),
+                  "cos_safe_mean": _mean(scored.cos_safe)}
+        if finite.any():
+            kept = [t for t, ok in zip(trajectories, finite.tolist()) if ok]
+            adv = group_advantages(rewards[finite], cfg.grpo.adv_eps, cfg.grpo.adv_clip)
+            record["zero_std_frac"] = zero_std_fraction(rewards[finite])
+            record.update(updater.update(TrainBatch.from_trajectories(kept, adv), step))
+            policy.version += 1
+        t3 = time.perf_counter()
+        record.update(time_generate=t1 - t0, time_reward=t2 - t1, time_train=t3 - t2,
+                      images_per_s=P * G / max(t3 - t0, 1e-9))
+        metrics.write(record)
+        bar.set_postfix(reward=f"{record['reward_mean']:.4f}" if record["reward_mean"] is not None else "nan",
+                        kl=f"{record.get('approx_kl', 0):.2e}")
+        if (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.run.steps:
+            save_checkpoint(policy, cfg, run_dir / "checkpoints" / f"step_{step + 1}", step + 1)
+
+    checksum = save_checkpoint(policy, cfg, run_dir / "adapter", cfg.run.steps)
+    records = read_metrics(metrics_path)
+    plot_reward_curve(records, run_dir / "reward_curve.png", title=f"{cfg.run.name}: reward")
+    return TrainResult(run_dir=run_dir, metrics=records, checksum=checksum)

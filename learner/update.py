@@ -1,0 +1,151 @@
+"""One GRPO training step over a batch of scored trajectories.
+
+The step's samples are shuffled and split into `updates_per_step` minibatches; each minibatch is one
+optimiser step whose gradient accumulates over micro-batches and over each sample's trained timesteps
+(the first `train_timesteps` of its trajectory, visited in a per-sample shuffled order). Each
+(micro-batch, timestep) term is weighted by its share of the minibatch, so the optimiser sees the
+mean PPO-clip loss over the minibatch's (sample, timestep) pairs, even when dropped groups leave
+minibatches of unequal size.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from common.config import GRPOConfig, OptimConfig, SamplerConfig
+from common.policy import Policy
+from common.sampling import ddim_step_with_logprob, guided_noise_prediction
+from common.seeds import derive_seed, generator
+from common.types import Trajectory
+from learner.grpo import kl_to_reference, ppo_clip_loss
+
+
+class StepOptimizer(Protocol):
+    """What the update needs from an optimiser (a DeepSpeed engine offers the same two calls)."""
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> float: ...  # clip, step, zero the gradients; returns the pre-clip grad norm
+
+
+class TorchOptimizer:
+    """AdamW with grad-norm clipping and no schedule (the reference's optimiser)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], cfg: OptimConfig):
+        self.params, self.max_grad_norm = params, cfg.max_grad_norm
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                           weight_decay=cfg.weight_decay)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+
+@dataclass
+class TrainBatch:
+    """The samples of one step, flattened across groups."""
+
+    latents: torch.Tensor     # [N, T+1, C, h, w]
+    log_probs: torch.Tensor   # [N, T] recorded at rollout
+    timesteps: torch.Tensor   # [T]
+    cond: torch.Tensor        # [N, L, D]
+    uncond: torch.Tensor      # [1, L, D]
+    advantages: torch.Tensor  # [N]
+
+    @classmethod
+    def from_trajectories(cls, trajectories: list[Trajectory], advantages: torch.Tensor) -> TrainBatch:
+        """`advantages` is [P, G], row i for trajectories[i]."""
+        G = trajectories[0].group_size
+        return cls(
+            latents=torch.cat([t.latents for t in trajectories]),
+            log_probs=torch.cat([t.log_probs for t in trajectories]),
+            timesteps=trajectories[0].timesteps,
+            cond=torch.stack([t.prompt_embeds for t in trajectories]).repeat_interleave(G, dim=0),
+            uncond=trajectories[0].negative_embeds[None],
+            advantages=advantages.reshape(-1).float(),
+        )
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+
+class GRPOUpdate:
+    def __init__(self, policy: Policy, grpo: GRPOConfig, sampler: SamplerConfig, run_seed: int,
+                 optimizer: StepOptimizer):
+        self.policy, self.cfg, self.sampler, self.run_seed = policy, grpo, sampler, run_seed
+        self.optimizer = optimizer
+
+    def _term(self, batch: TrainBatch, rows: torch.Tensor, t_idx: torch.Tensor, stats: dict) -> torch.Tensor:
+        """PPO-clip (+ KL) loss of samples `rows`, each at its own trajectory step `t_idx`."""
+        dev, scheduler = self.policy.device, self.policy.bundle.scheduler
+        x_t = batch.latents[rows, t_idx].to(dev)
+        x_prev = batch.latents[rows, t_idx + 1].to(dev)
+        t = batch.timesteps[t_idx].to(dev)
+        cond, uncond = batch.cond[rows].to(dev), batch.uncond.to(dev)
+        with self.policy.autocast():
+            eps = guided_noise_prediction(self.policy.unet, x_t, t, cond, uncond, self.sampler.guidance_scale)
+        step = ddim_step_with_logprob(scheduler, eps, t, x_t, self.sampler.num_steps, self.sampler.eta,
+                                      prev_sample=x_prev)
+        old = batch.log_probs[rows, t_idx].to(dev)
+        terms = ppo_clip_loss(batch.advantages[rows].to(dev), step.log_prob, old, self.cfg.clip_range)
+        loss = terms.loss
+        if self.cfg.kl_beta > 0:
+            with torch.no_grad(), self.policy.reference(), self.policy.autocast():
+                eps_ref = guided_noise_prediction(self.policy.unet, x_t, t, cond, uncond,
+                                                  self.sampler.guidance_scale)
+            ref_mean = ddim_step_with_logprob(scheduler, eps_ref, t, x_t, self.sampler.num_steps,
+                                              self.sampler.eta, prev_sample=x_prev).mean
+            kl = kl_to_reference(step.mean, ref_mean, step.std).mean()
+            loss = loss + self.cfg.kl_beta * kl
+            stats["kl_ref"].append(float(kl))
+        stats["loss"].append(float(terms.loss.detach()))
+        stats["approx_kl"].append(float(terms.approx_kl))
+        stats["ratio"].append(terms.ratio.cpu())
+        stats["clipped"].append(terms.clipped.cpu())
+        stats["abs_log_ratio"].append((step.log_prob.detach() - old).abs().cpu())
+        return loss
+
+    def update(self, batch: TrainBatch, step: int) -> dict[str, float]:
+        """Run `updates_per_step` optimiser steps (x `inner_epochs`) over `batch`; return diagnostics."""
+        cfg, N, K = self.cfg, len(batch), self.cfg.train_timesteps
+        stats: dict[str, list] = defaultdict(list)
+        grad_norms, first_update_log_ratio = [], None
+        self.policy.unet.train()
+        for epoch in range(cfg.inner_epochs):
+            rng = generator(derive_seed("train-order", self.run_seed, step, epoch))
+            order = torch.randperm(N, generator=rng)
+            t_order = torch.stack([torch.randperm(K, generator=rng) for _ in range(N)])  # [N, K]
+            for minibatch in torch.tensor_split(order, cfg.updates_per_step):
+                if minibatch.numel() == 0:  # fewer samples than minibatches (groups were dropped)
+                    continue
+                for rows in torch.split(minibatch, cfg.micro_batch_size):
+                    for j in range(K):
+                        loss = self._term(batch, rows, t_order[rows, j], stats)
+                        # weight so the minibatch gradient is that of the mean over its (sample, step) pairs
+                        self.optimizer.backward(loss * (len(rows) / (len(minibatch) * K)))
+                if first_update_log_ratio is None:
+                    first_update_log_ratio = float(torch.cat(stats["abs_log_ratio"]).max())
+                grad_norms.append(self.optimizer.step())
+        self.policy.unet.eval()
+        ratio = torch.cat(stats["ratio"])
+        out = {
+            "loss": sum(stats["loss"]) / len(stats["loss"]),
+            "approx_kl": sum(stats["approx_kl"]) / len(stats["approx_kl"]),
+            "clipfrac": float(torch.cat(stats["clipped"]).float().mean()),
+            "ratio_mean": float(ratio.mean()),
+            "ratio_std": float(ratio.std()) if ratio.numel() > 1 else 0.0,
+            "grad_norm": sum(grad_norms) / len(grad_norms),
+            "first_update_max_abs_log_ratio": first_update_log_ratio,
+        }
+        if stats["kl_ref"]:
+            out["kl_ref"] = sum(stats["kl_ref"]) / len(stats["kl_ref"])
+        return out
