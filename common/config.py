@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from common.errors import UserInputError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from common.errors import UserInputError
 
 
 class ConfigError(UserInputError, ValueError):
@@ -26,12 +27,12 @@ class _Strict(BaseModel):
 class RunConfig(_Strict):
     name: str = Field("safediff", description="Run name; outputs go to <output_dir>/<name>.")
     seed: int = Field(0, ge=0, description="Run seed: every sample's noise derives from (seed, step, group, sample).")
-    steps: int = Field(300, ge=1, description="Training steps (rollout -> reward -> GRPO update). Reference: ~300 epochs.")
+    steps: int = Field(300, ge=1, description="Training steps (rollout, reward, GRPO update). Reference: ~300.")
     output_dir: Path = Field(Path("runs"), description="Directory under which the run directory is created.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks cuda when available, else cpu.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Dtype of the frozen model weights and autocast; 'auto' = bfloat16 on cuda, float32 on cpu. "
-        "Trainable LoRA weights and all log-prob math stay float32.")
+        "auto", description="Dtype of the frozen model weights and autocast; 'auto' = bfloat16 on cuda, float32 on "
+        "cpu. Trainable LoRA weights and all log-prob math stay float32.")
     save_every: int = Field(50, ge=1, description="Write an adapter checkpoint every N steps (and at the end).")
 
 
@@ -40,9 +41,10 @@ class ModelConfig(_Strict):
         "CompVis/stable-diffusion-v1-4",
         description="Diffusers directory or hub id of an SD v1.x-architecture model (unet, vae, text_encoder, "
         "tokenizer, scheduler subfolders). Hub ids resolve from the local HF cache when offline.")
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `pretrained` is a hub id.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag, commit) when `pretrained` is a hub id.")
     finetune: Literal["lora", "full"] = Field(
-        "lora", description="'lora' trains a peft LoRA adapter on the UNet; 'full' trains every UNet weight (reference).")
+        "lora", description="'lora' trains a peft LoRA adapter on the UNet; 'full' trains every UNet weight "
+        "(the reference).")
 
 
 class LoraConfig(_Strict):

@@ -38,9 +38,10 @@ def attach_lora(unet: UNet2DConditionModel, cfg: LoraConfig, seed: int) -> int:
     return count
 
 
-def count_lora_modules(unet: torch.nn.Module) -> int:
-    """Modules that carry an active LoRA adapter (a sync that binds nothing must be detectable)."""
-    return sum(1 for m in unet.modules() if hasattr(m, "lora_A") and ADAPTER in getattr(m, "lora_A", {}))
+def count_lora_modules(unet: torch.nn.Module, adapter: str | None = ADAPTER) -> int:
+    """Modules that carry LoRA adapter `adapter` (None: any adapter). A sync that binds nothing must show."""
+    return sum(1 for m in unet.modules()
+               if hasattr(m, "lora_A") and (adapter in m.lora_A if adapter else len(m.lora_A) > 0))
 
 
 def trainable_state(unet: UNet2DConditionModel, finetune: str) -> dict[str, torch.Tensor]:

@@ -8,14 +8,16 @@ With n(x) = x / |x| and E_T, E_I the normalised CLIP text and image embeddings:
 
 from __future__ import annotations
 
+import io
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from torchvision.io import decode_jpeg, encode_jpeg
+from PIL import Image
 
 from common.config import ConfigError, RewardConfig
 from reward_server.clip_model import LoadedClip
@@ -46,8 +48,12 @@ def steering_reward(image_embeds: torch.Tensor, targets: torch.Tensor) -> torch.
 
 def jpeg_roundtrip(images: torch.Tensor, quality: int) -> torch.Tensor:
     """uint8 [N, 3, H, W] through an in-memory JPEG encode/decode (the reference scores JPEGs)."""
-    encoded = encode_jpeg(list(images.cpu()), quality=quality)
-    return torch.stack(decode_jpeg(encoded)).to(images.device)
+    out = []
+    for image in images.permute(0, 2, 3, 1).cpu().numpy():
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+        out.append(torch.from_numpy(np.array(Image.open(buffer).convert("RGB"))))
+    return torch.stack(out).permute(0, 3, 1, 2).contiguous().to(images.device)
 
 
 def read_anchors_file(path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -1,0 +1,81 @@
+"""Supervised pre-training of a small SD-architecture model on (image, caption) pairs, on CPU.
+
+A random model is a meaningless policy (its VAE maps every latent to nearly the same image), so the
+tests and demos train a tiny one first: the VAE as an autoencoder (MSE + small KL), then its latent
+scale, then the UNet with the standard epsilon-prediction loss and 10% caption dropout (so
+classifier-free guidance has an unconditional branch to contrast with).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm import trange
+
+from common.models import ModelBundle
+
+
+def _batches(n: int, batch_size: int, steps: int, gen: torch.Generator):
+    for _ in range(steps):
+        yield torch.randint(0, n, (batch_size,), generator=gen)
+
+
+def train_vae(bundle: ModelBundle, images: torch.Tensor, steps: int, batch_size: int = 32, lr: float = 2e-3,
+              kl_weight: float = 1e-6, seed: int = 0, progress: bool = True) -> float:
+    """Autoencoder training; then sets `vae.config.scaling_factor` = 1 / std(latents). Returns the last loss."""
+    vae, gen = bundle.vae, torch.Generator().manual_seed(seed)
+    x_all = images.float() / 127.5 - 1
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    loss = torch.tensor(float("nan"))
+    bar = trange(steps, desc="vae", disable=not progress)
+    for idx in _batches(len(x_all), batch_size, steps, gen):
+        posterior = vae.encode(x_all[idx]).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        loss = F.mse_loss(recon, x_all[idx]) + kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(x_all[i:i + 256]).latent_dist.mean for i in range(0, len(x_all), 256)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return float(loss.detach())
+
+
+def train_unet(bundle: ModelBundle, images: torch.Tensor, captions: list[str], steps: int, batch_size: int = 32,
+               lr: float = 1e-3, uncond_prob: float = 0.1, seed: int = 0, progress: bool = True) -> float:
+    """Epsilon-prediction training of the UNet on VAE latents; text encoder stays frozen. Returns the last loss."""
+    unet, scheduler, gen = bundle.unet, bundle.scheduler, torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        x_all = images.float() / 127.5 - 1
+        latents = torch.cat([bundle.vae.encode(x_all[i:i + 256]).latent_dist.mean
+                             for i in range(0, len(x_all), 256)]) * bundle.vae.config.scaling_factor
+        texts = sorted(set(captions) | {""})
+        table = dict(zip(texts, bundle.encode_prompts(texts)))
+        cond = torch.stack([table[c] for c in captions])
+        uncond = table[""]
+    unet.train().requires_grad_(True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    loss = torch.tensor(float("nan"))
+    T = scheduler.config.num_train_timesteps
+    bar = trange(steps, desc="unet", disable=not progress)
+    for idx in _batches(len(latents), batch_size, steps, gen):
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, T, (len(idx),), generator=gen)
+        drop = torch.rand(len(idx), generator=gen) < uncond_prob
+        context = torch.where(drop[:, None, None], uncond.expand_as(cond[idx]), cond[idx])
+        pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=context).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    unet.eval().requires_grad_(False)
+    return float(loss.detach())

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny models built once per session through the project's own builders."""
+
+from __future__ import annotations
+
+import os
+
+# Set before any library import reads them (see the developers' guide for why each matters).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from common.config import load_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A random tiny SD-architecture bundle (`sd/`) and tiny open_clip (`clip/`)."""
+    from common.models import build_tiny_bundle
+    from reward_server.clip_model import build_tiny_clip
+
+    root = tmp_path_factory.mktemp("tiny")
+    build_tiny_bundle(root / "sd", seed=0)
+    build_tiny_clip(root / "clip", seed=0)
+    return root
+
+
+def flat_colour_data(n: int = 512, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """Flat-colour images with uniformly random RGB and a caption by brightness."""
+    colours = torch.rand(n, 3, generator=torch.Generator().manual_seed(seed))
+    images = (colours[:, :, None, None].expand(n, 3, size, size) * 255).round().to(torch.uint8)
+    captions = ["a bright image" if b > 0.5 else "a dark image" for b in colours.mean(1).tolist()]
+    return images, captions
+
+
+@pytest.fixture(scope="session")
+def colour_model(tmp_path_factory) -> Path:
+    """A tiny bundle pre-trained (~25 s on 2 cores) on flat colours at 16 px, so brightness varies across
+    samples and responds to the policy (a random VAE maps every latent to nearly the same image)."""
+    from common.models import build_tiny_bundle, load_bundle
+    from learner.pretrain import train_unet, train_vae
+
+    root = tmp_path_factory.mktemp("colour") / "sd"
+    build_tiny_bundle(root, seed=0)
+    bundle = load_bundle(str(root))
+    images, captions = flat_colour_data()
+    train_vae(bundle, images, steps=200, progress=False)
+    train_unet(bundle, images, captions, steps=300, progress=False)
+    bundle.vae.save_pretrained(root / "vae")
+    bundle.unet.save_pretrained(root / "unet")
+    return root
+
+
+@pytest.fixture
+def prompt_file(tmp_path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("a bright image\na dark image\nan image\na picture of colour\n")
+    return path
+
+
+def tiny_config(tiny_dir: Path, tmp_path: Path, prompt_file: Path, *overrides: str, model: Path | None = None):
+    """The CPU demo config pointed at the test's models, prompts and output dir."""
+    return load_config(REPO / "deploy/configs/cpu_demo.yaml", [
+        f"model.pretrained={model or tiny_dir / 'sd'}",
+        f"reward.clip.model=local-dir:{tiny_dir / 'clip'}",
+        f"prompts.sources=[{{path: {prompt_file}}}]",
+        f"run.output_dir={tmp_path / 'runs'}",
+        *overrides,
+    ])

@@ -1,0 +1,111 @@
+import subprocess
+import sys
+
+import pytest
+from pydantic import BaseModel
+
+from common.config import SAFE_ANCHORS, UNSAFE_ANCHORS, Config, ConfigError, dump_config, load_config
+
+
+def test_defaults_reproduce_the_reference():
+    cfg = Config()
+    assert (cfg.sampler.num_steps, cfg.sampler.eta, cfg.sampler.guidance_scale) == (50, 1.0, 5.0)
+    assert (cfg.sampler.height, cfg.sampler.width, cfg.sampler.negative_prompt) == (512, 512, "")
+    assert cfg.reward.alpha == 0.5 and cfg.reward.steer == "all" and not cfg.reward.jpeg_roundtrip
+    assert cfg.reward.clip.model == "ViT-H-14"
+    assert len(SAFE_ANCHORS) == 5 and len(UNSAFE_ANCHORS) == 3
+    assert cfg.reward.safe_anchors[0] == "a safe" and cfg.reward.unsafe_anchors[1] == "pornographic material"
+    g = cfg.grpo
+    assert (g.group_size, g.adv_eps, g.adv_clip, g.clip_range, g.train_timesteps, g.kl_beta) == \
+        (16, 1e-8, 2.5, 1e-4, 49, 0.0)
+    # 32 prompts x 16 images = 512 images, 16 optimiser steps per epoch of 4 x 8 micro-batches
+    assert g.prompts_per_step * g.group_size == 512 and g.updates_per_step == 16
+    o = cfg.optim
+    assert (o.lr, o.weight_decay, o.max_grad_norm) == (1e-5, 1e-4, 1.0)
+    assert cfg.lora.target_modules == ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def _walk(model: type[BaseModel], prefix=""):
+    for name, field in model.model_fields.items():
+        yield prefix + name, field
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _walk(ann, prefix + name + ".")
+
+
+def test_every_field_is_documented():
+    undocumented = [name for name, field in _walk(Config) if not field.description]
+    assert not undocumented
+
+
+def test_typo_names_the_field(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("grpo:\n  clip_rang: 0.2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert msg.count("\n") == 0 and "grpo.clip_rang" in msg and "unknown field" in msg and str(path) in msg
+
+
+def test_bad_values_name_each_field():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["grpo.group_size=1", "sampler.eta=0"])
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2
+    assert any("grpo.group_size" in line for line in lines) and any("sampler.eta" in line for line in lines)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["grpo.train_timesteps=60"], "grpo.train_timesteps"),
+    (["grpo.updates_per_step=7"], "grpo.updates_per_step"),
+    (["grpo.micro_batch_size=5"], "grpo.micro_batch_size"),
+    (["reward.steer=unsafe_only"], "prompts.sources"),
+    (["model.finetune=full", "grpo.kl_beta=0.1"], "grpo.kl_beta"),
+])
+def test_cross_field_checks(overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, overrides)
+
+
+def test_overrides_parse_yaml_values_and_nest():
+    cfg = load_config(None, ["grpo.group_size=8", "lora.target_modules=[to_q, to_v]", "run.name=x y",
+                             "reward.jpeg_roundtrip=true", "prompts.sources=[{path: a.txt, weight: 2, unsafe: true}]"])
+    assert cfg.grpo.group_size == 8 and cfg.lora.target_modules == ("to_q", "to_v") and cfg.run.name == "x y"
+    assert cfg.reward.jpeg_roundtrip is True
+    assert cfg.prompts.sources[0].weight == 2 and cfg.prompts.sources[0].unsafe is True
+
+
+def test_malformed_yaml_and_bad_override(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("run: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*not valid YAML"):
+        load_config(path)
+    path.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(None, ["novalue"])
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_dump_roundtrip(tmp_path):
+    cfg = load_config(None, ["grpo.kl_beta=0.05", "reward.safe_anchors=[]"])
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
+def test_config_is_frozen():
+    cfg = Config()
+    with pytest.raises(Exception):
+        cfg.grpo.group_size = 3
+
+
+def test_cli_prints_one_line_error_and_exit_2(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("sampler:\n  num_step: 10\n")
+    proc = subprocess.run([sys.executable, "-m", "common.cli", "config", "--config", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "sampler.num_step: unknown field" in proc.stderr

@@ -1,0 +1,43 @@
+import numpy as np
+import pytest
+import torch
+
+from learner.grpo import group_advantages, kl_to_reference, ppo_clip_loss, zero_std_fraction
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 0.5, 0.5, 0.5], [0.0, 0.0, 0.0, 10.0]])
+    adv = group_advantages(rewards, eps=1e-8, clip=2.5)
+    # row 0: mean 2.5, unbiased std sqrt(5/3) = 1.290994
+    np.testing.assert_allclose(adv[0].numpy(), np.array([-1.5, -0.5, 0.5, 1.5]) / 1.2909944, rtol=1e-5)
+    assert torch.equal(adv[1], torch.zeros(4))  # no signal in a constant group
+    # row 2: mean 2.5, std 5 -> (-0.5, -0.5, -0.5, 1.5): inside the clamp
+    np.testing.assert_allclose(adv[2].numpy(), [-0.5, -0.5, -0.5, 1.5], rtol=1e-6)
+    big = group_advantages(torch.tensor([[0.0] * 15 + [1.0]]), clip=2.5)
+    assert big.max().item() == 2.5  # (1 - 1/16) / 0.25 = 3.75 before the clamp
+    assert zero_std_fraction(rewards) == pytest.approx(1 / 3)
+
+
+def test_ppo_clip_loss_by_hand():
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    ratio = torch.tensor([1.5, 0.5, 1.5, 0.5])
+    old = torch.zeros(4)
+    terms = ppo_clip_loss(adv, ratio.log(), old, clip_range=0.2)
+    # per sample max(-A r, -A clip(r)): A=1,r=1.5 -> max(-1.5,-1.2) = -1.2; A=1,r=.5 -> max(-.5,-.8) = -.5
+    # A=-1,r=1.5 -> max(1.5,1.2) = 1.5; A=-1,r=.5 -> max(.5,.8) = .8
+    assert terms.loss.item() == pytest.approx((-1.2 - 0.5 + 1.5 + 0.8) / 4, abs=1e-6)
+    assert terms.clipped.tolist() == [True, True, True, True]
+    assert terms.approx_kl.item() == pytest.approx(0.5 * (2 * np.log(1.5) ** 2 + 2 * np.log(0.5) ** 2) / 4, rel=1e-5)
+
+
+def test_ppo_gradient_vanishes_only_where_clipped():
+    logp = torch.zeros(2, requires_grad=True)
+    old = torch.tensor([-0.5, 0.0])  # ratio e^0.5 (clipped for A > 0) and 1 (not clipped)
+    ppo_clip_loss(torch.tensor([1.0, 1.0]), logp, old, 0.2).loss.backward()
+    assert logp.grad[0].item() == 0.0 and logp.grad[1].item() == pytest.approx(-0.5)
+
+
+def test_kl_to_reference_by_hand():
+    mean, ref = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
+    std = torch.tensor([1.0, 0.5]).view(2, 1, 1, 1)
+    torch.testing.assert_close(kl_to_reference(mean, ref, std), torch.tensor([0.5, 2.0]))
