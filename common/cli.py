@@ -1,6 +1,7 @@
-"""`safediff` command line: train, config, build-tiny.
+"""`safediff` command line: run, train, config, build-tiny.
 
-    safediff train --config deploy/configs/cpu_demo.yaml grpo.group_size=8 run.steps=5
+    safediff run --config deploy/configs/cpu_demo.yaml               # Ray actors + DeepSpeed learner
+    safediff train --config deploy/configs/cpu_demo.yaml run.steps=5 # the same method in one process
     safediff config --config my.yaml            # print the validated config (every default filled in)
     safediff build-tiny runs/tiny               # random SD-architecture model + tiny open_clip for tests/demo
 """
@@ -31,6 +32,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from learner.controller import run
+
+    cfg = _load(args)
+    result = run(cfg, address=args.address)
+    last = result.metrics[-1]
+    print(f"run dir: {result.run_dir}")
+    print(f"steps: {len(result.metrics)}  final reward_mean: {last['reward_mean']}  "
+          f"policy version: {result.final_version}  adapter sha256: {result.checksum}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     sys.stdout.write(dump_config(_load(args)))
     return 0
@@ -50,12 +63,16 @@ def cmd_build_tiny(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safediff", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, func, helptext in (("train", cmd_train, "single-process GRPO training"),
+    for name, func, helptext in (("run", cmd_run, "distributed GRPO training on Ray (the service)"),
+                                 ("train", cmd_train, "single-process GRPO training (reference loop)"),
                                  ("config", cmd_config, "print the validated config")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--config", type=Path, default=None, help="YAML config (defaults when omitted)")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the file")
         p.set_defaults(func=func)
+        if name == "run":
+            p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a "
+                           "local Ray started on 127.0.0.1)")
     p = sub.add_parser("build-tiny", help="write tiny random models (diffusers + open_clip) for tests and demos")
     p.add_argument("out", type=Path)
     p.add_argument("--seed", type=int, default=0)

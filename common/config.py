@@ -104,6 +104,9 @@ class RewardConfig(_Strict):
         "and scores the others against their own text (needs `unsafe` set on every prompt source).")
     jpeg_roundtrip: bool = Field(False, description="Round-trip images through JPEG before scoring (reference: on).")
     jpeg_quality: int = Field(75, ge=1, le=100, description="JPEG quality of the optional round trip.")
+    batch_max_images: int = Field(64, ge=1, description="Reward actor micro-batching: a CLIP batch closes at this "
+                                  "many images ...")
+    batch_max_wait_ms: float = Field(10.0, ge=0, description="... or this long after its first request.")
 
 
 class GRPOConfig(_Strict):
@@ -149,10 +152,13 @@ class ClusterConfig(_Strict):
 
     rollout_actors: int = Field(1, ge=1, description="Number of Ray rollout actors.")
     reward_actors: int = Field(1, ge=1, description="Number of Ray reward actors.")
-    learner_workers: int = Field(1, ge=1, description="DeepSpeed ranks of the learner.")
-    gpus_per_rollout_actor: float = Field(0.0, ge=0, description="GPUs per rollout actor (0 = CPU).")
-    gpus_per_reward_actor: float = Field(0.0, ge=0, description="GPUs per reward actor; fractions allowed.")
-    gpus_per_learner_worker: float = Field(0.0, ge=0, description="GPUs per learner rank (0 = CPU, gloo).")
+    learner_workers: int = Field(1, ge=1, description="DeepSpeed ranks of the learner (one Ray actor each).")
+    gpus_per_rollout_actor: float = Field(0.0, ge=0, le=1, description="GPUs per rollout actor (0 = CPU).")
+    gpus_per_reward_actor: float = Field(0.0, ge=0, le=1, description="GPUs per reward actor; fractions share a GPU.")
+    gpus_per_learner_worker: Literal[0, 1] = Field(0, description="GPUs per learner rank: 1 (NCCL) or 0 (CPU, gloo).")
+    cpus_per_rollout_actor: float = Field(1.0, gt=0, description="CPUs per rollout actor (also its torch threads).")
+    cpus_per_reward_actor: float = Field(1.0, gt=0, description="CPUs per reward actor.")
+    cpus_per_learner_worker: float = Field(1.0, gt=0, description="CPUs per learner rank.")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     max_staleness: int = Field(0, ge=0, description="Policy versions a rollout may lag the learner (0 = on-policy).")
 
@@ -187,6 +193,10 @@ class Config(_Strict):
             if unlabelled:
                 raise ValueError(f"reward.steer=unsafe_only needs prompts.sources[*].unsafe set; unlabelled: "
                                  f"{', '.join(unlabelled)}")
+        workers = self.cluster.learner_workers
+        if per_update % workers:
+            raise ValueError(f"cluster.learner_workers ({workers}) must divide the {per_update} samples of one "
+                             "optimiser step")
         if self.model.finetune == "full" and self.grpo.kl_beta > 0:
             raise ValueError("grpo.kl_beta > 0 needs model.finetune=lora: the KL reference is the UNet with its "
                              "adapter disabled, and a full fine-tune keeps no second copy")

@@ -7,6 +7,7 @@ a stock StableDiffusionPipeline reads them; the adapter's rank/alpha travel as s
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import save_file
 
 from common.config import LoraConfig
 
@@ -26,9 +28,7 @@ def attach_lora(unet: UNet2DConditionModel, cfg: LoraConfig, seed: int) -> int:
     unet.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet.add_adapter(PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                        target_modules=list(cfg.target_modules), init_lora_weights="gaussian"),
-                         adapter_name=ADAPTER)
+        unet.add_adapter(peft_lora_config(cfg), adapter_name=ADAPTER)
     for param in unet.parameters():
         if param.requires_grad:
             param.data = param.data.float()  # trainable weights stay fp32 under bf16 frozen weights
@@ -77,16 +77,28 @@ def state_checksum(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def save_policy_weights(unet: UNet2DConditionModel, finetune: str, out_dir: str | Path) -> Path:
-    """Write the trained weights: `pytorch_lora_weights.safetensors` (diffusers LoRA format, loadable
-    with `pipe.load_lora_weights(out_dir)`) or, for a full fine-tune, a diffusers `unet/` folder."""
+def peft_lora_config(cfg: LoraConfig) -> PeftLoraConfig:
+    return PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                          target_modules=list(cfg.target_modules), init_lora_weights="gaussian")
+
+
+def save_trainable_state(state: dict[str, torch.Tensor], finetune: str, lora: LoraConfig, out_dir: str | Path,
+                         unet_config: dict | None = None) -> Path:
+    """Write trained weights without needing the model: `pytorch_lora_weights.safetensors` (diffusers LoRA
+    format with rank/alpha as metadata, loadable by `pipe.load_lora_weights(out_dir)`) or, for a full
+    fine-tune, a diffusers `unet/` folder (`unet_config` is the UNet's config dict)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if finetune == "lora":
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER))
-        metadata = unet.peft_config[ADAPTER].to_dict()
+        layers = convert_state_dict_to_diffusers(dict(state))
+        metadata = peft_lora_config(lora).to_dict()
         StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True,
                                                   unet_lora_adapter_metadata=metadata)
     else:
-        unet.save_pretrained(out / "unet", safe_serialization=True)
+        if unet_config is None:
+            raise ValueError("a full fine-tune checkpoint needs the UNet config")
+        (out / "unet").mkdir(exist_ok=True)
+        weights = out / "unet" / "diffusion_pytorch_model.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
+        (out / "unet" / "config.json").write_text(json.dumps(dict(unet_config), indent=2, default=str))
     return out

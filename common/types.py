@@ -33,7 +33,7 @@ class Trajectory:
     timesteps: torch.Tensor      # [T] long
     prompt_embeds: torch.Tensor  # [L, D] conditional text embedding of group.prompt
     negative_embeds: torch.Tensor  # [L, D] embedding of the sampler's negative prompt
-    images: torch.Tensor         # [G, 3, H, W] uint8
+    images: torch.Tensor | None  # [G, 3, H, W] uint8; None once shipped to the reward on its own
     seeds: tuple[int, ...]       # per-sample noise seeds
     policy_version: int
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from actors.rollout import Rollout
 from common.config import Config, dump_config
-from common.lora import save_policy_weights
+from common.lora import save_trainable_state, state_checksum
 from common.metrics import MetricsLog, plot_reward_curve, read_metrics
 from common.policy import Policy
 from common.prompts import PromptStream
@@ -47,20 +47,24 @@ def build_steering_reward(cfg: Config, policy: Policy) -> RewardFn:
 class TrainResult:
     run_dir: Path
     metrics: list[dict]
-    checksum: str  # sha256 of the final trainable state
+    checksum: str                  # sha256 of the final trainable state
+    final_version: int = 0
+    actor_status: list[tuple[int, str]] = field(default_factory=list)  # (version, checksum) per rollout actor
+    max_staleness_seen: int = 0
 
 
 def _mean(t: torch.Tensor | None) -> float | None:
     return None if t is None else float(t.float().mean())
 
 
-def save_checkpoint(policy: Policy, cfg: Config, out_dir: Path, step: int) -> str:
+def save_checkpoint(state: dict[str, torch.Tensor], cfg: Config, out_dir: Path, step: int, version: int,
+                    unet_config: dict | None = None) -> str:
     """Weights (diffusers format) + the config that produced them + step/version/checksum."""
-    save_policy_weights(policy.unet, policy.finetune, out_dir)
+    save_trainable_state(state, cfg.model.finetune, cfg.lora, out_dir, unet_config)
     (out_dir / "config.yaml").write_text(dump_config(cfg))
-    checksum = policy.checksum()
+    checksum = state_checksum(state)
     (out_dir / "state.json").write_text(json.dumps(
-        {"step": step, "policy_version": policy.version, "checksum": checksum, "finetune": policy.finetune}))
+        {"step": step, "policy_version": version, "checksum": checksum, "finetune": cfg.model.finetune}))
     return checksum
 
 
@@ -112,9 +116,11 @@ def train(cfg: Config, reward_fn: RewardFn | None = None, progress: bool = True)
         bar.set_postfix(reward=f"{record['reward_mean']:.4f}" if record["reward_mean"] is not None else "nan",
                         kl=f"{record.get('approx_kl', 0):.2e}")
         if (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.run.steps:
-            save_checkpoint(policy, cfg, run_dir / "checkpoints" / f"step_{step + 1}", step + 1)
+            save_checkpoint(policy.state(), cfg, run_dir / "checkpoints" / f"step_{step + 1}", step + 1,
+                            policy.version, policy.unet.config)
 
-    checksum = save_checkpoint(policy, cfg, run_dir / "adapter", cfg.run.steps)
+    checksum = save_checkpoint(policy.state(), cfg, run_dir / "adapter", cfg.run.steps, policy.version,
+                               policy.unet.config)
     records = read_metrics(metrics_path)
     plot_reward_curve(records, run_dir / "reward_curve.png", title=f"{cfg.run.name}: reward")
-    return TrainResult(run_dir=run_dir, metrics=records, checksum=checksum)
+    return TrainResult(run_dir=run_dir, metrics=records, checksum=checksum, final_version=policy.version)

@@ -25,11 +25,13 @@ from learner.grpo import kl_to_reference, ppo_clip_loss
 
 
 class StepOptimizer(Protocol):
-    """What the update needs from an optimiser (a DeepSpeed engine offers the same two calls)."""
+    """What the update needs from an optimiser: any number of `backward` calls accumulate gradients
+    (locally: no communication), then `step` reduces them across ranks, clips, applies and zeroes them.
+    `TorchOptimizer` is the single-process version; `learner.engine.DeepSpeedStep` wraps a ZeRO engine."""
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
-    def step(self) -> float: ...  # clip, step, zero the gradients; returns the pre-clip grad norm
+    def step(self) -> float: ...  # returns the pre-clip global grad norm
 
 
 class TorchOptimizer:
@@ -84,6 +86,9 @@ class GRPOUpdate:
         self.policy, self.cfg, self.sampler, self.run_seed = policy, grpo, sampler, run_seed
         self.optimizer = optimizer
 
+    def _zero_backward(self) -> None:
+        self.optimizer.backward(sum(p.sum() * 0.0 for p in self.policy.trainable_parameters()))
+
     def _term(self, batch: TrainBatch, rows: torch.Tensor, t_idx: torch.Tensor, stats: dict) -> torch.Tensor:
         """PPO-clip (+ KL) loss of samples `rows`, each at its own trajectory step `t_idx`."""
         dev, scheduler = self.policy.device, self.policy.bundle.scheduler
@@ -114,8 +119,13 @@ class GRPOUpdate:
         stats["abs_log_ratio"].append((step.log_prob.detach() - old).abs().cpu())
         return loss
 
-    def update(self, batch: TrainBatch, step: int) -> dict[str, float]:
-        """Run `updates_per_step` optimiser steps (x `inner_epochs`) over `batch`; return diagnostics."""
+    def update(self, batch: TrainBatch, step: int, rank: int = 0, world_size: int = 1) -> dict[str, float]:
+        """Run `updates_per_step` optimiser steps (x `inner_epochs`) over `batch`; return diagnostics.
+
+        With several data-parallel ranks every rank sees the whole batch and the same seeded order, and
+        trains rows rank, rank + W, ... of each minibatch; its loss is scaled by W so that the ranks'
+        averaged gradient is the gradient of the mean over the whole minibatch.
+        """
         cfg, N, K = self.cfg, len(batch), self.cfg.train_timesteps
         stats: dict[str, list] = defaultdict(list)
         grad_norms, first_update_log_ratio = [], None
@@ -127,17 +137,23 @@ class GRPOUpdate:
             for minibatch in torch.tensor_split(order, cfg.updates_per_step):
                 if minibatch.numel() == 0:  # fewer samples than minibatches (groups were dropped)
                     continue
-                for rows in torch.split(minibatch, cfg.micro_batch_size):
+                shard = minibatch[rank::world_size]
+                if shard.numel() == 0:
+                    self._zero_backward()  # this rank still joins the collective step
+                for rows in torch.split(shard, cfg.micro_batch_size):
                     for j in range(K):
                         loss = self._term(batch, rows, t_order[rows, j], stats)
                         # weight so the minibatch gradient is that of the mean over its (sample, step) pairs
-                        self.optimizer.backward(loss * (len(rows) / (len(minibatch) * K)))
-                if first_update_log_ratio is None:
+                        self.optimizer.backward(loss * (world_size * len(rows) / (len(minibatch) * K)))
+                if first_update_log_ratio is None and stats["abs_log_ratio"]:
                     first_update_log_ratio = float(torch.cat(stats["abs_log_ratio"]).max())
                 grad_norms.append(self.optimizer.step())
         self.policy.unet.eval()
+        if not stats["loss"]:
+            return {"grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "samples_trained": 0}
         ratio = torch.cat(stats["ratio"])
         out = {
+            "samples_trained": len(ratio) // K,
             "loss": sum(stats["loss"]) / len(stats["loss"]),
             "approx_kl": sum(stats["approx_kl"]) / len(stats["approx_kl"]),
             "clipfrac": float(torch.cat(stats["clipped"]).float().mean()),

@@ -7,7 +7,7 @@ from common.lora import (
     attach_lora,
     count_lora_modules,
     load_trainable_state,
-    save_policy_weights,
+    save_trainable_state,
     state_checksum,
     trainable_state,
 )
@@ -32,7 +32,7 @@ def _perturbed_lora_unet(tiny_dir, cfg):
 def test_stock_pipeline_loads_our_lora_and_reproduces_our_policy(tiny_dir, tmp_path):
     cfg = LoraConfig(rank=4, alpha=16.0)  # alpha != rank: the scale must travel with the file
     unet, state = _perturbed_lora_unet(tiny_dir, cfg)
-    save_policy_weights(unet, "lora", tmp_path / "adapter")
+    save_trainable_state(trainable_state(unet, "lora"), "lora", cfg, tmp_path / "adapter")
     assert (tmp_path / "adapter" / "pytorch_lora_weights.safetensors").is_file()
 
     stock = StableDiffusionPipeline.from_pretrained(tiny_dir / "sd", safety_checker=None)
@@ -68,6 +68,7 @@ def test_full_finetune_saves_a_diffusers_unet(tiny_dir, tmp_path):
     bundle = load_bundle(str(tiny_dir / "sd"))
     with torch.no_grad():
         bundle.unet.conv_out.bias.add_(1.0)
-    save_policy_weights(bundle.unet, "full", tmp_path / "ckpt")
+    save_trainable_state(trainable_state(bundle.unet, "full"), "full", LoraConfig(), tmp_path / "ckpt",
+                         bundle.unet.config)
     loaded = UNet2DConditionModel.from_pretrained(tmp_path / "ckpt" / "unet")
     torch.testing.assert_close(loaded.conv_out.bias, bundle.unet.conv_out.bias)

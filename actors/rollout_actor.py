@@ -1,0 +1,47 @@
+"""RolloutActor: a Ray actor per inference device holding the policy (bundle + adapter).
+
+Calls on one actor run in the order they were sent, so an adapter update sent before a `generate`
+call is in place when that call starts, and every group is generated whole by one policy version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import ray
+import torch
+
+from actors.rollout import Rollout
+from common.config import Config
+from common.policy import Policy
+from common.runtime import configure_threads
+from common.types import PromptGroup, Trajectory
+from learner.weight_sync import AdapterUpdate, SyncReport, apply_update
+
+
+@ray.remote
+class RolloutActor:
+    def __init__(self, cfg: Config):
+        configure_threads(cfg.cluster.cpus_per_rollout_actor)
+        self.policy = Policy.from_config(cfg)
+        self.rollout = Rollout(self.policy, cfg.sampler, cfg.grpo.group_size, cfg.run.seed)
+
+    @ray.method(num_returns=3)
+    def generate(self, group: PromptGroup) -> tuple[Trajectory, torch.Tensor, dict]:
+        """Three objects: the trajectory without images (for the learner), the images uint8 [G, 3, H, W]
+        (for the reward actor, by reference) and a small info dict (for the controller)."""
+        start = time.perf_counter()
+        [trajectory] = self.rollout.generate([group])
+        images = trajectory.images
+        info = {"policy_version": trajectory.policy_version, "generate_s": time.perf_counter() - start}
+        return dataclasses.replace(trajectory, images=None), images, info
+
+    def load_adapter(self, update: AdapterUpdate) -> SyncReport:
+        start = time.perf_counter()
+        state = ray.get(update.state_ref)
+        checksum, bound = apply_update(self.policy, update, state)
+        return SyncReport(update.version, checksum, bound, (time.perf_counter() - start) * 1000)
+
+    def status(self) -> tuple[int, str]:
+        return self.policy.version, self.policy.checksum()

@@ -1,0 +1,270 @@
+"""The distributed training recipe: the entrypoint of `safediff run` and of `ray job submit`.
+
+A step's prompt groups travel: prompt stream -> rollout actor (trajectory, images) -> reward actor
+(images by reference) -> here (rewards only: G floats per group) -> advantages -> learner ranks
+(trajectories by reference) -> new adapter, published once -> every rollout actor, verified. The
+driver moves object references and small numbers, never image or latent tensors.
+
+Generation runs ahead of training within the staleness bound of `learner.staleness` (k =
+`cluster.max_staleness`; k = 0 is synchronous and on-policy). An adapter update is sent to an actor
+before any generation that must use it; an actor runs calls in order, so no extra barrier is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from tqdm import tqdm
+
+from actors.rollout_actor import RolloutActor
+from common.config import Config, ConfigError, dump_config
+from common.metrics import MetricsLog, plot_reward_curve, read_metrics
+from common.prompts import PromptStream
+from common.telemetry import RayRunMetrics
+from common.types import PromptGroup
+from learner.engine import LearnerWorker
+from learner.grpo import group_advantages, zero_std_fraction
+from learner.local import TrainResult, save_checkpoint
+from learner.staleness import StalenessGate
+from learner.weight_sync import AdapterSyncError, AdapterUpdate, SyncReport
+from reward_server.actor import RewardActor
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cluster: resources, start-up, actors
+
+
+def required_resources(cfg: Config) -> dict[str, float]:
+    c = cfg.cluster
+    return {
+        "CPU": c.rollout_actors * c.cpus_per_rollout_actor + c.reward_actors * c.cpus_per_reward_actor
+        + c.learner_workers * c.cpus_per_learner_worker,
+        "GPU": c.rollout_actors * c.gpus_per_rollout_actor + c.reward_actors * c.gpus_per_reward_actor
+        + c.learner_workers * c.gpus_per_learner_worker,
+    }
+
+
+def check_resources(cfg: Config, available: dict[str, float]) -> None:
+    """Refuse a topology the cluster cannot hold, naming the config fields to change."""
+    need = required_resources(cfg)
+    problems = [f"{kind}: the cluster section asks for {need[kind]:g}, the Ray cluster has "
+                f"{available.get(kind, 0.0):g}"
+                for kind in ("CPU", "GPU") if need[kind] > available.get(kind, 0.0) + 1e-9]
+    if problems:
+        raise ConfigError("config error: cluster.{rollout,reward}_actors / learner_workers and their "
+                          "cpus_per_* / gpus_per_* do not fit: " + "; ".join(problems))
+
+
+def start_ray(cfg: Config, address: str | None) -> None:
+    """Connect to `address` (or RAY_ADDRESS, as under `ray job submit`), else start a local Ray on loopback."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    need = required_resources(cfg)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need["CPU"] + 0.999)),
+             num_gpus=torch.cuda.device_count(), _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
+
+
+@dataclass
+class Actors:
+    rollouts: list
+    rewards: list
+    learners: list
+    group: object  # the learners' placement group
+
+    def kill(self) -> None:
+        try:
+            ray.get([w.shutdown.remote() for w in self.learners], timeout=120)
+        finally:
+            for actor in self.rollouts + self.rewards + self.learners:
+                ray.kill(actor)
+            remove_placement_group(self.group)
+
+
+def start_actors(cfg: Config) -> Actors:
+    c = cfg.cluster
+    rollouts = [RolloutActor.options(num_cpus=c.cpus_per_rollout_actor, num_gpus=c.gpus_per_rollout_actor)
+                .remote(cfg) for _ in range(c.rollout_actors)]
+    rewards = [RewardActor.options(num_cpus=c.cpus_per_reward_actor, num_gpus=c.gpus_per_reward_actor)
+               .remote(cfg) for _ in range(c.reward_actors)]
+    bundle = {"CPU": c.cpus_per_learner_worker, **({"GPU": 1} if c.gpus_per_learner_worker else {})}
+    group = placement_group([bundle] * c.learner_workers, strategy="PACK")
+    ray.get(group.ready(), timeout=600)
+    env = {} if c.gpus_per_learner_worker else {"env_vars": {"DS_ACCELERATOR": "cpu"}}
+    learners = [LearnerWorker.options(num_cpus=c.cpus_per_learner_worker, num_gpus=c.gpus_per_learner_worker,
+                                      runtime_env=env, scheduling_strategy=PlacementGroupSchedulingStrategy(group, i))
+                .remote(cfg, i, c.learner_workers) for i in range(c.learner_workers)]
+    master = ray.get(learners[0].address.remote())
+    ray.get([w.setup.remote(*master) for w in learners])
+    return Actors(rollouts, rewards, learners, group)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+
+
+@dataclass
+class StepRollout:
+    """One step's groups in flight: references only."""
+
+    groups: list[PromptGroup]
+    trajectories: list  # ObjectRef[Trajectory] per group
+    rewards: list       # ObjectRef[RewardOutput] per group
+    infos: list         # ObjectRef[dict] per group: policy version used, generate seconds
+
+
+@dataclass
+class SyncTracker:
+    """Sync reports still on their way back, checked against what the learner published."""
+
+    pending: list[tuple[AdapterUpdate, list]] = field(default_factory=list)
+    last_load_ms: float = 0.0
+
+    def sent(self, update: AdapterUpdate, report_refs: list) -> None:
+        self.pending.append((update, report_refs))
+
+    def check(self, block: bool) -> None:
+        still = []
+        for update, refs in self.pending:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=None if block else 0)
+            if len(ready) < len(refs):
+                still.append((update, refs))
+                continue
+            reports: list[SyncReport] = ray.get(refs)
+            for i, report in enumerate(reports):
+                if (report.version, report.checksum, report.modules_bound) != \
+                        (update.version, update.checksum, update.module_count):
+                    raise AdapterSyncError(f"rollout actor {i} reports {report} for published version "
+                                           f"{update.version} ({update.checksum[:12]}, {update.module_count} modules)")
+            self.last_load_ms = max(r.load_ms for r in reports)
+        self.pending = still
+
+
+def _launch(actors: Actors, groups: list[PromptGroup], G: int) -> StepRollout:
+    out = StepRollout(groups, [], [], [])
+    for i, group in enumerate(groups):
+        trajectory, images, info = actors.rollouts[i % len(actors.rollouts)].generate.remote(group)
+        reward = actors.rewards[i % len(actors.rewards)].score.remote(images, [group.prompt] * G, [group.unsafe] * G)
+        out.trajectories.append(trajectory)
+        out.rewards.append(reward)
+        out.infos.append(info)
+    return out
+
+
+def run(cfg: Config, address: str | None = None, progress: bool = True) -> TrainResult:
+    """Train with the Ray runtime; outputs as the single-process loop (`learner.local.train`)."""
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+    metrics = MetricsLog(metrics_path)
+
+    start_ray(cfg, address)
+    check_resources(cfg, ray.cluster_resources())
+    ray_metrics = RayRunMetrics(cfg.run.name)
+    prompts = PromptStream(cfg.prompts.sources, cfg.run.seed)  # read before any actor starts: bad files fail fast
+    unet_config = None
+    if cfg.model.finetune == "full":
+        from diffusers import UNet2DConditionModel
+
+        unet_config = dict(UNet2DConditionModel.load_config(cfg.model.pretrained, subfolder="unet"))
+    actors = start_actors(cfg)
+    P, G, steps = cfg.grpo.prompts_per_step, cfg.grpo.group_size, cfg.run.steps
+    gate, syncs = StalenessGate(cfg.cluster.max_staleness, P), SyncTracker()
+    inflight: dict[int, StepRollout] = {}
+    next_gen, version_sent, update = 0, 0, None
+    images_done, idle_learner_s, busy_actor_s = 0, 0.0, 0.0
+    t_start = time.perf_counter()
+    try:
+        for step in tqdm(range(steps), desc="train", unit="step", disable=not progress):
+            t0 = time.perf_counter()
+            while next_gen < steps and gate.may_start(next_gen, version_sent):
+                inflight[next_gen] = _launch(actors, prompts.next_groups(next_gen, P), G)
+                next_gen += 1
+            groups_in_flight = sum(len(r.groups) for r in inflight.values())
+            current = inflight.pop(step)
+            scored = ray.get(current.rewards)  # the learner waits here for the step's rollouts
+            infos = ray.get(current.infos)
+            t_wait = time.perf_counter()
+            idle_learner_s += t_wait - t0
+            staleness = [gate.record(step, info["policy_version"]) for info in infos]
+            busy_actor_s += sum(info["generate_s"] for info in infos)
+
+            rewards = torch.stack([s.rewards for s in scored]).float()  # [P, G]
+            finite = torch.isfinite(rewards).all(dim=1)
+            record = {"step": step, "policy_version": version_sent, "dropped_groups": int((~finite).sum()),
+                      "reward_mean": float(rewards[finite].mean()) if finite.any() else None,
+                      "reward_std": float(rewards[finite].std()) if finite.sum() * G > 1 else 0.0,
+                      "cos_prompt_mean": _mean_of([s.cos_prompt for s in scored]),
+                      "cos_safe_mean": _mean_of([s.cos_safe for s in scored]),
+                      "staleness_max": max(staleness), "staleness_mean": sum(staleness) / len(staleness),
+                      "groups_in_flight": groups_in_flight, "time_wait_rollouts": t_wait - t0,
+                      "time_generate_mean": sum(i["generate_s"] for i in infos) / len(infos)}
+            if finite.any():
+                kept = [ref for ref, ok in zip(current.trajectories, finite.tolist()) if ok]
+                advantages = group_advantages(rewards[finite], cfg.grpo.adv_eps, cfg.grpo.adv_clip)
+                record["zero_std_frac"] = zero_std_fraction(rewards[finite])
+                rank_metrics = ray.get([w.update.remote(kept, advantages, step) for w in actors.learners])
+                record.update(_merge_ranks(rank_metrics))
+                t_train = time.perf_counter()
+                update = ray.get([w.publish.remote() for w in actors.learners])[0]
+                record.update(time_train=t_train - t_wait, time_publish=time.perf_counter() - t_train,
+                              sync_bytes=update.num_bytes)
+                syncs.sent(update, [a.load_adapter.remote(update) for a in actors.rollouts])
+                version_sent = update.version
+                idle_learner_s += time.perf_counter() - t_train
+            syncs.check(block=False)
+            images_done += P * G
+            elapsed = time.perf_counter() - t_start
+            record.update(sync_load_ms=syncs.last_load_ms, images_per_s=images_done / elapsed,
+                          learner_idle_frac=idle_learner_s / elapsed,
+                          actor_idle_frac=max(0.0, 1 - busy_actor_s / (len(actors.rollouts) * elapsed)))
+            metrics.write(record)
+            ray_metrics.record(record)
+            if (step + 1) % cfg.run.save_every == 0 and step + 1 < steps and update is not None:
+                save_checkpoint(ray.get(update.state_ref), cfg, run_dir / "checkpoints" / f"step_{step + 1}",
+                                step + 1, update.version, unet_config)
+        syncs.check(block=True)
+        actor_status = ray.get([a.status.remote() for a in actors.rollouts])
+        if update is None:
+            raise RuntimeError("no step produced a trainable group (every reward was NaN/inf)")
+        checksum = save_checkpoint(ray.get(update.state_ref), cfg, run_dir / "adapter", steps, update.version,
+                                   unet_config)
+    finally:
+        actors.kill()
+    records = read_metrics(metrics_path)
+    plot_reward_curve(records, run_dir / "reward_curve.png", title=f"{cfg.run.name}: reward")
+    return TrainResult(run_dir=run_dir, metrics=records, checksum=checksum, final_version=update.version,
+                       actor_status=actor_status, max_staleness_seen=gate.max_seen)
+
+
+def _mean_of(parts: list[torch.Tensor | None]) -> float | None:
+    if any(p is None for p in parts):
+        return None
+    return float(torch.cat(parts).float().mean())
+
+
+def _merge_ranks(rank_metrics: list[dict]) -> dict[str, float]:
+    """Average the ranks' diagnostics; the step-0 log-ratio and times take the max over ranks."""
+    out = {}
+    for key in rank_metrics[0]:
+        values = [m[key] for m in rank_metrics if m.get(key) is not None]
+        if not values:
+            continue
+        worst = key.startswith("first_update") or key.endswith("_s")
+        out[key] = max(values) if worst else sum(values) / len(values)
+    return out

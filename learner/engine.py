@@ -1,0 +1,142 @@
+"""LearnerWorker: one rank of the DeepSpeed ZeRO engine that trains the policy.
+
+K workers live in a Ray placement group and form one torch.distributed group (NCCL with GPUs, gloo on
+CPU). Each holds the policy, wraps its trainable parameters in a ZeRO engine (stage from config) with
+torch AdamW as the client optimiser, and runs `GRPOUpdate` on its shard of every minibatch. DeepSpeed
+runs in unmanaged gradient accumulation: our loop's `backward` calls only accumulate, and each
+`step` is one reduce + clip + AdamW update.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import time
+
+import ray
+import torch
+
+from common.config import Config
+from common.lora import state_checksum
+from common.policy import Policy
+from common.runtime import configure_threads
+from common.types import Trajectory
+from learner.update import GRPOUpdate, TrainBatch
+from learner.weight_sync import AdapterUpdate, bound_modules, state_bytes
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.grpo.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,  # our loop decides where an optimiser step falls
+        "gradient_clipping": cfg.optim.max_grad_norm,
+        "zero_optimization": {"stage": cfg.cluster.zero_stage},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedStep:
+    """`StepOptimizer` over a DeepSpeed engine: backward accumulates, step reduces/clips/applies."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+
+def init_process_group(gpu: bool):
+    """torch.distributed through DeepSpeed: NCCL on GPUs, gloo on CPU. Returns the deepspeed module."""
+    if not gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+
+    if not gpu:
+        # the CPU backend would JIT-compile a shared-memory all-reduce op (~25 s); gloo is enough here
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False)
+    return deepspeed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def gathered_state(policy: Policy, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The full trainable state; ZeRO-3 partitions parameters, so gather them first (collective)."""
+    if zero_stage != 3:
+        return policy.state()
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(policy.trainable_parameters(), modifier_rank=None):
+        return policy.state()
+
+
+@ray.remote
+class LearnerWorker:
+    def __init__(self, cfg: Config, rank: int, world_size: int):
+        configure_threads(cfg.cluster.cpus_per_learner_worker)
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.engine = None
+
+    def address(self) -> tuple[str, int]:
+        """Where rank 0 listens for the process group."""
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        """Join the process group and build the engine (all ranks must call this concurrently).
+        Returns the number of trainable tensors."""
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        deepspeed = init_process_group(gpu=self.cfg.cluster.gpus_per_learner_worker > 0)
+        self.policy = Policy.from_config(self.cfg)
+        params = self.policy.trainable_parameters()
+        o = self.cfg.optim
+        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        self.engine, *_ = deepspeed.initialize(model=self.policy.unet, optimizer=optimizer, model_parameters=params,
+                                               config=deepspeed_config(self.cfg))
+        self.updater = GRPOUpdate(self.policy, self.cfg.grpo, self.cfg.sampler, self.cfg.run.seed,
+                                  DeepSpeedStep(self.engine))
+        return len(params)
+
+    def update(self, trajectory_refs: list, advantages: torch.Tensor, step: int) -> dict[str, float]:
+        """One training step on this rank's shard. `trajectory_refs` are ObjectRefs (fetched here, from the
+        object store, never through the driver); `advantages` is [P, G]."""
+        start = time.perf_counter()
+        trajectories: list[Trajectory] = ray.get(trajectory_refs)
+        fetched = time.perf_counter()
+        metrics = self.updater.update(TrainBatch.from_trajectories(trajectories, advantages), step,
+                                      self.rank, self.world_size)
+        self.policy.version += 1
+        metrics.update(fetch_s=fetched - start, train_s=time.perf_counter() - fetched)
+        return metrics
+
+    def publish(self) -> AdapterUpdate | None:
+        """Put the current trainable state in the object store once (rank 0) and describe it. Under ZeRO-3
+        every rank must call this: the partitioned parameters are gathered first."""
+        state = gathered_state(self.policy, self.cfg.cluster.zero_stage)
+        if self.rank != 0:
+            return None
+        return AdapterUpdate(version=self.policy.version, state_ref=ray.put(state), checksum=state_checksum(state),
+                             module_count=bound_modules(self.policy), num_bytes=state_bytes(state))
+
+    def shutdown(self) -> None:
+        """Tear down in the order that avoids DeepSpeed's exit-time aborts."""
+        import torch.distributed as dist
+
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+        gc.collect()
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,50 @@
+"""RewardActor: the steering reward as a Ray actor whose requests share CLIP forwards."""
+
+from __future__ import annotations
+
+import ray
+import torch
+
+from common.config import Config, resolve_device_dtype
+from common.runtime import configure_threads
+from reward_server.batching import MicroBatcher
+from reward_server.clip_model import load_clip
+from reward_server.steering import RewardOutput, SteeringReward
+
+Request = tuple[torch.Tensor, list[str], list[bool | None] | None]
+
+
+@ray.remote
+class RewardActor:
+    """Async actor: `score` calls from every rollout group are micro-batched (`reward.batch_max_images`,
+    `reward.batch_max_wait_ms`) into one CLIP forward; results come back per request."""
+
+    def __init__(self, cfg: Config):
+        configure_threads(cfg.cluster.cpus_per_reward_actor)
+        device, dtype = resolve_device_dtype(cfg.run)
+        clip = load_clip(cfg.reward.clip, device, getattr(torch, dtype))
+        self.reward = SteeringReward(clip, cfg.reward)
+        self.batcher: MicroBatcher[Request, RewardOutput] = MicroBatcher(
+            self._score_many, cfg.reward.batch_max_images, cfg.reward.batch_max_wait_ms / 1000)
+
+    def _score_many(self, requests: list[Request]) -> list[RewardOutput]:
+        images = torch.cat([r[0] for r in requests])
+        prompts = [p for r in requests for p in r[1]]
+        labels = None
+        if all(r[2] is not None for r in requests):
+            labels = [u for r in requests for u in r[2]]
+        out = self.reward(images, prompts, labels)
+        sizes = [r[0].shape[0] for r in requests]
+        parts = [torch.split(t, sizes) if t is not None else [None] * len(sizes)
+                 for t in (out.rewards, out.cos_prompt, out.cos_safe)]
+        return [RewardOutput(*fields) for fields in zip(*parts)]
+
+    async def score(self, images: torch.Tensor, prompts: list[str],
+                    unsafe: list[bool | None] | None = None) -> RewardOutput:
+        """images uint8 [n, 3, H, W] (an ObjectRef argument is resolved by Ray in this process)."""
+        return await self.batcher.submit((images, prompts, unsafe), size=images.shape[0])
+
+    def batch_stats(self) -> dict[str, float]:
+        s = self.batcher.stats
+        return {"batches": s.batches, "requests": s.requests, "images": s.items,
+                "mean_batch_images": s.mean_batch_items}

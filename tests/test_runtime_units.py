@@ -1,0 +1,109 @@
+"""Pieces of the distributed runtime that need no Ray cluster: micro-batching, sync checks, staleness, resources."""
+
+import asyncio
+
+import pytest
+import torch
+
+from common.config import ConfigError, load_config
+from common.policy import Policy
+from learner.controller import check_resources, required_resources
+from learner.staleness import StalenessBoundExceeded, StalenessGate
+from learner.weight_sync import AdapterSyncError, AdapterUpdate, apply_update, bound_modules
+from reward_server.batching import MicroBatcher
+from tests.conftest import tiny_config
+
+
+def test_micro_batcher_merges_concurrent_requests_and_routes_results():
+    seen = []
+
+    def double(batch):
+        seen.append(len(batch))
+        return [x * 2 for x in batch]
+
+    async def main():
+        batcher = MicroBatcher(double, max_items=4, max_wait_s=0.05)
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(10)))
+        return results, batcher.stats
+
+    results, stats = asyncio.run(main())
+    assert results == [2 * i for i in range(10)]
+    assert seen == [4, 4, 2]  # two full batches close at once, the rest after max_wait
+    assert stats.batches == 3 and stats.requests == 10 and stats.mean_batch_items == pytest.approx(10 / 3)
+
+
+def test_micro_batcher_propagates_errors_to_every_request():
+    def boom(batch):
+        raise ValueError("bad images")
+
+    async def main():
+        batcher = MicroBatcher(boom, max_items=8, max_wait_s=0.01)
+        return await asyncio.gather(batcher.submit(1), batcher.submit(2), return_exceptions=True)
+
+    assert all(isinstance(r, ValueError) for r in asyncio.run(main()))
+
+
+def test_staleness_gate():
+    gate = StalenessGate(max_staleness=1, prompts_per_step=4)
+    assert gate.may_start(0, 0) and gate.may_start(1, 0) and not gate.may_start(2, 0)
+    assert gate.max_groups_in_flight() == 8
+    assert gate.record(5, 4) == 1 and gate.max_seen == 1
+    with pytest.raises(StalenessBoundExceeded):
+        gate.record(5, 3)
+    with pytest.raises(StalenessBoundExceeded):
+        StalenessGate(0, 1).record(3, 4)  # a version from the future is a bug too
+
+
+def test_resource_check_names_the_fields(tiny_dir, tmp_path, prompt_file):
+    cfg = tiny_config(tiny_dir, tmp_path, prompt_file, "cluster.rollout_actors=6", "cluster.gpus_per_rollout_actor=1")
+    assert required_resources(cfg) == {"CPU": 8.0, "GPU": 6.0}
+    with pytest.raises(ConfigError, match="cluster.*GPU: the cluster section asks for 6, the Ray cluster has 1"):
+        check_resources(cfg, {"CPU": 64.0, "GPU": 1.0})
+    check_resources(cfg, {"CPU": 8.0, "GPU": 6.0})
+
+
+def test_learner_workers_must_divide_an_optimiser_step():
+    with pytest.raises(ConfigError, match="cluster.learner_workers"):
+        load_config(None, ["cluster.learner_workers=3"])
+
+
+@pytest.fixture
+def two_policies(tiny_dir, tmp_path, prompt_file):
+    cfg = tiny_config(tiny_dir, tmp_path, prompt_file)
+    learner, actor = Policy.from_config(cfg), Policy.from_config(cfg)
+    gen = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=gen) for k, v in learner.state().items()}
+    learner.load_state(state, version=1)
+    return learner, actor, state
+
+
+def _update(policy, version, **changes):
+    fields = dict(version=version, state_ref=None, checksum=policy.checksum(), module_count=bound_modules(policy),
+                  num_bytes=0)
+    fields.update(changes)
+    return AdapterUpdate(**fields)
+
+
+def test_sync_applies_a_verified_update(two_policies):
+    learner, actor, state = two_policies
+    checksum, bound = apply_update(actor, _update(learner, 1), state)
+    assert (actor.version, checksum, bound) == (1, learner.checksum(), 32)
+
+
+def test_sync_refuses_stale_and_out_of_order_versions(two_policies):
+    learner, actor, state = two_policies
+    apply_update(actor, _update(learner, 2), state)
+    for version in (2, 1):
+        with pytest.raises(AdapterSyncError, match="stale or out-of-order"):
+            apply_update(actor, _update(learner, version), state)
+    assert actor.version == 2
+
+
+def test_sync_that_does_not_bind_as_published_fails_and_rolls_back(two_policies):
+    learner, actor, state = two_policies
+    before = actor.checksum()
+    with pytest.raises(AdapterSyncError, match="checksum"):
+        apply_update(actor, _update(learner, 1, checksum="0" * 64), state)
+    with pytest.raises(AdapterSyncError, match="expected 33"):
+        apply_update(actor, _update(learner, 1, module_count=33), state)
+    assert actor.checksum() == before and actor.version == 0
