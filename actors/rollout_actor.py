@@ -17,7 +17,7 @@ from common.config import Config
 from common.policy import Policy
 from common.runtime import configure_threads
 from common.types import PromptGroup, Trajectory
-from learner.weight_sync import AdapterUpdate, SyncReport, apply_update
+from learner.weight_sync import AdapterUpdate, SyncReport, apply_update, fetch_state
 
 
 @ray.remote
@@ -39,7 +39,7 @@ class RolloutActor:
 
     def load_adapter(self, update: AdapterUpdate) -> SyncReport:
         start = time.perf_counter()
-        state = ray.get(update.state_ref)
+        state = fetch_state(update)
         checksum, bound = apply_update(self.policy, update, state)
         return SyncReport(update.version, checksum, bound, (time.perf_counter() - start) * 1000)
 

@@ -155,7 +155,8 @@ class ClusterConfig(_Strict):
     learner_workers: int = Field(1, ge=1, description="DeepSpeed ranks of the learner (one Ray actor each).")
     gpus_per_rollout_actor: float = Field(0.0, ge=0, le=1, description="GPUs per rollout actor (0 = CPU).")
     gpus_per_reward_actor: float = Field(0.0, ge=0, le=1, description="GPUs per reward actor; fractions share a GPU.")
-    gpus_per_learner_worker: Literal[0, 1] = Field(0, description="GPUs per learner rank: 1 (NCCL) or 0 (CPU, gloo).")
+    gpus_per_learner_worker: float = Field(0.0, ge=0, le=1, description="GPUs per learner rank (NCCL); 0 = CPU "
+                                           "ranks on gloo. A fraction shares one GPU with rollout/reward actors.")
     cpus_per_rollout_actor: float = Field(1.0, gt=0, description="CPUs per rollout actor (also its torch threads).")
     cpus_per_reward_actor: float = Field(1.0, gt=0, description="CPUs per reward actor.")
     cpus_per_learner_worker: float = Field(1.0, gt=0, description="CPUs per learner rank.")

@@ -34,7 +34,7 @@ from learner.engine import LearnerWorker
 from learner.grpo import group_advantages, zero_std_fraction
 from learner.local import TrainResult, save_checkpoint
 from learner.staleness import StalenessGate
-from learner.weight_sync import AdapterSyncError, AdapterUpdate, SyncReport
+from learner.weight_sync import AdapterSyncError, AdapterUpdate, SyncReport, fetch_state
 from reward_server.actor import RewardActor
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,8 @@ def start_actors(cfg: Config) -> Actors:
                 .remote(cfg) for _ in range(c.rollout_actors)]
     rewards = [RewardActor.options(num_cpus=c.cpus_per_reward_actor, num_gpus=c.gpus_per_reward_actor)
                .remote(cfg) for _ in range(c.reward_actors)]
-    bundle = {"CPU": c.cpus_per_learner_worker, **({"GPU": 1} if c.gpus_per_learner_worker else {})}
+    bundle = {"CPU": c.cpus_per_learner_worker, **({"GPU": c.gpus_per_learner_worker} if c.gpus_per_learner_worker
+                                                   else {})}
     group = placement_group([bundle] * c.learner_workers, strategy="PACK")
     ray.get(group.ready(), timeout=600)
     env = {} if c.gpus_per_learner_worker else {"env_vars": {"DS_ACCELERATOR": "cpu"}}
@@ -164,8 +165,9 @@ def _launch(actors: Actors, groups: list[PromptGroup], G: int) -> StepRollout:
     return out
 
 
-def run(cfg: Config, address: str | None = None, progress: bool = True) -> TrainResult:
-    """Train with the Ray runtime; outputs as the single-process loop (`learner.local.train`)."""
+def run(cfg: Config, address: str | None = None, progress: bool = True, actors: Actors | None = None) -> TrainResult:
+    """Train with the Ray runtime; outputs as the single-process loop (`learner.local.train`).
+    `actors` replaces the actors built from the config (benchmarks pass no-op stand-ins)."""
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -182,7 +184,7 @@ def run(cfg: Config, address: str | None = None, progress: bool = True) -> Train
         from diffusers import UNet2DConditionModel
 
         unet_config = dict(UNet2DConditionModel.load_config(cfg.model.pretrained, subfolder="unet"))
-    actors = start_actors(cfg)
+    actors = actors or start_actors(cfg)
     P, G, steps = cfg.grpo.prompts_per_step, cfg.grpo.group_size, cfg.run.steps
     gate, syncs = StalenessGate(cfg.cluster.max_staleness, P), SyncTracker()
     inflight: dict[int, StepRollout] = {}
@@ -236,13 +238,13 @@ def run(cfg: Config, address: str | None = None, progress: bool = True) -> Train
             metrics.write(record)
             ray_metrics.record(record)
             if (step + 1) % cfg.run.save_every == 0 and step + 1 < steps and update is not None:
-                save_checkpoint(ray.get(update.state_ref), cfg, run_dir / "checkpoints" / f"step_{step + 1}",
+                save_checkpoint(fetch_state(update), cfg, run_dir / "checkpoints" / f"step_{step + 1}",
                                 step + 1, update.version, unet_config)
         syncs.check(block=True)
         actor_status = ray.get([a.status.remote() for a in actors.rollouts])
         if update is None:
             raise RuntimeError("no step produced a trainable group (every reward was NaN/inf)")
-        checksum = save_checkpoint(ray.get(update.state_ref), cfg, run_dir / "adapter", steps, update.version,
+        checksum = save_checkpoint(fetch_state(update), cfg, run_dir / "adapter", steps, update.version,
                                    unet_config)
     finally:
         actors.kill()

@@ -18,12 +18,11 @@ import ray
 import torch
 
 from common.config import Config
-from common.lora import state_checksum
 from common.policy import Policy
 from common.runtime import configure_threads
 from common.types import Trajectory
 from learner.update import GRPOUpdate, TrainBatch
-from learner.weight_sync import AdapterUpdate, bound_modules, state_bytes
+from learner.weight_sync import AdapterUpdate, bound_modules, publish
 
 
 def deepspeed_config(cfg: Config) -> dict:
@@ -127,8 +126,7 @@ class LearnerWorker:
         state = gathered_state(self.policy, self.cfg.cluster.zero_stage)
         if self.rank != 0:
             return None
-        return AdapterUpdate(version=self.policy.version, state_ref=ray.put(state), checksum=state_checksum(state),
-                             module_count=bound_modules(self.policy), num_bytes=state_bytes(state))
+        return publish(state, self.policy.version, bound_modules(self.policy))
 
     def shutdown(self) -> None:
         """Tear down in the order that avoids DeepSpeed's exit-time aborts."""

@@ -56,10 +56,10 @@ def test_staleness_gate():
 
 def test_resource_check_names_the_fields(tiny_dir, tmp_path, prompt_file):
     cfg = tiny_config(tiny_dir, tmp_path, prompt_file, "cluster.rollout_actors=6", "cluster.gpus_per_rollout_actor=1")
-    assert required_resources(cfg) == {"CPU": 8.0, "GPU": 6.0}
+    assert required_resources(cfg) == {"CPU": 6 * 1 + 0.5 + 1, "GPU": 6.0}  # cpu_demo: 1, 0.5, 1 CPU each
     with pytest.raises(ConfigError, match="cluster.*GPU: the cluster section asks for 6, the Ray cluster has 1"):
         check_resources(cfg, {"CPU": 64.0, "GPU": 1.0})
-    check_resources(cfg, {"CPU": 8.0, "GPU": 6.0})
+    check_resources(cfg, {"CPU": 7.5, "GPU": 6.0})
 
 
 def test_learner_workers_must_divide_an_optimiser_step():
@@ -107,3 +107,16 @@ def test_sync_that_does_not_bind_as_published_fails_and_rolls_back(two_policies)
     with pytest.raises(AdapterSyncError, match="expected 33"):
         apply_update(actor, _update(learner, 1, module_count=33), state)
     assert actor.checksum() == before and actor.version == 0
+
+
+def test_pack_unpack_roundtrip_keeps_names_dtypes_shapes_and_bytes():
+    from common.lora import state_checksum
+    from learner.weight_sync import pack_state, unpack_state
+
+    state = {"a.lora_A.weight": torch.randn(4, 3), "b.bias": torch.arange(5, dtype=torch.float64),
+             "c.half": torch.randn(2, 2, 2).to(torch.bfloat16), "d.empty": torch.zeros(0, 7)}
+    packed = pack_state(state)
+    assert packed.flat.dtype == torch.uint8 and packed.flat.numel() == 4 * 12 + 8 * 5 + 2 * 8
+    out = unpack_state(packed)
+    assert list(out) == list(state) and state_checksum(out) == state_checksum(state)
+    assert all(out[k].dtype == state[k].dtype and out[k].shape == state[k].shape for k in state)
