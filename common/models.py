@@ -122,32 +122,14 @@ def sd_ddim_scheduler() -> DDIMScheduler:
                          steps_offset=1, prediction_type="epsilon")
 
 
-def build_tiny_bundle(out_dir: str | Path, seed: int = 0, width: int = 32) -> Path:
-    """Write a random SD-architecture model (~2.5M parameters) in diffusers layout to `out_dir`.
-
-    Same classes and file layout as SD v1.x (loadable by `load_bundle` and by a stock
-    `StableDiffusionPipeline.from_pretrained`); VAE downsamples by 2, so 32 px images have 16 px latents.
-    """
-    torch.manual_seed(seed)
-    text_dim = 32
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(width, 2 * width), norm_num_groups=min(32, width),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=text_dim, attention_head_dim=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        norm_num_groups=16, sample_size=32,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    )
+def save_bundle(out_dir: str | Path, unet: UNet2DConditionModel, vae: AutoencoderKL, text_dim: int,
+                text_layers: int, text_heads: int, text_mlp: int) -> Path:
+    """Save random components (plus the offline CLIP tokenizer and SD's DDIM schedule) in diffusers layout."""
     tokenizer = offline_clip_tokenizer()
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=text_dim, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=text_dim,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=tokenizer.vocab_size, hidden_size=text_dim, intermediate_size=text_mlp,
+        num_hidden_layers=text_layers, num_attention_heads=text_heads, max_position_embeddings=77,
+        projection_dim=text_dim, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     ))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -156,3 +138,38 @@ def build_tiny_bundle(out_dir: str | Path, seed: int = 0, width: int = 32) -> Pa
     out = Path(out_dir)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def build_tiny_bundle(out_dir: str | Path, seed: int = 0, width: int = 32) -> Path:
+    """Write a random SD-architecture model (~2.5M parameters) in diffusers layout to `out_dir`.
+
+    Same classes and file layout as SD v1.x (loadable by `load_bundle` and by a stock
+    `StableDiffusionPipeline.from_pretrained`); VAE downsamples by 2, so 32 px images have 16 px latents.
+    """
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(width, 2 * width), norm_num_groups=min(32, width),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        norm_num_groups=16, sample_size=32,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    )
+    return save_bundle(out_dir, unet, vae, text_dim=32, text_layers=2, text_heads=4, text_mlp=64)
+
+
+def build_sd_shaped_bundle(out_dir: str | Path, seed: int = 0) -> Path:
+    """Random weights with Stable Diffusion v1.x's exact architecture (860M-parameter UNet, 768-d CLIP text
+    encoder, 8x VAE): for GPU throughput checks where the real weights are not at hand."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    return save_bundle(out_dir, unet, vae, text_dim=768, text_layers=12, text_heads=12, text_mlp=3072)

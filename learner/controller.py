@@ -16,7 +16,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import ray
 import torch
@@ -25,14 +24,13 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
 from actors.rollout_actor import RolloutActor
-from common.config import Config, ConfigError, dump_config
-from common.metrics import MetricsLog, plot_reward_curve, read_metrics
+from common.config import Config, ConfigError
 from common.prompts import PromptStream
 from common.telemetry import RayRunMetrics
 from common.types import PromptGroup
 from learner.engine import LearnerWorker
 from learner.grpo import group_advantages, zero_std_fraction
-from learner.local import TrainResult, save_checkpoint
+from learner.local import TrainResult, close_run, open_run, save_checkpoint
 from learner.staleness import StalenessGate
 from learner.weight_sync import AdapterSyncError, AdapterUpdate, SyncReport, fetch_state
 from reward_server.actor import RewardActor
@@ -168,13 +166,8 @@ def _launch(actors: Actors, groups: list[PromptGroup], G: int) -> StepRollout:
 def run(cfg: Config, address: str | None = None, progress: bool = True, actors: Actors | None = None) -> TrainResult:
     """Train with the Ray runtime; outputs as the single-process loop (`learner.local.train`).
     `actors` replaces the actors built from the config (benchmarks pass no-op stand-ins)."""
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    metrics_path = run_dir / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
-    metrics = MetricsLog(metrics_path)
-
+    metrics = open_run(cfg)
+    run_dir = metrics.path.parent
     start_ray(cfg, address)
     check_resources(cfg, ray.cluster_resources())
     ray_metrics = RayRunMetrics(cfg.run.name)
@@ -248,10 +241,8 @@ def run(cfg: Config, address: str | None = None, progress: bool = True, actors: 
                                    unet_config)
     finally:
         actors.kill()
-    records = read_metrics(metrics_path)
-    plot_reward_curve(records, run_dir / "reward_curve.png", title=f"{cfg.run.name}: reward")
-    return TrainResult(run_dir=run_dir, metrics=records, checksum=checksum, final_version=update.version,
-                       actor_status=actor_status, max_staleness_seen=gate.max_seen)
+    return TrainResult(run_dir=run_dir, metrics=close_run(cfg, metrics), checksum=checksum,
+                       final_version=update.version, actor_status=actor_status, max_staleness_seen=gate.max_seen)
 
 
 def _mean_of(parts: list[torch.Tensor | None]) -> float | None:

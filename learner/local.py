@@ -68,13 +68,25 @@ def save_checkpoint(state: dict[str, torch.Tensor], cfg: Config, out_dir: Path, 
     return checksum
 
 
-def train(cfg: Config, reward_fn: RewardFn | None = None, progress: bool = True) -> TrainResult:
+def open_run(cfg: Config) -> MetricsLog:
+    """Create <output_dir>/<name>, write the resolved config there and start a fresh metrics.jsonl."""
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
-    metrics_path = run_dir / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
-    metrics = MetricsLog(metrics_path)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return MetricsLog(run_dir / "metrics.jsonl")
+
+
+def close_run(cfg: Config, metrics: MetricsLog) -> list[dict]:
+    """Read the run's metrics back and draw its reward curve next to them."""
+    records = read_metrics(metrics.path)
+    plot_reward_curve(records, metrics.path.parent / "reward_curve.png", title=f"{cfg.run.name}: reward")
+    return records
+
+
+def train(cfg: Config, reward_fn: RewardFn | None = None, progress: bool = True) -> TrainResult:
+    metrics = open_run(cfg)
+    run_dir = metrics.path.parent
 
     policy = Policy.from_config(cfg)
     rollout = Rollout(policy, cfg.sampler, cfg.grpo.group_size, cfg.run.seed)
@@ -121,6 +133,5 @@ def train(cfg: Config, reward_fn: RewardFn | None = None, progress: bool = True)
 
     checksum = save_checkpoint(policy.state(), cfg, run_dir / "adapter", cfg.run.steps, policy.version,
                                policy.unet.config)
-    records = read_metrics(metrics_path)
-    plot_reward_curve(records, run_dir / "reward_curve.png", title=f"{cfg.run.name}: reward")
-    return TrainResult(run_dir=run_dir, metrics=records, checksum=checksum, final_version=policy.version)
+    return TrainResult(run_dir=run_dir, metrics=close_run(cfg, metrics), checksum=checksum,
+                       final_version=policy.version)

@@ -20,6 +20,19 @@ def _batches(n: int, batch_size: int, steps: int, gen: torch.Generator):
         yield torch.randint(0, n, (batch_size,), generator=gen)
 
 
+def _optimise(opt: torch.optim.Optimizer, loss: torch.Tensor, bar) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss.item():.4f}")
+
+
+@torch.no_grad()
+def _latent_means(vae, pixels: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    return torch.cat([vae.encode(pixels[i:i + chunk]).latent_dist.mean for i in range(0, len(pixels), chunk)])
+
+
 def train_vae(bundle: ModelBundle, images: torch.Tensor, steps: int, batch_size: int = 32, lr: float = 2e-3,
               kl_weight: float = 1e-6, seed: int = 0, progress: bool = True) -> float:
     """Autoencoder training; then sets `vae.config.scaling_factor` = 1 / std(latents). Returns the last loss."""
@@ -33,16 +46,10 @@ def train_vae(bundle: ModelBundle, images: torch.Tensor, steps: int, batch_size:
         posterior = vae.encode(x_all[idx]).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
         loss = F.mse_loss(recon, x_all[idx]) + kl_weight * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        _optimise(opt, loss, bar)
     bar.close()
     vae.eval().requires_grad_(False)
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(x_all[i:i + 256]).latent_dist.mean for i in range(0, len(x_all), 256)])
-    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    vae.register_to_config(scaling_factor=float(1.0 / _latent_means(vae, x_all).std()))
     return float(loss.detach())
 
 
@@ -51,9 +58,7 @@ def train_unet(bundle: ModelBundle, images: torch.Tensor, captions: list[str], s
     """Epsilon-prediction training of the UNet on VAE latents; text encoder stays frozen. Returns the last loss."""
     unet, scheduler, gen = bundle.unet, bundle.scheduler, torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        x_all = images.float() / 127.5 - 1
-        latents = torch.cat([bundle.vae.encode(x_all[i:i + 256]).latent_dist.mean
-                             for i in range(0, len(x_all), 256)]) * bundle.vae.config.scaling_factor
+        latents = _latent_means(bundle.vae, images.float() / 127.5 - 1) * bundle.vae.config.scaling_factor
         texts = sorted(set(captions) | {""})
         table = dict(zip(texts, bundle.encode_prompts(texts)))
         cond = torch.stack([table[c] for c in captions])
@@ -71,11 +76,7 @@ def train_unet(bundle: ModelBundle, images: torch.Tensor, captions: list[str], s
         context = torch.where(drop[:, None, None], uncond.expand_as(cond[idx]), cond[idx])
         pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=context).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        _optimise(opt, loss, bar)
     bar.close()
     unet.eval().requires_grad_(False)
     return float(loss.detach())

@@ -12,6 +12,8 @@ from learner.controller import run
 from learner.local import train
 from tests.conftest import tiny_config
 
+pytestmark = pytest.mark.ray
+
 SMALL = ("cluster.cpus_per_rollout_actor=0.5", "cluster.cpus_per_reward_actor=0.5",
          "cluster.cpus_per_learner_worker=0.5", "run.steps=3")
 
@@ -78,6 +80,26 @@ def test_on_policy_run_matches_the_single_process_loop(tiny_dir, local_reference
 
 
 def test_a_topology_the_cluster_cannot_hold_is_refused(tiny_dir, tmp_path, prompt_file):
-    cfg = _cfg(tiny_dir, tmp_path, prompt_file, "cluster.gpus_per_rollout_actor=1")
-    with pytest.raises(ConfigError, match="GPU: the cluster section asks for 1"):
+    cfg = _cfg(tiny_dir, tmp_path, prompt_file, "cluster.rollout_actors=2", "cluster.gpus_per_rollout_actor=1")
+    with pytest.raises(ConfigError, match="GPU: the cluster section asks for 2, the Ray cluster has 0"):
         run(cfg, progress=False)
+
+
+def test_zero3_with_two_ranks_gathers_the_adapter_it_publishes(tiny_dir, tmp_path, prompt_file):
+    cfg = _cfg(tiny_dir, tmp_path, prompt_file, "cluster.learner_workers=2", "cluster.zero_stage=3",
+               "cluster.rollout_actors=1", "run.steps=2")
+    result = run(cfg, progress=False)
+    assert result.actor_status == [(2, result.checksum)]
+    assert result.metrics[0]["first_update_max_abs_log_ratio"] < 1e-5
+
+
+def test_full_finetune_through_deepspeed_saves_a_loadable_unet(tiny_dir, tmp_path, prompt_file):
+    from diffusers import UNet2DConditionModel
+
+    cfg = _cfg(tiny_dir, tmp_path, prompt_file, "model.finetune=full", "cluster.rollout_actors=1", "run.steps=2")
+    result = run(cfg, progress=False)
+    assert result.actor_status == [(2, result.checksum)]
+    trained = UNet2DConditionModel.from_pretrained(result.run_dir / "adapter" / "unet")
+    base = UNet2DConditionModel.from_pretrained(tiny_dir / "sd", subfolder="unet")
+    changed = [not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), base.state_dict().values())]
+    assert sum(changed) > len(changed) // 2  # every weight is trained, not an adapter

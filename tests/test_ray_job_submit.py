@@ -13,6 +13,8 @@ import pytest
 from common.dashboard import job_status, prometheus_samples
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.ray
+
 RAY = str(Path(sys.executable).parent / "ray")
 
 

@@ -1,0 +1,82 @@
+"""The CUDA path on one GPU, in one command (< 10 minutes): SD-shaped random model, bf16, SDPA
+attention, an NCCL learner group of 1, the full Ray runtime.
+
+    python -m bench.gpu_check            # on a machine with a GPU
+    python -m bench.gpu_check --tiny     # the same script on CPU with tiny models (checks the wiring)
+
+Builds an SD v1.x-shaped bundle and an open_clip ViT-H-14 with random weights (the real weights are not
+needed for throughput), runs `deploy/configs/gpu1.yaml` (1 rollout, 1 reward, 1 learner sharing the
+GPU) for a few steps at 512 px, and prints rollout images/s, learner steps/s and sync ms with the
+card's name. Writes the same as JSON to $OUT/gpu_check.json when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import open_clip  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from bench.fixtures import REPO, tiny_models  # noqa: E402
+from common.config import load_config  # noqa: E402
+from common.models import build_sd_shaped_bundle  # noqa: E402
+from learner.controller import run  # noqa: E402
+from reward_server.clip_model import build_tiny_clip  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny models on CPU (wiring check)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/safediff-gpu-check"))
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    if args.tiny:
+        models = tiny_models()
+        sd, clip = models / "sd", models / "clip"
+        shape = ["sampler.height=32", "sampler.width=32", "run.device=cpu", "cluster.gpus_per_rollout_actor=0",
+                 "cluster.gpus_per_reward_actor=0", "cluster.gpus_per_learner_worker=0"]
+    else:
+        sd, clip = args.work / "sd", args.work / "clip"
+        if not (sd / "model_index.json").is_file():
+            build_sd_shaped_bundle(sd)
+        if not (clip / "open_clip_config.json").is_file():
+            build_tiny_clip(clip, model_cfg=open_clip.get_model_config("ViT-H-14"))
+        shape = []
+    built = time.perf_counter() - t0
+    cfg = load_config(REPO / "deploy/configs/gpu1.yaml", [
+        f"model.pretrained={sd}", f"reward.clip.model=local-dir:{clip}", "reward.clip.weights=null",
+        f"run.steps={args.steps}", "run.save_every=1000", f"run.output_dir={args.work / 'runs'}",
+        "sampler.num_steps=20", "grpo.train_timesteps=19", "grpo.prompts_per_step=2", "grpo.updates_per_step=2",
+        "cluster.cpus_per_rollout_actor=2", "cluster.cpus_per_reward_actor=1", "cluster.cpus_per_learner_worker=2",
+        *shape])
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 8), include_dashboard=False,
+             _node_ip_address="127.0.0.1")
+    records = run(cfg, progress=True).metrics
+    ray.shutdown()
+    steady = records[1:] or records
+    mean = lambda key: sum(r[key] for r in steady) / len(steady)  # noqa: E731
+    result = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.tiny else "cpu",
+        "resolution": cfg.sampler.height, "ddim_steps": cfg.sampler.num_steps, "group_size": cfg.grpo.group_size,
+        "rollout_images_per_s_per_actor": cfg.grpo.group_size / mean("time_generate_mean"),
+        "learner_steps_per_s": 1 / mean("time_train"),
+        "sync_ms": 1000 * mean("time_publish") + mean("sync_load_ms"),
+        "sync_bytes": steady[-1]["sync_bytes"], "pipeline_images_per_s": steady[-1]["images_per_s"],
+        "build_s": built, "total_s": time.perf_counter() - t0,
+    }
+    print(json.dumps(result, indent=1))
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "gpu_check.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
