@@ -15,7 +15,7 @@ import torch
 from actors.rollout import Rollout
 from common.config import Config
 from common.policy import Policy
-from common.runtime import configure_threads
+from common.runtime import configure_threads, on_assigned_device
 from common.types import PromptGroup, Trajectory
 from learner.weight_sync import AdapterUpdate, SyncReport, apply_update, fetch_state
 
@@ -24,6 +24,7 @@ from learner.weight_sync import AdapterUpdate, SyncReport, apply_update, fetch_s
 class RolloutActor:
     def __init__(self, cfg: Config):
         configure_threads(cfg.cluster.cpus_per_rollout_actor)
+        cfg = on_assigned_device(cfg, cfg.cluster.gpus_per_rollout_actor)
         self.policy = Policy.from_config(cfg)
         self.rollout = Rollout(self.policy, cfg.sampler, cfg.grpo.group_size, cfg.run.seed)
 

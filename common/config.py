@@ -30,7 +30,7 @@ class RunConfig(_Strict):
     steps: int = Field(300, ge=1, description="Training steps (rollout, reward, GRPO update). Reference: ~300.")
     output_dir: Path = Field(Path("runs"), description="Directory under which the run directory is created.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks cuda when available, else cpu.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Dtype of the frozen model weights and autocast; 'auto' = bfloat16 on cuda, float32 on "
         "cpu. Trainable LoRA weights and all log-prob math stay float32.")
     save_every: int = Field(50, ge=1, description="Write an adapter checkpoint every N steps (and at the end).")

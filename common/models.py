@@ -42,7 +42,9 @@ class ModelBundle:
 
     def to(self, device: str | torch.device, dtype: torch.dtype) -> ModelBundle:
         for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device=device, dtype=dtype)
+            module.to(device=device)
+            if module.dtype != dtype:  # a no-op cast would still make diffusers warn
+                module.to(dtype=dtype)
         return self
 
     @torch.no_grad()

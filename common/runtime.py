@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from common.config import Config
+
 
 def configure_threads(cpus: float) -> int:
     """Give torch as many intra-op threads as the CPUs the actor reserved (at least 1), so actors
@@ -13,3 +15,11 @@ def configure_threads(cpus: float) -> int:
     threads = max(1, math.floor(cpus))
     torch.set_num_threads(threads)
     return threads
+
+
+def on_assigned_device(cfg: Config, gpus: float) -> Config:
+    """The config an actor should run with: an actor that reserved no GPU runs on the CPU even on a GPU
+    node (Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for num_gpus=0, so 'auto' would pick cuda:0)."""
+    if gpus > 0:
+        return cfg
+    return cfg.model_copy(update={"run": cfg.run.model_copy(update={"device": "cpu"})})

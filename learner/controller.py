@@ -81,34 +81,46 @@ class Actors:
     rollouts: list
     rewards: list
     learners: list
-    group: object  # the learners' placement group
+    group: object | None  # the learners' placement group
 
     def kill(self) -> None:
+        """Shut the learner ranks down cleanly if they answer, then kill every actor; never raises, so an
+        error that ended the run is the one reported."""
         try:
             ray.get([w.shutdown.remote() for w in self.learners], timeout=120)
-        finally:
-            for actor in self.rollouts + self.rewards + self.learners:
-                ray.kill(actor)
+        except Exception as err:  # dead or hung ranks: they are killed below anyway
+            log.warning("learner shutdown failed: %s", err)
+        for actor in self.rollouts + self.rewards + self.learners:
+            ray.kill(actor)
+        if self.group is not None:
             remove_placement_group(self.group)
 
 
 def start_actors(cfg: Config) -> Actors:
+    """Create every actor and form the learner group; if any step fails, what was created is removed."""
     c = cfg.cluster
-    rollouts = [RolloutActor.options(num_cpus=c.cpus_per_rollout_actor, num_gpus=c.gpus_per_rollout_actor)
-                .remote(cfg) for _ in range(c.rollout_actors)]
-    rewards = [RewardActor.options(num_cpus=c.cpus_per_reward_actor, num_gpus=c.gpus_per_reward_actor)
-               .remote(cfg) for _ in range(c.reward_actors)]
-    bundle = {"CPU": c.cpus_per_learner_worker, **({"GPU": c.gpus_per_learner_worker} if c.gpus_per_learner_worker
-                                                   else {})}
-    group = placement_group([bundle] * c.learner_workers, strategy="PACK")
-    ray.get(group.ready(), timeout=600)
-    env = {} if c.gpus_per_learner_worker else {"env_vars": {"DS_ACCELERATOR": "cpu"}}
-    learners = [LearnerWorker.options(num_cpus=c.cpus_per_learner_worker, num_gpus=c.gpus_per_learner_worker,
-                                      runtime_env=env, scheduling_strategy=PlacementGroupSchedulingStrategy(group, i))
-                .remote(cfg, i, c.learner_workers) for i in range(c.learner_workers)]
-    master = ray.get(learners[0].address.remote())
-    ray.get([w.setup.remote(*master) for w in learners])
-    return Actors(rollouts, rewards, learners, group)
+    actors = Actors([], [], [], None)
+    try:
+        actors.rollouts = [RolloutActor.options(num_cpus=c.cpus_per_rollout_actor, num_gpus=c.gpus_per_rollout_actor)
+                           .remote(cfg) for _ in range(c.rollout_actors)]
+        actors.rewards = [RewardActor.options(num_cpus=c.cpus_per_reward_actor, num_gpus=c.gpus_per_reward_actor)
+                          .remote(cfg) for _ in range(c.reward_actors)]
+        gpu = {"GPU": c.gpus_per_learner_worker} if c.gpus_per_learner_worker else {}
+        actors.group = placement_group([{"CPU": c.cpus_per_learner_worker, **gpu}] * c.learner_workers,
+                                       strategy="PACK")
+        ray.get(actors.group.ready(), timeout=600)
+        env = {} if gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}}
+        actors.learners = [
+            LearnerWorker.options(num_cpus=c.cpus_per_learner_worker, num_gpus=c.gpus_per_learner_worker,
+                                  runtime_env=env,
+                                  scheduling_strategy=PlacementGroupSchedulingStrategy(actors.group, i))
+            .remote(cfg, i, c.learner_workers) for i in range(c.learner_workers)]
+        master = ray.get(actors.learners[0].address.remote())
+        ray.get([w.setup.remote(*master) for w in actors.learners])
+    except BaseException:
+        actors.kill()
+        raise
+    return actors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +193,7 @@ def run(cfg: Config, address: str | None = None, progress: bool = True, actors: 
     P, G, steps = cfg.grpo.prompts_per_step, cfg.grpo.group_size, cfg.run.steps
     gate, syncs = StalenessGate(cfg.cluster.max_staleness, P), SyncTracker()
     inflight: dict[int, StepRollout] = {}
-    next_gen, version_sent, update = 0, 0, None
+    next_gen, version_sent = 0, 0
     images_done, idle_learner_s, busy_actor_s = 0, 0.0, 0.0
     t_start = time.perf_counter()
     try:
@@ -196,6 +208,7 @@ def run(cfg: Config, address: str | None = None, progress: bool = True, actors: 
             infos = ray.get(current.infos)
             t_wait = time.perf_counter()
             idle_learner_s += t_wait - t0
+            syncs.check(block=False)  # a failed adapter load surfaces here, before its stale groups do
             staleness = [gate.record(step, info["policy_version"]) for info in infos]
             busy_actor_s += sum(info["generate_s"] for info in infos)
 
@@ -213,16 +226,17 @@ def run(cfg: Config, address: str | None = None, progress: bool = True, actors: 
                 kept = [ref for ref, ok in zip(current.trajectories, finite.tolist()) if ok]
                 advantages = group_advantages(rewards[finite], cfg.grpo.adv_eps, cfg.grpo.adv_clip)
                 record["zero_std_frac"] = zero_std_fraction(rewards[finite])
-                rank_metrics = ray.get([w.update.remote(kept, advantages, step) for w in actors.learners])
-                record.update(_merge_ranks(rank_metrics))
-                t_train = time.perf_counter()
-                update = ray.get([w.publish.remote() for w in actors.learners])[0]
-                record.update(time_train=t_train - t_wait, time_publish=time.perf_counter() - t_train,
-                              sync_bytes=update.num_bytes)
-                syncs.sent(update, [a.load_adapter.remote(update) for a in actors.rollouts])
-                version_sent = update.version
-                idle_learner_s += time.perf_counter() - t_train
-            syncs.check(block=False)
+                record.update(_merge_ranks(ray.get([w.update.remote(kept, advantages, step)
+                                                    for w in actors.learners])))
+            else:  # every group dropped: no update, but the version still counts the step (see staleness)
+                ray.get([w.skip.remote() for w in actors.learners])
+            t_train = time.perf_counter()
+            update = ray.get([w.publish.remote() for w in actors.learners])[0]
+            record.update(time_train=t_train - t_wait, time_publish=time.perf_counter() - t_train,
+                          sync_bytes=update.num_bytes)
+            syncs.sent(update, [a.load_adapter.remote(update) for a in actors.rollouts])
+            version_sent = update.version
+            idle_learner_s += time.perf_counter() - t_train
             images_done += P * G
             elapsed = time.perf_counter() - t_start
             record.update(sync_load_ms=syncs.last_load_ms, images_per_s=images_done / elapsed,
@@ -230,13 +244,11 @@ def run(cfg: Config, address: str | None = None, progress: bool = True, actors: 
                           actor_idle_frac=max(0.0, 1 - busy_actor_s / (len(actors.rollouts) * elapsed)))
             metrics.write(record)
             ray_metrics.record(record)
-            if (step + 1) % cfg.run.save_every == 0 and step + 1 < steps and update is not None:
+            if (step + 1) % cfg.run.save_every == 0 and step + 1 < steps:
                 save_checkpoint(fetch_state(update), cfg, run_dir / "checkpoints" / f"step_{step + 1}",
                                 step + 1, update.version, unet_config)
         syncs.check(block=True)
         actor_status = ray.get([a.status.remote() for a in actors.rollouts])
-        if update is None:
-            raise RuntimeError("no step produced a trainable group (every reward was NaN/inf)")
         checksum = save_checkpoint(fetch_state(update), cfg, run_dir / "adapter", steps, update.version,
                                    unet_config)
     finally:

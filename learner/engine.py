@@ -19,7 +19,7 @@ import torch
 
 from common.config import Config
 from common.policy import Policy
-from common.runtime import configure_threads
+from common.runtime import configure_threads, on_assigned_device
 from common.types import Trajectory
 from learner.update import GRPOUpdate, TrainBatch
 from learner.weight_sync import AdapterUpdate, bound_modules, publish
@@ -85,6 +85,7 @@ def gathered_state(policy: Policy, zero_stage: int) -> dict[str, torch.Tensor]:
 class LearnerWorker:
     def __init__(self, cfg: Config, rank: int, world_size: int):
         configure_threads(cfg.cluster.cpus_per_learner_worker)
+        cfg = on_assigned_device(cfg, cfg.cluster.gpus_per_learner_worker)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.engine = None
 
@@ -119,6 +120,10 @@ class LearnerWorker:
         self.policy.version += 1
         metrics.update(fetch_s=fetched - start, train_s=time.perf_counter() - fetched)
         return metrics
+
+    def skip(self) -> None:
+        """A step whose groups were all dropped: no update, but the version still counts the step."""
+        self.policy.version += 1
 
     def publish(self) -> AdapterUpdate | None:
         """Put the current trainable state in the object store once (rank 0) and describe it. Under ZeRO-3

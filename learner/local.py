@@ -26,7 +26,7 @@ from common.policy import Policy
 from common.prompts import PromptStream
 from learner.grpo import group_advantages, zero_std_fraction
 from learner.update import GRPOUpdate, TorchOptimizer, TrainBatch
-from reward_server.steering import RewardOutput
+from reward_server.steering import RewardOutput, SteeringReward
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +34,6 @@ log = logging.getLogger(__name__)
 class RewardFn(Protocol):
     def __call__(self, images: torch.Tensor, prompts: list[str],
                  unsafe: list[bool | None] | None = None) -> RewardOutput: ...
-
-
-def build_steering_reward(cfg: Config, policy: Policy) -> RewardFn:
-    from reward_server.clip_model import load_clip
-    from reward_server.steering import SteeringReward
-
-    return SteeringReward(load_clip(cfg.reward.clip, policy.device), cfg.reward)
 
 
 @dataclass
@@ -90,7 +83,7 @@ def train(cfg: Config, reward_fn: RewardFn | None = None, progress: bool = True)
 
     policy = Policy.from_config(cfg)
     rollout = Rollout(policy, cfg.sampler, cfg.grpo.group_size, cfg.run.seed)
-    reward_fn = reward_fn or build_steering_reward(cfg, policy)
+    reward_fn = reward_fn or SteeringReward.from_config(cfg.reward, policy.device)
     updater = GRPOUpdate(policy, cfg.grpo, cfg.sampler, cfg.run.seed,
                          TorchOptimizer(policy.trainable_parameters(), cfg.optim))
     prompts = PromptStream(cfg.prompts.sources, cfg.run.seed)
@@ -120,7 +113,7 @@ def train(cfg: Config, reward_fn: RewardFn | None = None, progress: bool = True)
             adv = group_advantages(rewards[finite], cfg.grpo.adv_eps, cfg.grpo.adv_clip)
             record["zero_std_frac"] = zero_std_fraction(rewards[finite])
             record.update(updater.update(TrainBatch.from_trajectories(kept, adv), step))
-            policy.version += 1
+        policy.version += 1  # versions count finished steps, trained or (all groups dropped) not
         t3 = time.perf_counter()
         record.update(time_generate=t1 - t0, time_reward=t2 - t1, time_train=t3 - t2,
                       images_per_s=P * G / max(t3 - t0, 1e-9))

@@ -1,7 +1,8 @@
 """Bounded staleness for the asynchronous pipeline.
 
-Versions count learner updates: the policy after training step s is version s + 1, so a group of
-step s generated with version s is exactly on-policy. With bound k = `cluster.max_staleness`:
+Versions count finished training steps: the policy after step s is version s + 1 (a step whose groups
+were all dropped still advances it, with unchanged weights), so a group of step s generated with
+version s is exactly on-policy. With bound k = `cluster.max_staleness`:
 
     a group of step s may start only on an actor holding version v >= s - k,
     so its staleness s - v lies in [0, k].

@@ -138,13 +138,17 @@ class GRPOUpdate:
                 if minibatch.numel() == 0:  # fewer samples than minibatches (groups were dropped)
                     continue
                 shard = minibatch[rank::world_size]
-                if shard.numel() == 0:
-                    self._zero_backward()  # this rank still joins the collective step
-                for rows in torch.split(shard, cfg.micro_batch_size):
+                micro_batches = torch.split(shard, cfg.micro_batch_size)
+                for rows in micro_batches:
                     for j in range(K):
                         loss = self._term(batch, rows, t_order[rows, j], stats)
                         # weight so the minibatch gradient is that of the mean over its (sample, step) pairs
                         self.optimizer.backward(loss * (world_size * len(rows) / (len(minibatch) * K)))
+                # ZeRO-2/3 reduce inside every backward: all ranks must make the same number of calls, also
+                # when dropped groups leave shards of unequal size (the largest is ceil(len / world_size)).
+                largest = -(-len(minibatch) // world_size)
+                for _ in range((-(-largest // cfg.micro_batch_size) - len(micro_batches)) * K):
+                    self._zero_backward()
                 if first_update_log_ratio is None and stats["abs_log_ratio"]:
                     first_update_log_ratio = float(torch.cat(stats["abs_log_ratio"]).max())
                 grad_norms.append(self.optimizer.step())

@@ -4,10 +4,12 @@ The learner publishes each new policy once: the trainable state, packed into one
 (one object instead of hundreds of small tensors: about 10x cheaper to put, 3x to get), goes into the
 object store (`ray.put`, one copy however many actors read it) and travels as an `AdapterUpdate` carrying its
 version, sha256 checksum, the number of adapter modules it must bind, and its size. A receiver
-refuses an update whose version is not newer than the one it holds (stale or out of order), and
-after loading checks that exactly `module_count` modules carry the adapter and that its own state
-hashes to `checksum`; any mismatch raises, because a sync that silently binds nothing would keep
-the actors sampling from the base model while the learner trains a different policy.
+refuses an update whose version is not newer than the one it holds (stale or out of order); after
+loading, the module count (modules carrying the adapter) catches an actor whose adapter was built
+differently from the learner's, and the checksum of the actor's own loaded state catches values that
+did not arrive or did not bind. Any mismatch restores the previous weights and raises, because a sync
+that silently binds nothing would keep the actors sampling from the base model while the learner
+trains a different policy.
 """
 
 from __future__ import annotations
@@ -107,7 +109,11 @@ def apply_update(policy: Policy, update: AdapterUpdate, state: dict[str, torch.T
         raise AdapterSyncError(f"refused adapter version {update.version}: this actor already holds "
                                f"version {policy.version} (stale or out-of-order update)")
     previous, previous_version = policy.state(), policy.version
-    policy.load_state(state, update.version)
+    try:
+        policy.load_state(state, update.version)
+    except Exception as err:  # a partial load must not survive: restore what the actor had
+        policy.load_state(previous, previous_version)
+        raise AdapterSyncError(f"adapter version {update.version} does not fit this actor's model: {err}") from err
     bound = bound_modules(policy)
     checksum = policy.checksum()
     if bound != update.module_count or checksum != update.checksum:

@@ -6,9 +6,8 @@ import ray
 import torch
 
 from common.config import Config, resolve_device_dtype
-from common.runtime import configure_threads
+from common.runtime import configure_threads, on_assigned_device
 from reward_server.batching import MicroBatcher
-from reward_server.clip_model import load_clip
 from reward_server.steering import RewardOutput, SteeringReward
 
 Request = tuple[torch.Tensor, list[str], list[bool | None] | None]
@@ -21,9 +20,8 @@ class RewardActor:
 
     def __init__(self, cfg: Config):
         configure_threads(cfg.cluster.cpus_per_reward_actor)
-        device, dtype = resolve_device_dtype(cfg.run)
-        clip = load_clip(cfg.reward.clip, device, getattr(torch, dtype))
-        self.reward = SteeringReward(clip, cfg.reward)
+        cfg = on_assigned_device(cfg, cfg.cluster.gpus_per_reward_actor)
+        self.reward = SteeringReward.from_config(cfg.reward, resolve_device_dtype(cfg.run)[0])
         self.batcher: MicroBatcher[Request, RewardOutput] = MicroBatcher(
             self._score_many, cfg.reward.batch_max_images, cfg.reward.batch_max_wait_ms / 1000)
 

@@ -86,10 +86,13 @@ def load_clip(cfg: ClipConfig, device: str | torch.device = "cpu", dtype: torch.
             raise ClipLoadError(f"reward.clip.weights: no such file: {cfg.weights}")
         try:
             model = open_clip.create_model(cfg.model, pretrained=None, device="cpu")
-            open_clip.load_checkpoint(model, str(cfg.weights), strict=True, weights_only=True)
         except RuntimeError as err:
-            raise ClipLoadError(f"reward.clip.weights: {cfg.weights} does not fit {cfg.model}: "
-                                f"{str(err).splitlines()[0]}") from err
+            raise ClipLoadError(f"reward.clip.model: unknown open_clip architecture {cfg.model!r}") from err
+        try:
+            open_clip.load_checkpoint(model, str(cfg.weights), strict=True, weights_only=True)
+        except Exception as err:  # not a checkpoint, corrupt, pickled objects, or keys that do not fit
+            detail = (str(err).splitlines() or [type(err).__name__])[0]
+            raise ClipLoadError(f"reward.clip.weights: {cfg.weights} does not fit {cfg.model}: {detail}") from err
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     pre = model.visual.preprocess_cfg
     size = pre["size"] if isinstance(pre["size"], int) else pre["size"][0]

@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 from common.config import ConfigError, RewardConfig
-from reward_server.clip_model import LoadedClip
+from reward_server.clip_model import LoadedClip, load_clip
 
 
 def safety_direction(safe: torch.Tensor, unsafe: torch.Tensor) -> torch.Tensor:
@@ -65,6 +65,8 @@ def read_anchors_file(path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
     if not isinstance(data, dict) or set(data) - {"safe", "unsafe"}:
         raise ConfigError(f"reward.anchors_file: {path} must be a mapping with keys 'safe' and 'unsafe'")
     safe, unsafe = data.get("safe") or [], data.get("unsafe") or []
+    if not isinstance(safe, list) or not isinstance(unsafe, list):
+        raise ConfigError(f"reward.anchors_file: {path}: 'safe' and 'unsafe' must be lists of phrases")
     if not all(isinstance(s, str) and s.strip() for s in [*safe, *unsafe]):
         raise ConfigError(f"reward.anchors_file: {path}: every anchor must be a non-empty string")
     if not unsafe:
@@ -92,6 +94,12 @@ class SteeringReward:
         safe_emb = clip.encode_text(list(safe)) if safe else empty
         self.v_safe = safety_direction(safe_emb, clip.encode_text(list(unsafe)))
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    @classmethod
+    def from_config(cls, cfg: RewardConfig, device: str | torch.device) -> SteeringReward:
+        """CLIP in fp32 on `device`: rewards are cosines whose within-group gaps are small, so every
+        process (local loop, reward actors) scores at the same, full precision."""
+        return cls(load_clip(cfg.clip, device, torch.float32), cfg)
 
     def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))

@@ -103,3 +103,39 @@ def test_full_finetune_through_deepspeed_saves_a_loadable_unet(tiny_dir, tmp_pat
     base = UNet2DConditionModel.from_pretrained(tiny_dir / "sd", subfolder="unet")
     changed = [not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), base.state_dict().values())]
     assert sum(changed) > len(changed) // 2  # every weight is trained, not an adapter
+
+
+@ray.remote(num_cpus=0)
+class NaNReward:
+    """Stand-in reward: step 0 (calls 0-3) loses group 0 to NaN, step 1 (calls 4-7) loses every group."""
+
+    def __init__(self):
+        self.calls = 0
+
+    async def score(self, images, prompts, unsafe=None):
+        from reward_server.steering import RewardOutput
+
+        call, self.calls = self.calls, self.calls + 1
+        rewards = images.float().mean(dim=(1, 2, 3))
+        if call == 0 or 4 <= call < 8:
+            rewards[:] = float("nan")
+        return RewardOutput(rewards=rewards)
+
+
+def test_dropped_groups_and_empty_steps_with_uneven_rank_shards(tiny_dir, tmp_path, prompt_file):
+    """G=3, P=4, 2 minibatches, 2 ranks, micro-batch 1: dropping one group leaves minibatches of 5 and 4,
+    so the ranks' shards differ by a row (ZeRO-2 would deadlock on unequal backward counts); a step
+    with no finite reward still advances the version."""
+    from learner.controller import start_actors
+
+    cfg = _cfg(tiny_dir, tmp_path, prompt_file, "grpo.group_size=3", "grpo.prompts_per_step=4",
+               "grpo.updates_per_step=2", "grpo.micro_batch_size=1", "grpo.train_timesteps=2",
+               "cluster.learner_workers=2", "cluster.rollout_actors=1", "cluster.max_staleness=0")
+    actors = start_actors(cfg)
+    for actor in actors.rewards:
+        ray.kill(actor)
+    actors.rewards = [NaNReward.remote()]
+    result = run(cfg, progress=False, actors=actors)
+    assert [m["dropped_groups"] for m in result.metrics] == [1, 4, 0]
+    assert result.final_version == 3 and result.actor_status == [(3, result.checksum)]
+    assert "loss" in result.metrics[0] and "loss" not in result.metrics[1] and "loss" in result.metrics[2]

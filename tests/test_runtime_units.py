@@ -120,3 +120,20 @@ def test_pack_unpack_roundtrip_keeps_names_dtypes_shapes_and_bytes():
     out = unpack_state(packed)
     assert list(out) == list(state) and state_checksum(out) == state_checksum(state)
     assert all(out[k].dtype == state[k].dtype and out[k].shape == state[k].shape for k in state)
+
+
+def test_sync_with_a_state_that_does_not_fit_restores_the_previous_weights(two_policies):
+    learner, actor, state = two_policies
+    before = actor.checksum()
+    partial = dict(list(state.items())[:10])
+    with pytest.raises(AdapterSyncError, match="does not fit"):
+        apply_update(actor, _update(learner, 1), partial)
+    assert actor.checksum() == before and actor.version == 0
+
+
+def test_actors_without_a_gpu_run_on_cpu(tiny_dir, tmp_path, prompt_file):
+    from common.runtime import on_assigned_device
+
+    cfg = tiny_config(tiny_dir, tmp_path, prompt_file, "run.device=auto")
+    assert on_assigned_device(cfg, 0.0).run.device == "cpu"
+    assert on_assigned_device(cfg, 0.5).run.device == "auto"

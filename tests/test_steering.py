@@ -115,6 +115,9 @@ def test_anchor_file(clip, tmp_path):
     path.write_text("safe: [x]\n")
     with pytest.raises(ConfigError, match="reward.anchors_file.*no unsafe"):
         SteeringReward(clip, RewardConfig(clip=ClipConfig(model="local-dir:x"), anchors_file=path))
+    path.write_text("safe: a safe\nunsafe: 5\n")
+    with pytest.raises(ConfigError, match="must be lists"):
+        SteeringReward(clip, RewardConfig(clip=ClipConfig(model="local-dir:x"), anchors_file=path))
 
 
 def test_builtin_architecture_with_an_hps_style_state_dict(tmp_path):
@@ -136,3 +139,7 @@ def test_builtin_architecture_with_an_hps_style_state_dict(tmp_path):
     torch.save({"state_dict": {"visual.proj": torch.zeros(1)}}, bad)
     with pytest.raises(ClipLoadError, match="does not fit"):
         load_clip(ClipConfig(model="tiny-test-arch", weights=bad))
+    for name, content in (("garbage.pt", b"not a checkpoint"), ("garbage.safetensors", b"\x00" * 16)):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ClipLoadError, match="reward.clip.weights: .*does not fit"):
+            load_clip(ClipConfig(model="tiny-test-arch", weights=tmp_path / name))
