@@ -221,7 +221,8 @@ def run(cfg: Config, address: str | None = None, progress: bool = True, actors: 
                       "cos_safe_mean": _mean_of([s.cos_safe for s in scored]),
                       "staleness_max": max(staleness), "staleness_mean": sum(staleness) / len(staleness),
                       "groups_in_flight": groups_in_flight, "time_wait_rollouts": t_wait - t0,
-                      "time_generate_mean": sum(i["generate_s"] for i in infos) / len(infos)}
+                      "time_generate_mean": sum(i["generate_s"] for i in infos) / len(infos),
+                      "time_reward_batch_mean": sum(s.seconds or 0.0 for s in scored) / len(scored)}
             if finite.any():
                 kept = [ref for ref, ok in zip(current.trajectories, finite.tolist()) if ok]
                 advantages = group_advantages(rewards[finite], cfg.grpo.adv_eps, cfg.grpo.adv_clip)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import ray
 import torch
 
@@ -26,6 +28,7 @@ class RewardActor:
             self._score_many, cfg.reward.batch_max_images, cfg.reward.batch_max_wait_ms / 1000)
 
     def _score_many(self, requests: list[Request]) -> list[RewardOutput]:
+        start = time.perf_counter()
         images = torch.cat([r[0] for r in requests])
         prompts = [p for r in requests for p in r[1]]
         labels = None
@@ -35,7 +38,8 @@ class RewardActor:
         sizes = [r[0].shape[0] for r in requests]
         parts = [torch.split(t, sizes) if t is not None else [None] * len(sizes)
                  for t in (out.rewards, out.cos_prompt, out.cos_safe)]
-        return [RewardOutput(*fields) for fields in zip(*parts)]
+        seconds = time.perf_counter() - start
+        return [RewardOutput(*fields, seconds=seconds) for fields in zip(*parts)]
 
     async def score(self, images: torch.Tensor, prompts: list[str],
                     unsafe: list[bool | None] | None = None) -> RewardOutput:

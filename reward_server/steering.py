@@ -79,6 +79,7 @@ class RewardOutput:
     rewards: torch.Tensor                  # [N] the reward
     cos_prompt: torch.Tensor | None = None  # [N] cos(E_I, E_T(p)): alignment with the prompt alone
     cos_safe: torch.Tensor | None = None    # [N] cos(E_I, v_safe): how far along the safety direction
+    seconds: float | None = None            # wall time of the CLIP batch that scored these images
 
 
 class SteeringReward:
