@@ -164,6 +164,13 @@ class ClusterConfig(_Strict):
     max_staleness: int = Field(0, ge=0, description="Policy versions a rollout may lag the learner (0 = on-policy).")
 
 
+class StoreConfig(_Strict):
+    url: str | None = Field(None, description="redis:// or rediss:// URL with password for the run store; unset: "
+                            "$SAFEDIFF_REDIS_URL, else an embedded redis-server on 127.0.0.1 under the run dir.")
+    lease_ttl_s: float = Field(30.0, gt=1, description="Run lease TTL: a dead job's run id is free after this long.")
+    metrics_maxlen: int = Field(10_000, ge=10, description="Step records kept in the Redis metrics stream.")
+
+
 class Config(_Strict):
     run: RunConfig = Field(default_factory=RunConfig, description="Run identity, length, device and outputs.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The diffusion model and what is trained.")
@@ -174,6 +181,7 @@ class Config(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimiser.")
     prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Training prompts.")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Distributed topology.")
+    store: StoreConfig = Field(default_factory=StoreConfig, description="Redis run store (lease, state, events).")
 
     @model_validator(mode="after")
     def _cross_section(self) -> Config:

@@ -25,12 +25,14 @@ from tqdm import tqdm
 
 from actors.rollout_actor import RolloutActor
 from common.config import Config, ConfigError
+from common.metrics import MetricsLog
 from common.prompts import PromptStream
+from common.run_store import RunStore
 from common.telemetry import RayRunMetrics
 from common.types import PromptGroup
 from learner.engine import LearnerWorker
 from learner.grpo import group_advantages, zero_std_fraction
-from learner.local import TrainResult, close_run, open_run, save_checkpoint
+from learner.local import TrainResult, close_run, save_checkpoint, tracked_run
 from learner.staleness import StalenessGate
 from learner.weight_sync import AdapterSyncError, AdapterUpdate, SyncReport, fetch_state
 from reward_server.actor import RewardActor
@@ -178,7 +180,12 @@ def _launch(actors: Actors, groups: list[PromptGroup], G: int) -> StepRollout:
 def run(cfg: Config, address: str | None = None, progress: bool = True, actors: Actors | None = None) -> TrainResult:
     """Train with the Ray runtime; outputs as the single-process loop (`learner.local.train`).
     `actors` replaces the actors built from the config (benchmarks pass no-op stand-ins)."""
-    metrics = open_run(cfg)
+    with tracked_run(cfg) as (metrics, store):
+        return _run(cfg, metrics, store, address, progress, actors)
+
+
+def _run(cfg: Config, metrics: MetricsLog, store: RunStore, address: str | None, progress: bool,
+         actors: Actors | None) -> TrainResult:
     run_dir = metrics.path.parent
     start_ray(cfg, address)
     check_resources(cfg, ray.cluster_resources())
@@ -245,13 +252,14 @@ def run(cfg: Config, address: str | None = None, progress: bool = True, actors: 
                           actor_idle_frac=max(0.0, 1 - busy_actor_s / (len(actors.rollouts) * elapsed)))
             metrics.write(record)
             ray_metrics.record(record)
+            store.record_step(step, version_sent, prompts.state_dict(), record)
             if (step + 1) % cfg.run.save_every == 0 and step + 1 < steps:
                 save_checkpoint(fetch_state(update), cfg, run_dir / "checkpoints" / f"step_{step + 1}",
-                                step + 1, update.version, unet_config)
+                                step + 1, update.version, unet_config, store)
         syncs.check(block=True)
         actor_status = ray.get([a.status.remote() for a in actors.rollouts])
         checksum = save_checkpoint(fetch_state(update), cfg, run_dir / "adapter", steps, update.version,
-                                   unet_config)
+                                   unet_config, store)
     finally:
         actors.kill()
     return TrainResult(run_dir=run_dir, metrics=close_run(cfg, metrics), checksum=checksum,

@@ -8,9 +8,12 @@ and adapter/ (diffusers LoRA format), reward_curve.png.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -24,6 +27,7 @@ from common.lora import save_trainable_state, state_checksum
 from common.metrics import MetricsLog, plot_reward_curve, read_metrics
 from common.policy import Policy
 from common.prompts import PromptStream
+from common.run_store import RunStore, open_run_store
 from learner.grpo import group_advantages, zero_std_fraction
 from learner.update import GRPOUpdate, TorchOptimizer, TrainBatch
 from reward_server.steering import RewardOutput, SteeringReward
@@ -51,23 +55,40 @@ def _mean(t: torch.Tensor | None) -> float | None:
 
 
 def save_checkpoint(state: dict[str, torch.Tensor], cfg: Config, out_dir: Path, step: int, version: int,
-                    unet_config: dict | None = None) -> str:
-    """Weights (diffusers format) + the config that produced them + step/version/checksum."""
+                    unet_config: dict | None = None, store: RunStore | None = None) -> str:
+    """Weights (diffusers format) + the config that produced them + step/version/checksum; the files'
+    sha256 go to the run store's manifest. Returns the weights' checksum."""
     save_trainable_state(state, cfg.model.finetune, cfg.lora, out_dir, unet_config)
     (out_dir / "config.yaml").write_text(dump_config(cfg))
     checksum = state_checksum(state)
     (out_dir / "state.json").write_text(json.dumps(
         {"step": step, "policy_version": version, "checksum": checksum, "finetune": cfg.model.finetune}))
+    if store is not None:
+        files = {str(p.relative_to(out_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+                 for p in sorted(out_dir.rglob("*")) if p.is_file()}
+        store.add_checkpoint(out_dir, step, version, files)
     return checksum
 
 
-def open_run(cfg: Config) -> MetricsLog:
-    """Create <output_dir>/<name>, write the resolved config there and start a fresh metrics.jsonl."""
+@contextlib.contextmanager
+def tracked_run(cfg: Config) -> Iterator[tuple[MetricsLog, RunStore]]:
+    """The run directory and its run store, with the run's lease held (a second job on the same run id is
+    refused before it touches any file); writes the resolved config and starts a fresh metrics.jsonl;
+    the store's status ends as 'finished', or 'failed' if the body raises."""
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    return MetricsLog(run_dir / "metrics.jsonl")
+    s = cfg.store
+    with open_run_store(s.url, cfg.run.name, run_dir, s.lease_ttl_s, s.metrics_maxlen) as store:
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        store.begin(dump_config(cfg))
+        try:
+            yield MetricsLog(run_dir / "metrics.jsonl"), store
+        except BaseException as err:
+            store.finish("failed")
+            store.event("error", message=f"{type(err).__name__}: {err}"[:2000])
+            raise
+        store.finish("finished")
 
 
 def close_run(cfg: Config, metrics: MetricsLog) -> list[dict]:
@@ -78,7 +99,12 @@ def close_run(cfg: Config, metrics: MetricsLog) -> list[dict]:
 
 
 def train(cfg: Config, reward_fn: RewardFn | None = None, progress: bool = True) -> TrainResult:
-    metrics = open_run(cfg)
+    with tracked_run(cfg) as (metrics, store):
+        return _train(cfg, metrics, store, reward_fn, progress)
+
+
+def _train(cfg: Config, metrics: MetricsLog, store: RunStore, reward_fn: RewardFn | None,
+           progress: bool) -> TrainResult:
     run_dir = metrics.path.parent
 
     policy = Policy.from_config(cfg)
@@ -118,13 +144,14 @@ def train(cfg: Config, reward_fn: RewardFn | None = None, progress: bool = True)
         record.update(time_generate=t1 - t0, time_reward=t2 - t1, time_train=t3 - t2,
                       images_per_s=P * G / max(t3 - t0, 1e-9))
         metrics.write(record)
+        store.record_step(step, policy.version, prompts.state_dict(), record)
         bar.set_postfix(reward=f"{record['reward_mean']:.4f}" if record["reward_mean"] is not None else "nan",
                         kl=f"{record.get('approx_kl', 0):.2e}")
         if (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.run.steps:
             save_checkpoint(policy.state(), cfg, run_dir / "checkpoints" / f"step_{step + 1}", step + 1,
-                            policy.version, policy.unet.config)
+                            policy.version, policy.unet.config, store)
 
     checksum = save_checkpoint(policy.state(), cfg, run_dir / "adapter", cfg.run.steps, policy.version,
-                               policy.unet.config)
+                               policy.unet.config, store)
     return TrainResult(run_dir=run_dir, metrics=close_run(cfg, metrics), checksum=checksum,
                        final_version=policy.version)

@@ -106,6 +106,6 @@ def test_cli_train_writes_metrics_checkpoints_and_plot(tiny_dir, tmp_path, promp
 
 def test_cli_bad_input_is_one_line(tmp_path, tiny_dir):
     cmd = [sys.executable, "-m", "common.cli", "train", "--config", str(REPO / "deploy/configs/cpu_demo.yaml"),
-           f"model.pretrained={tmp_path / 'missing'}"]
+           f"model.pretrained={tmp_path / 'missing'}", f"run.output_dir={tmp_path / 'runs'}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 2 and "model.pretrained" in proc.stderr and "Traceback" not in proc.stderr

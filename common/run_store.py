@@ -1,0 +1,215 @@
+"""The run store: one run's durable state in Redis.
+
+Keys, all under `safediff:<run id>:` (the run id is `run.name`):
+    config, config_hash   the resolved YAML and its sha256
+    status                running | finished | failed
+    lease                 owner token, with a TTL renewed by a heartbeat thread; a second job on the
+                          same run id is refused while it is held, and a dead holder's lease expires
+    step, version, cursor last finished step, policy version, prompt cursor (JSON)
+    manifest              list of checkpoints (JSON: path, step, version, sha256 of each file)
+    metrics               stream of step records, capped at `store.metrics_maxlen`
+    events                stream of what happened (started, checkpoint written, finished, ...)
+
+Redis unreachable at start is an error naming `store.url`. If it goes away mid-run, training goes on:
+each write is queued, in order, and replayed when Redis answers again; the outage is logged once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from common.errors import UserInputError
+
+log = logging.getLogger(__name__)
+URL_ENV = "SAFEDIFF_REDIS_URL"
+_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
+
+
+class RunStoreError(UserInputError, RuntimeError):
+    """Redis cannot be used as configured (unreachable, wrong password)."""
+
+
+class LeaseHeld(RunStoreError):
+    """Another live job holds this run id."""
+
+
+def _connect(url: str) -> redis.Redis:
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, decode_responses=True)
+    where = url.rsplit("@", 1)[-1]  # never print the password
+    try:
+        client.ping()
+    except redis.AuthenticationError as err:
+        raise RunStoreError(f"store.url: Redis at {where} refused the password ({err})") from err
+    except redis.ResponseError as err:
+        raise RunStoreError(f"store.url: Redis at {where} answered {err} (is a password needed?)") from err
+    except _UNAVAILABLE as err:
+        raise RunStoreError(f"store.url: cannot reach Redis at {where} ({err})") from err
+    return client
+
+
+class RunStore:
+    def __init__(self, url: str, run_id: str, lease_ttl_s: float = 30.0, metrics_maxlen: int = 10_000):
+        self.client = _connect(url)
+        self.run_id, self.lease_ttl_ms, self.metrics_maxlen = run_id, int(lease_ttl_s * 1000), metrics_maxlen
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._pending: deque[list[tuple[str, tuple]]] = deque()
+        self._lock = threading.Lock()
+        self._outage = False
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    def key(self, name: str) -> str:
+        return f"safediff:{self.run_id}:{name}"
+
+    # -- lease ---------------------------------------------------------------------------------
+
+    def acquire_lease(self) -> None:
+        if not self.client.set(self.key("lease"), self.owner, nx=True, px=self.lease_ttl_ms):
+            holder = self.client.get(self.key("lease"))
+            raise LeaseHeld(f"run '{self.run_id}' is already being trained by {holder}; choose another run.name, "
+                            f"stop that job, or wait: a dead job's lease expires within "
+                            f"{self.lease_ttl_ms / 1000:g} s")
+        self._stop.clear()
+        self._heartbeat = threading.Thread(target=self._renew_loop, name="run-store-lease", daemon=True)
+        self._heartbeat.start()
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.lease_ttl_ms / 3000):
+            with contextlib.suppress(*_UNAVAILABLE):
+                self.client.eval(_RENEW, 1, self.key("lease"), self.owner, self.lease_ttl_ms)
+                self.flush()
+
+    def release_lease(self) -> None:
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=5)
+            self._heartbeat = None
+        with contextlib.suppress(*_UNAVAILABLE):
+            if self.client.get(self.key("lease")) == self.owner:
+                self.client.delete(self.key("lease"))
+
+    # -- buffered writes -----------------------------------------------------------------------
+
+    def _write(self, *commands: tuple[str, tuple]) -> None:
+        """Queue one atomic group of commands and try to flush the queue."""
+        with self._lock:
+            self._pending.append(list(commands))
+        self.flush()
+
+    def flush(self) -> bool:
+        """Replay queued writes in order; returns True when nothing is left queued."""
+        with self._lock:
+            while self._pending:
+                group = self._pending[0]
+                try:
+                    pipe = self.client.pipeline(transaction=True)
+                    for name, args in group:
+                        getattr(pipe, name)(*args)
+                    pipe.execute()
+                except _UNAVAILABLE as err:
+                    if not self._outage:
+                        log.warning("run store: Redis unreachable (%s); buffering writes until it is back", err)
+                        self._outage = True
+                    return False
+                self._pending.popleft()
+            if self._outage:
+                log.warning("run store: Redis is back; buffered writes replayed")
+                self._outage = False
+            return True
+
+    @property
+    def pending_writes(self) -> int:
+        return len(self._pending)
+
+    # -- what a run writes ---------------------------------------------------------------------
+
+    def begin(self, config_yaml: str) -> str:
+        digest = hashlib.sha256(config_yaml.encode()).hexdigest()
+        self._write(("set", (self.key("config"), config_yaml)), ("set", (self.key("config_hash"), digest)),
+                    ("set", (self.key("status"), "running")))
+        self.event("started", owner=self.owner, config_hash=digest)
+        return digest
+
+    def record_step(self, step: int, version: int, cursor: dict, metrics: dict[str, Any]) -> None:
+        fields = {k: json.dumps(v) for k, v in metrics.items()}
+        self._write(("set", (self.key("step"), step)), ("set", (self.key("version"), version)),
+                    ("set", (self.key("cursor"), json.dumps(cursor))),
+                    ("xadd", (self.key("metrics"), fields, "*", self.metrics_maxlen, True)))
+
+    def event(self, kind: str, **fields: Any) -> None:
+        payload = {"kind": kind, **{k: json.dumps(v) for k, v in fields.items()}}
+        self._write(("xadd", (self.key("events"), payload)))
+
+    def add_checkpoint(self, path: str | Path, step: int, version: int, files: dict[str, str]) -> None:
+        entry = {"path": str(path), "step": step, "version": version, "sha256": files}
+        self._write(("rpush", (self.key("manifest"), json.dumps(entry))))
+        self.event("checkpoint_written", path=str(path), step=step)
+
+    def finish(self, status: str) -> None:
+        self._write(("set", (self.key("status"), status)))
+        self.event(status)
+
+    # -- reading back --------------------------------------------------------------------------
+
+    def manifest(self) -> list[dict]:
+        return [json.loads(e) for e in self.client.lrange(self.key("manifest"), 0, -1)]
+
+    def events(self) -> list[dict]:
+        return [{"kind": f["kind"], **{k: json.loads(v) for k, v in f.items() if k != "kind"}}
+                for _, f in self.client.xrange(self.key("events"))]
+
+    def metrics(self) -> list[dict]:
+        return [{k: json.loads(v) for k, v in f.items()} for _, f in self.client.xrange(self.key("metrics"))]
+
+    def status(self) -> str | None:
+        return self.client.get(self.key("status"))
+
+
+@contextlib.contextmanager
+def open_run_store(url: str | None, run_id: str, run_dir: Path, lease_ttl_s: float = 30.0,
+                   metrics_maxlen: int = 10_000) -> Iterator[RunStore]:
+    """The run's store, its lease held. With no URL (nor $SAFEDIFF_REDIS_URL) a real redis-server is started on
+    127.0.0.1 with a generated password and its data under <run_dir>/redis; a second job on the same run
+    directory attaches to that server (and is refused by the lease) instead of starting another."""
+    from common.redis_server import EmbeddedRedis
+
+    url = url or os.environ.get(URL_ENV)
+    server = None
+    if url is None:
+        info = run_dir / "redis" / "server.json"
+        if info.is_file():
+            with contextlib.suppress(RunStoreError, ValueError, KeyError):
+                known = json.loads(info.read_text())
+                _connect(known["url"])
+                url = known["url"]
+        if url is None:
+            server = EmbeddedRedis(run_dir / "redis").start()
+            url = server.url
+            info.write_text(json.dumps({"url": url}))
+            info.chmod(0o600)
+    try:
+        store = RunStore(url, run_id, lease_ttl_s, metrics_maxlen)
+        store.acquire_lease()
+        try:
+            yield store
+        finally:
+            store.flush()
+            store.release_lease()
+    finally:
+        if server is not None:
+            server.stop()
+            (run_dir / "redis" / "server.json").unlink(missing_ok=True)

