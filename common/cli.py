@@ -15,6 +15,7 @@ from pathlib import Path
 
 from common.config import ConfigError, dump_config, load_config
 from common.errors import UserInputError
+from common.run_store import Interrupted
 
 
 def _load(args: argparse.Namespace):
@@ -25,7 +26,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from learner.local import train
 
     cfg = _load(args)
-    result = train(cfg)
+    result = train(cfg, resume=args.resume)
     last = result.metrics[-1]
     print(f"run dir: {result.run_dir}")
     print(f"steps: {len(result.metrics)}  final reward_mean: {last['reward_mean']}  adapter sha256: {result.checksum}")
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, default=None, help="YAML config (defaults when omitted)")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the file")
         p.set_defaults(func=func)
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="continue this run (run.name) from its newest "
+                           "complete checkpoint")
         if name == "run":
             p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a "
                            "local Ray started on 127.0.0.1)")
@@ -93,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

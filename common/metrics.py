@@ -20,6 +20,12 @@ class MetricsLog:
             f.write(json.dumps(clean) + "\n")
 
 
+    def truncate(self, before_step: int) -> None:
+        """Keep only the records of steps < before_step (a resumed run recomputes the rest)."""
+        kept = [r for r in read_metrics(self.path) if r["step"] < before_step] if self.path.is_file() else []
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines if line.strip()]

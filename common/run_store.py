@@ -43,6 +43,10 @@ class RunStoreError(UserInputError, RuntimeError):
     """Redis cannot be used as configured (unreachable, wrong password)."""
 
 
+class Interrupted(Exception):
+    """SIGTERM/SIGINT: the run stopped after a checkpoint it can be resumed from."""
+
+
 class LeaseHeld(RunStoreError):
     """Another live job holds this run id."""
 

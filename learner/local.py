@@ -12,6 +12,8 @@ import contextlib
 import hashlib
 import json
 import logging
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,7 +29,8 @@ from common.lora import save_trainable_state, state_checksum
 from common.metrics import MetricsLog, plot_reward_curve, read_metrics
 from common.policy import Policy
 from common.prompts import PromptStream
-from common.run_store import RunStore, open_run_store
+from common.run_store import Interrupted, RunStore, open_run_store
+from learner.checkpoint import load_latest, write_checkpoint
 from learner.grpo import group_advantages, zero_std_fraction
 from learner.update import GRPOUpdate, TorchOptimizer, TrainBatch
 from reward_server.steering import RewardOutput, SteeringReward
@@ -71,19 +74,23 @@ def save_checkpoint(state: dict[str, torch.Tensor], cfg: Config, out_dir: Path, 
 
 
 @contextlib.contextmanager
-def tracked_run(cfg: Config) -> Iterator[tuple[MetricsLog, RunStore]]:
+def tracked_run(cfg: Config, resume: bool = False) -> Iterator[tuple[MetricsLog, RunStore]]:
     """The run directory and its run store, with the run's lease held (a second job on the same run id is
-    refused before it touches any file); writes the resolved config and starts a fresh metrics.jsonl;
-    the store's status ends as 'finished', or 'failed' if the body raises."""
+    refused before it touches any file); writes the resolved config and starts a fresh metrics.jsonl
+    (kept when resuming); the store's status ends 'finished', 'interrupted' or 'failed'."""
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     s = cfg.store
     with open_run_store(s.url, cfg.run.name, run_dir, s.lease_ttl_s, s.metrics_maxlen) as store:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        if not resume:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         store.begin(dump_config(cfg))
         try:
             yield MetricsLog(run_dir / "metrics.jsonl"), store
+        except Interrupted:
+            store.finish("interrupted")
+            raise
         except BaseException as err:
             store.finish("failed")
             store.event("error", message=f"{type(err).__name__}: {err}"[:2000])
@@ -98,24 +105,66 @@ def close_run(cfg: Config, metrics: MetricsLog) -> list[dict]:
     return records
 
 
-def train(cfg: Config, reward_fn: RewardFn | None = None, progress: bool = True) -> TrainResult:
-    with tracked_run(cfg) as (metrics, store):
-        return _train(cfg, metrics, store, reward_fn, progress)
+@contextlib.contextmanager
+def stop_requests() -> Iterator[list[int]]:
+    """Turn SIGTERM/SIGINT into a request (the list gets the signal number) that the loop honours after
+    the current step, with a checkpoint; a second signal interrupts at once."""
+    requested: list[int] = []
+
+    def handler(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+        log.warning("signal %d: stopping after this step with a checkpoint (again to stop now)", signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield requested
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def train(cfg: Config, reward_fn: RewardFn | None = None, progress: bool = True, resume: bool = False) -> TrainResult:
+    """`resume`: continue from the newest complete checkpoint of this run (from step 0 if there is none)."""
+    with tracked_run(cfg, resume) as (metrics, store), stop_requests() as stop:
+        return _train(cfg, metrics, store, reward_fn, progress, resume, stop)
 
 
 def _train(cfg: Config, metrics: MetricsLog, store: RunStore, reward_fn: RewardFn | None,
-           progress: bool) -> TrainResult:
+           progress: bool, resume: bool, stop: list[int]) -> TrainResult:
     run_dir = metrics.path.parent
 
     policy = Policy.from_config(cfg)
     rollout = Rollout(policy, cfg.sampler, cfg.grpo.group_size, cfg.run.seed)
     reward_fn = reward_fn or SteeringReward.from_config(cfg.reward, policy.device)
-    updater = GRPOUpdate(policy, cfg.grpo, cfg.sampler, cfg.run.seed,
-                         TorchOptimizer(policy.trainable_parameters(), cfg.optim))
+    optimizer = TorchOptimizer(policy.trainable_parameters(), cfg.optim)
+    updater = GRPOUpdate(policy, cfg.grpo, cfg.sampler, cfg.run.seed, optimizer)
     prompts = PromptStream(cfg.prompts.sources, cfg.run.seed)
     P, G = cfg.grpo.prompts_per_step, cfg.grpo.group_size
+    start = 0
+    checkpoint = load_latest(run_dir, cfg.model.finetune, store) if resume else None
+    if checkpoint is not None:
+        policy.load_state(checkpoint.weights, checkpoint.version)
+        optimizer.load_state_dict(checkpoint.optimizer)
+        prompts.load_state_dict(checkpoint.cursor)
+        torch.set_rng_state(checkpoint.rng)
+        start = checkpoint.step
+        metrics.truncate(start)
+        store.event("resumed", step=start, path=str(checkpoint.path))
+        log.info("resuming %s from %s (step %d)", cfg.run.name, checkpoint.path, start)
+    elif resume:
+        log.warning("no complete checkpoint in %s: starting from step 0", run_dir / "checkpoints")
 
-    bar = tqdm(range(cfg.run.steps), desc="train", unit="step", disable=not progress)
+    def save(step: int) -> None:
+        write_checkpoint(run_dir, cfg, step, policy.version, policy.state(), optimizer.state_dict(),
+                         prompts.state_dict(), policy.unet.config, store)
+
+    bar = tqdm(range(start, cfg.run.steps), desc="train", unit="step", disable=not progress,
+               initial=start, total=cfg.run.steps)
     for step in bar:
         t0 = time.perf_counter()
         groups = prompts.next_groups(step, P)
@@ -147,11 +196,13 @@ def _train(cfg: Config, metrics: MetricsLog, store: RunStore, reward_fn: RewardF
         store.record_step(step, policy.version, prompts.state_dict(), record)
         bar.set_postfix(reward=f"{record['reward_mean']:.4f}" if record["reward_mean"] is not None else "nan",
                         kl=f"{record.get('approx_kl', 0):.2e}")
-        if (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.run.steps:
-            save_checkpoint(policy.state(), cfg, run_dir / "checkpoints" / f"step_{step + 1}", step + 1,
-                            policy.version, policy.unet.config, store)
+        if (step + 1) % cfg.run.save_every == 0 or step + 1 == cfg.run.steps or stop:
+            save(step + 1)
+        if stop and step + 1 < cfg.run.steps:
+            raise Interrupted(f"stopped by signal {stop[0]} after step {step}; checkpoint written: "
+                              f"resume with `safediff train --resume` and the same config")
 
     checksum = save_checkpoint(policy.state(), cfg, run_dir / "adapter", cfg.run.steps, policy.version,
-                               policy.unet.config, store)
+                               policy.unet.config)
     return TrainResult(run_dir=run_dir, metrics=close_run(cfg, metrics), checksum=checksum,
                        final_version=policy.version)

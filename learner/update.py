@@ -45,6 +45,12 @@ class TorchOptimizer:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
     def step(self) -> float:
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
