@@ -20,6 +20,10 @@ from common.types import PromptGroup, Trajectory
 from learner.weight_sync import AdapterUpdate, SyncReport, apply_update, fetch_state
 
 
+class ActorBehind(RuntimeError):
+    """This actor holds an older policy than the group needs (it restarted and has not been re-synced)."""
+
+
 @ray.remote
 class RolloutActor:
     def __init__(self, cfg: Config):
@@ -29,9 +33,12 @@ class RolloutActor:
         self.rollout = Rollout(self.policy, cfg.sampler, cfg.grpo.group_size, cfg.run.seed)
 
     @ray.method(num_returns=3)
-    def generate(self, group: PromptGroup) -> tuple[Trajectory, torch.Tensor, dict]:
+    def generate(self, group: PromptGroup, min_version: int = 0) -> tuple[Trajectory, torch.Tensor, dict]:
         """Three objects: the trajectory without images (for the learner), the images uint8 [G, 3, H, W]
-        (for the reward actor, by reference) and a small info dict (for the controller)."""
+        (for the reward actor, by reference) and a small info dict (for the controller). Refuses (ActorBehind)
+        when holding a policy older than `min_version`, the version the controller last sent."""
+        if self.policy.version < min_version:
+            raise ActorBehind(f"actor holds version {self.policy.version}, the group needs >= {min_version}")
         start = time.perf_counter()
         [trajectory] = self.rollout.generate([group])
         images = trajectory.images
@@ -43,6 +50,12 @@ class RolloutActor:
         state = fetch_state(update)
         checksum, bound = apply_update(self.policy, update, state)
         return SyncReport(update.version, checksum, bound, (time.perf_counter() - start) * 1000)
+
+    def resync(self, update: AdapterUpdate) -> SyncReport:
+        """Bring a (re)started actor up to `update`; a no-op report when it already holds that version."""
+        if self.policy.version >= update.version:
+            return SyncReport(self.policy.version, self.policy.checksum(), 0, 0.0)
+        return self.load_adapter(update)
 
     def status(self) -> tuple[int, str]:
         return self.policy.version, self.policy.checksum()

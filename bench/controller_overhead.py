@@ -33,12 +33,15 @@ class NoopRollout:
         self.version = 0
 
     @ray.method(num_returns=3)
-    def generate(self, group):
+    def generate(self, group, min_version=0):
         return None, torch.zeros(1, dtype=torch.uint8), {"policy_version": self.version, "generate_s": 0.0}
 
     def load_adapter(self, update):
         self.version = update.version
         return SyncReport(update.version, update.checksum, update.module_count, 0.0)
+
+    def resync(self, update):
+        return self.load_adapter(update) if update.version > self.version else SyncReport(self.version, "", 0, 0.0)
 
     def status(self):
         return self.version, ""
@@ -48,6 +51,9 @@ class NoopRollout:
 class NoopReward:
     async def score(self, images, prompts, unsafe=None):
         return RewardOutput(rewards=torch.rand(len(prompts)))
+
+    def batch_stats(self):
+        return {}
 
 
 @ray.remote(num_cpus=0)

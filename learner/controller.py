@@ -23,7 +23,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
-from actors.rollout_actor import RolloutActor
+from actors.rollout_actor import ActorBehind, RolloutActor
 from common.config import Config, ConfigError
 from common.metrics import MetricsLog
 from common.prompts import PromptStream
@@ -103,10 +103,11 @@ def start_actors(cfg: Config) -> Actors:
     c = cfg.cluster
     actors = Actors([], [], [], None)
     try:
-        actors.rollouts = [RolloutActor.options(num_cpus=c.cpus_per_rollout_actor, num_gpus=c.gpus_per_rollout_actor)
-                           .remote(cfg) for _ in range(c.rollout_actors)]
-        actors.rewards = [RewardActor.options(num_cpus=c.cpus_per_reward_actor, num_gpus=c.gpus_per_reward_actor)
-                          .remote(cfg) for _ in range(c.reward_actors)]
+        # rollout and reward actors come back after a crash; the controller re-syncs and retries (see _collect)
+        actors.rollouts = [RolloutActor.options(num_cpus=c.cpus_per_rollout_actor, num_gpus=c.gpus_per_rollout_actor,
+                                                max_restarts=-1).remote(cfg) for _ in range(c.rollout_actors)]
+        actors.rewards = [RewardActor.options(num_cpus=c.cpus_per_reward_actor, num_gpus=c.gpus_per_reward_actor,
+                                              max_restarts=-1).remote(cfg) for _ in range(c.reward_actors)]
         gpu = {"GPU": c.gpus_per_learner_worker} if c.gpus_per_learner_worker else {}
         actors.group = placement_group([{"CPU": c.cpus_per_learner_worker, **gpu}] * c.learner_workers,
                                        strategy="PACK")
@@ -139,6 +140,12 @@ class StepRollout:
     infos: list         # ObjectRef[dict] per group: policy version used, generate seconds
 
 
+# What a dead or restarted actor looks like from here: the task's actor died, an object its death lost,
+# or (ActorBehind) a restarted rollout actor that has not received the current adapter yet.
+LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.ObjectLostError,
+        ActorBehind)
+
+
 @dataclass
 class SyncTracker:
     """Sync reports still on their way back, checked against what the learner published."""
@@ -156,25 +163,74 @@ class SyncTracker:
             if len(ready) < len(refs):
                 still.append((update, refs))
                 continue
-            reports: list[SyncReport] = ray.get(refs)
-            for i, report in enumerate(reports):
+            reports: list[SyncReport] = []
+            for i, ref in enumerate(refs):
+                try:
+                    report = ray.get(ref)
+                except LOST:  # the actor died: it is re-synced before it generates again (see _collect)
+                    continue
                 if (report.version, report.checksum, report.modules_bound) != \
                         (update.version, update.checksum, update.module_count):
                     raise AdapterSyncError(f"rollout actor {i} reports {report} for published version "
                                            f"{update.version} ({update.checksum[:12]}, {update.module_count} modules)")
-            self.last_load_ms = max(r.load_ms for r in reports)
+                reports.append(report)
+            self.last_load_ms = max((r.load_ms for r in reports), default=self.last_load_ms)
         self.pending = still
 
 
-def _launch(actors: Actors, groups: list[PromptGroup], G: int) -> StepRollout:
+def _submit(actors: Actors, group: PromptGroup, G: int, slot: int, min_version: int) -> tuple:
+    """Generate on rollout actor `slot` (mod count) and score on reward actor `slot`: three references."""
+    trajectory, images, info = actors.rollouts[slot % len(actors.rollouts)].generate.remote(group, min_version)
+    reward = actors.rewards[slot % len(actors.rewards)].score.remote(images, [group.prompt] * G, [group.unsafe] * G)
+    return trajectory, reward, info
+
+
+def _launch(actors: Actors, groups: list[PromptGroup], G: int, min_version: int) -> StepRollout:
     out = StepRollout(groups, [], [], [])
     for i, group in enumerate(groups):
-        trajectory, images, info = actors.rollouts[i % len(actors.rollouts)].generate.remote(group)
-        reward = actors.rewards[i % len(actors.rewards)].score.remote(images, [group.prompt] * G, [group.unsafe] * G)
+        trajectory, reward, info = _submit(actors, group, G, i, min_version)
         out.trajectories.append(trajectory)
         out.rewards.append(reward)
         out.infos.append(info)
     return out
+
+
+def _wait_until_ready(actors: Actors, update: AdapterUpdate | None, timeout_s: float = 600.0) -> None:
+    """Wait for restarting actors to answer; a restarted rollout actor gets the current adapter first."""
+    deadline = time.monotonic() + timeout_s
+    calls = [lambda a=a: a.resync.remote(update) if update is not None else a.status.remote()
+             for a in actors.rollouts] + [lambda r=r: r.batch_stats.remote() for r in actors.rewards]
+    for call in calls:
+        while True:
+            try:
+                ray.get(call())
+                break
+            except ray.exceptions.ActorUnavailableError:  # restarting: Ray refuses calls until it is back
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+
+def _collect(actors: Actors, current: StepRollout, G: int, update: AdapterUpdate | None, version: int,
+             store: RunStore) -> tuple[list, list]:
+    """Rewards and infos of every group of a step. A group whose rollout or reward actor died is generated
+    again, exactly once, on the next actors (after re-syncing them): its noise is a function of (seed, step,
+    group, sample), so the retry is the same group, and it is counted and trained once."""
+    scored, infos = [], []
+    for i, group in enumerate(current.groups):
+        try:
+            reward, info = ray.get([current.rewards[i], current.infos[i]])
+        except LOST as err:
+            slot = i + 1
+            log.warning("step %d group %d lost (%s); retrying on rollout actor %d", group.step, i,
+                        type(err).__name__, slot % len(actors.rollouts))
+            store.event("group_retried", step=group.step, group=i, error=type(err).__name__)
+            _wait_until_ready(actors, update)
+            current.trajectories[i], current.rewards[i], current.infos[i] = _submit(actors, group, G, slot, version)
+            reward, info = ray.get([current.rewards[i], current.infos[i]])
+        scored.append(reward)
+        infos.append(info)
+    return scored, infos
 
 
 def run(cfg: Config, address: str | None = None, progress: bool = True, actors: Actors | None = None) -> TrainResult:
@@ -200,19 +256,18 @@ def _run(cfg: Config, metrics: MetricsLog, store: RunStore, address: str | None,
     P, G, steps = cfg.grpo.prompts_per_step, cfg.grpo.group_size, cfg.run.steps
     gate, syncs = StalenessGate(cfg.cluster.max_staleness, P), SyncTracker()
     inflight: dict[int, StepRollout] = {}
-    next_gen, version_sent = 0, 0
+    next_gen, version_sent, update = 0, 0, None
     images_done, idle_learner_s, busy_actor_s = 0, 0.0, 0.0
     t_start = time.perf_counter()
     try:
         for step in tqdm(range(steps), desc="train", unit="step", disable=not progress):
             t0 = time.perf_counter()
             while next_gen < steps and gate.may_start(next_gen, version_sent):
-                inflight[next_gen] = _launch(actors, prompts.next_groups(next_gen, P), G)
+                inflight[next_gen] = _launch(actors, prompts.next_groups(next_gen, P), G, version_sent)
                 next_gen += 1
             groups_in_flight = sum(len(r.groups) for r in inflight.values())
             current = inflight.pop(step)
-            scored = ray.get(current.rewards)  # the learner waits here for the step's rollouts
-            infos = ray.get(current.infos)
+            scored, infos = _collect(actors, current, G, update, version_sent, store)  # the learner waits here
             t_wait = time.perf_counter()
             idle_learner_s += t_wait - t0
             syncs.check(block=False)  # a failed adapter load surfaces here, before its stale groups do
@@ -257,6 +312,7 @@ def _run(cfg: Config, metrics: MetricsLog, store: RunStore, address: str | None,
                 save_checkpoint(fetch_state(update), cfg, run_dir / "checkpoints" / f"step_{step + 1}",
                                 step + 1, update.version, unet_config, store)
         syncs.check(block=True)
+        _wait_until_ready(actors, update)  # an actor that restarted after the last sync is brought up to date
         actor_status = ray.get([a.status.remote() for a in actors.rollouts])
         checksum = save_checkpoint(fetch_state(update), cfg, run_dir / "adapter", steps, update.version,
                                    unet_config, store)

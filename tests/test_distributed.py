@@ -121,6 +121,9 @@ class NaNReward:
             rewards[:] = float("nan")
         return RewardOutput(rewards=rewards)
 
+    def batch_stats(self):
+        return {}
+
 
 def test_dropped_groups_and_empty_steps_with_uneven_rank_shards(tiny_dir, tmp_path, prompt_file):
     """G=3, P=4, 2 minibatches, 2 ranks, micro-batch 1: dropping one group leaves minibatches of 5 and 4,
