@@ -80,6 +80,20 @@ def read_manifest(run_dir: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
+def export_weights(state: dict[str, torch.Tensor], cfg: Config, out_dir: Path, step: int, version: int,
+                    unet_config: dict | None = None, store: RunStore | None = None) -> str:
+    """Weights (diffusers format) + the config that produced them + step/version/checksum, loadable by a
+    stock pipeline; with `store`, the files' sha256 go to the run store's manifest. Returns the checksum."""
+    save_trainable_state(state, cfg.model.finetune, cfg.lora, out_dir, unet_config)
+    (out_dir / "config.yaml").write_text(dump_config(cfg))
+    checksum = state_checksum(state)
+    (out_dir / "state.json").write_text(json.dumps(
+        {"step": step, "policy_version": version, "checksum": checksum, "finetune": cfg.model.finetune}))
+    if store is not None:
+        store.add_checkpoint(out_dir, step, version, _digests(out_dir))
+    return checksum
+
+
 def write_checkpoint(run_dir: Path, cfg: Config, step: int, version: int, weights: dict[str, torch.Tensor],
                      optimizer_state: dict, cursor: dict, unet_config: dict | None = None,
                      store: RunStore | None = None) -> Path:
@@ -87,14 +101,11 @@ def write_checkpoint(run_dir: Path, cfg: Config, step: int, version: int, weight
     root = run_dir / "checkpoints"
     final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_trainable_state(weights, cfg.model.finetune, cfg.lora, tmp, unet_config)
+    export_weights(weights, cfg, tmp, step, version, unet_config)
     tensors, param_groups = optimizer_to_files(optimizer_state)
     save_file({**tensors, "rng.torch": torch.get_rng_state()}, str(tmp / "trainer.safetensors"))
     (tmp / "trainer.json").write_text(json.dumps(
         {"step": step, "version": version, "cursor": cursor, "param_groups": param_groups}))
-    (tmp / "config.yaml").write_text(dump_config(cfg))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "policy_version": version,
-                                                "checksum": state_checksum(weights), "finetune": cfg.model.finetune}))
     files = _digests(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

@@ -30,9 +30,10 @@ from common.prompts import PromptStream
 from common.run_store import RunStore
 from common.telemetry import RayRunMetrics
 from common.types import PromptGroup
+from learner.checkpoint import export_weights
 from learner.engine import LearnerWorker
 from learner.grpo import group_advantages, zero_std_fraction
-from learner.local import TrainResult, close_run, save_checkpoint, tracked_run
+from learner.local import TrainResult, close_run, tracked_run
 from learner.staleness import StalenessGate
 from learner.weight_sync import AdapterSyncError, AdapterUpdate, SyncReport, fetch_state
 from reward_server.actor import RewardActor
@@ -309,12 +310,12 @@ def _run(cfg: Config, metrics: MetricsLog, store: RunStore, address: str | None,
             ray_metrics.record(record)
             store.record_step(step, version_sent, prompts.state_dict(), record)
             if (step + 1) % cfg.run.save_every == 0 and step + 1 < steps:
-                save_checkpoint(fetch_state(update), cfg, run_dir / "checkpoints" / f"step_{step + 1}",
+                export_weights(fetch_state(update), cfg, run_dir / "checkpoints" / f"step_{step + 1}",
                                 step + 1, update.version, unet_config, store)
         syncs.check(block=True)
         _wait_until_ready(actors, update)  # an actor that restarted after the last sync is brought up to date
         actor_status = ray.get([a.status.remote() for a in actors.rollouts])
-        checksum = save_checkpoint(fetch_state(update), cfg, run_dir / "adapter", steps, update.version,
+        checksum = export_weights(fetch_state(update), cfg, run_dir / "adapter", steps, update.version,
                                    unet_config, store)
     finally:
         actors.kill()

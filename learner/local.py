@@ -9,8 +9,6 @@ and adapter/ (diffusers LoRA format), reward_curve.png.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import signal
 import threading
@@ -25,12 +23,11 @@ from tqdm import tqdm
 
 from actors.rollout import Rollout
 from common.config import Config, dump_config
-from common.lora import save_trainable_state, state_checksum
 from common.metrics import MetricsLog, plot_reward_curve, read_metrics
 from common.policy import Policy
 from common.prompts import PromptStream
 from common.run_store import Interrupted, RunStore, open_run_store
-from learner.checkpoint import load_latest, write_checkpoint
+from learner.checkpoint import export_weights, load_latest, write_checkpoint
 from learner.grpo import group_advantages, zero_std_fraction
 from learner.update import GRPOUpdate, TorchOptimizer, TrainBatch
 from reward_server.steering import RewardOutput, SteeringReward
@@ -55,22 +52,6 @@ class TrainResult:
 
 def _mean(t: torch.Tensor | None) -> float | None:
     return None if t is None else float(t.float().mean())
-
-
-def save_checkpoint(state: dict[str, torch.Tensor], cfg: Config, out_dir: Path, step: int, version: int,
-                    unet_config: dict | None = None, store: RunStore | None = None) -> str:
-    """Weights (diffusers format) + the config that produced them + step/version/checksum; the files'
-    sha256 go to the run store's manifest. Returns the weights' checksum."""
-    save_trainable_state(state, cfg.model.finetune, cfg.lora, out_dir, unet_config)
-    (out_dir / "config.yaml").write_text(dump_config(cfg))
-    checksum = state_checksum(state)
-    (out_dir / "state.json").write_text(json.dumps(
-        {"step": step, "policy_version": version, "checksum": checksum, "finetune": cfg.model.finetune}))
-    if store is not None:
-        files = {str(p.relative_to(out_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-                 for p in sorted(out_dir.rglob("*")) if p.is_file()}
-        store.add_checkpoint(out_dir, step, version, files)
-    return checksum
 
 
 @contextlib.contextmanager
@@ -202,7 +183,7 @@ def _train(cfg: Config, metrics: MetricsLog, store: RunStore, reward_fn: RewardF
             raise Interrupted(f"stopped by signal {stop[0]} after step {step}; checkpoint written: "
                               f"resume with `safediff train --resume` and the same config")
 
-    checksum = save_checkpoint(policy.state(), cfg, run_dir / "adapter", cfg.run.steps, policy.version,
-                               policy.unet.config)
+    checksum = export_weights(policy.state(), cfg, run_dir / "adapter", cfg.run.steps, policy.version,
+                              policy.unet.config)
     return TrainResult(run_dir=run_dir, metrics=close_run(cfg, metrics), checksum=checksum,
                        final_version=policy.version)
