@@ -37,6 +37,7 @@ def plot_reward_curve(records: list[dict], out_png: str | Path, title: str = "re
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = [r for r in records if r.get("reward_mean") is not None]
     steps = [r["step"] for r in rows]
@@ -46,6 +47,7 @@ def plot_reward_curve(records: list[dict], out_png: str | Path, title: str = "re
     ax.plot(steps, mean, marker="o", ms=3, label="reward mean")
     ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                     alpha=0.2, label="+- std")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel("reward")
     ax.set_title(title)
