@@ -63,10 +63,11 @@ def tracked_run(cfg: Config, resume: bool = False) -> Iterator[tuple[MetricsLog,
     run_dir.mkdir(parents=True, exist_ok=True)
     s = cfg.store
     with open_run_store(s.url, cfg.run.name, run_dir, s.lease_ttl_s, s.metrics_maxlen) as store:
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        config_yaml = dump_config(cfg)
+        (run_dir / "config.yaml").write_text(config_yaml)
         if not resume:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        store.begin(dump_config(cfg))
+        store.begin(config_yaml)
         try:
             yield MetricsLog(run_dir / "metrics.jsonl"), store
         except Interrupted:
