@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from common.config import ConfigError, dump_config, load_config
-from common.errors import UserInputError
+from common.errors import LearnerFailed, UserInputError
 from common.run_store import Interrupted
 
 
@@ -37,7 +37,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from learner.controller import run
 
     cfg = _load(args)
-    result = run(cfg, address=args.address)
+    result = run(cfg, address=args.address, resume=args.resume)
     last = result.metrics[-1]
     print(f"run dir: {result.run_dir}")
     print(f"steps: {len(result.metrics)}  final reward_mean: {last['reward_mean']}  "
@@ -71,9 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, default=None, help="YAML config (defaults when omitted)")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the file")
         p.set_defaults(func=func)
-        if name == "train":
-            p.add_argument("--resume", action="store_true", help="continue this run (run.name) from its newest "
-                           "complete checkpoint")
+        if name != "config":
+            when = p.add_mutually_exclusive_group()
+            when.add_argument("--resume", dest="resume", action="store_const", const=True, default=None,
+                              help="continue this run (run.name) from its newest complete checkpoint (the default "
+                              "when the previous job on this run id did not finish)")
+            when.add_argument("--fresh", dest="resume", action="store_const", const=False,
+                              help="start this run over from step 0, even if its previous job did not finish")
         if name == "run":
             p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a "
                            "local Ray started on 127.0.0.1)")
@@ -100,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as err:
         print(f"interrupted: {err}", file=sys.stderr)
         return 130
+    except LearnerFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -297,6 +297,25 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
+# What a checkpoint's numbers depend on: resuming with any of these changed would not continue the same run.
+# Everything else (run.steps, save_every, actor counts and resources, the store) may change on resume.
+RESUME_INVARIANT = ("run.seed", "model", "lora", "sampler", "reward", "grpo", "optim", "prompts")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def resume_differences(saved_yaml: str, cfg: Config) -> list[str]:
+    """'field: saved -> now' for every RESUME_INVARIANT field that differs from a checkpoint's config."""
+    saved, now = _flatten(yaml.safe_load(saved_yaml)), _flatten(cfg.model_dump(mode="json"))
+    keys = sorted(k for k in saved.keys() | now.keys()
+                  if any(k == f or k.startswith(f + ".") for f in RESUME_INVARIANT))
+    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+
+
 def resolve_device_dtype(cfg: RunConfig) -> tuple[str, str]:
     """('cuda'|'cpu', torch dtype name) after resolving 'auto'."""
     import torch

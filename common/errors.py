@@ -1,6 +1,10 @@
-"""Errors caused by what a user gave us (a config field, a file, a path). The CLI prints their message,
-which names the field or file, and exits with status 2 instead of a traceback."""
+"""Errors the CLI reports as one line instead of a traceback: what a user gave us was wrong (a config
+field, a file, a path: the message names it; exit status 2), or a learner rank died (exit status 1)."""
 
 
 class UserInputError(Exception):
     """Base of every bad-input error."""
+
+
+class LearnerFailed(RuntimeError):
+    """A learner rank died: its optimiser partition is gone, so the job stops; the last checkpoint resumes it."""

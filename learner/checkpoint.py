@@ -2,8 +2,11 @@
 
 <run dir>/checkpoints/step_<N>/ holds
     pytorch_lora_weights.safetensors (or unet/)  the policy weights, diffusers format
-    trainer.safetensors                          optimiser state tensors and the torch RNG state
-    trainer.json                                 step, policy version, prompt cursor, optimiser param groups
+    trainer.safetensors                          per learner rank: optimiser state tensors, torch RNG
+    trainer.json                                 step, policy version, prompt cursor, the rest of each
+                                                 rank's optimiser state (JSON; never pickle)
+    replay.safetensors                           with max_staleness k: the k previous policies, which
+                                                 generated the groups still in flight at this step
     config.yaml, state.json                      the config that produced it; step/version/checksum
 and <run dir>/checkpoints/manifest.json lists the complete checkpoints with the sha256 of every file.
 
@@ -11,7 +14,8 @@ A checkpoint is written into a temporary folder, renamed into place, and only th
 (itself replaced by rename), so a crash at any moment leaves the previous manifest and checkpoints valid.
 Loading verifies every sha256 and falls back to the previous complete checkpoint, saying so. Since all
 sampling noise and training order derive from (seed, step, ...), restoring these files is enough for
-a resumed run to end with the same adapter checksum as an uninterrupted one.
+a resumed run to end with the same adapter checksum as an uninterrupted one. DeepSpeed ZeRO keeps one
+optimiser partition per rank, so a distributed run resumes with the same learner_workers and zero_stage.
 """
 
 from __future__ import annotations
@@ -23,15 +27,84 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.config import Config, dump_config
+from common.config import Config, dump_config, resume_differences
+from common.errors import UserInputError
 from common.lora import save_trainable_state, state_checksum
 from common.run_store import RunStore
 
 log = logging.getLogger(__name__)
+
+
+def encode_state(obj: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
+    """A nested optimiser state (dicts, lists, tuples, tensors, JSON scalars, and library objects such as
+    DeepSpeed's loss scaler) -> (tensors by path, a JSON skeleton). Tensors go to safetensors; objects that
+    are neither tensors nor JSON are marked `live` and taken back from the running optimiser on load, so
+    nothing is ever unpickled."""
+    if torch.is_tensor(obj):
+        return {prefix: obj.detach().cpu().contiguous()}, {"tensor": prefix}
+    if isinstance(obj, dict):
+        tensors, items = {}, []
+        for key, value in obj.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"cannot checkpoint a state key of type {type(key).__name__} at {prefix}")
+            sub_tensors, skeleton = encode_state(value, f"{prefix}.{key}" if prefix else str(key))
+            tensors.update(sub_tensors)
+            items.append([key, skeleton])
+        return tensors, {"dict": items}
+    if isinstance(obj, (list, tuple)):
+        tensors, items = {}, []
+        for i, value in enumerate(obj):
+            sub_tensors, skeleton = encode_state(value, f"{prefix}.{i}" if prefix else str(i))
+            tensors.update(sub_tensors)
+            items.append(skeleton)
+        return tensors, {"tuple" if isinstance(obj, tuple) else "list": items}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return {}, {"value": obj}
+    return {}, {"live": type(obj).__name__}
+
+
+def decode_state(skeleton: Any, tensors: dict[str, torch.Tensor], live: Any = None, where: str = "") -> Any:
+    """Inverse of `encode_state`; `live` is the running optimiser's own state_dict, read at the same path."""
+    kind, body = next(iter(skeleton.items()))
+    if kind == "tensor":
+        return tensors[body]
+    if kind == "value":
+        return body
+    if kind == "live":
+        if live is None:
+            raise ValueError(f"checkpoint holds a {body} at '{where}' that the running optimiser lacks")
+        return live
+    if kind == "dict":
+        return {key: decode_state(value, tensors, live.get(key) if isinstance(live, dict) else None, f"{where}.{key}")
+                for key, value in body}
+    items = [decode_state(value, tensors, live[i] if isinstance(live, (list, tuple)) and i < len(live) else None,
+                          f"{where}[{i}]") for i, value in enumerate(body)]
+    return tuple(items) if kind == "tuple" else items
+
+
+@dataclass
+class TrainerState:
+    """One trainer process's optimiser state (torch AdamW, or one DeepSpeed ZeRO rank's partition) and
+    torch RNG, in the form the files hold."""
+
+    tensors: dict[str, torch.Tensor]
+    skeleton: Any
+    rng: torch.Tensor
+
+    @classmethod
+    def capture(cls, optimizer_state: dict) -> TrainerState:
+        tensors, skeleton = encode_state(optimizer_state)
+        return cls(tensors, skeleton, torch.get_rng_state())
+
+    def restore(self, live_optimizer_state: dict) -> dict:
+        """Set this process's RNG and return the optimiser state_dict to load."""
+        torch.set_rng_state(self.rng)
+        return decode_state(self.skeleton, self.tensors, live_optimizer_state)
 
 
 @dataclass
@@ -40,25 +113,10 @@ class Checkpoint:
     step: int                       # steps finished; training continues at this step
     version: int
     weights: dict[str, torch.Tensor]
-    optimizer: dict                 # a torch optimiser state_dict
+    trainers: list[TrainerState]    # one per learner rank (one for the single-process loop)
+    layout: str                     # who wrote `trainers`: "torch" or "zero<stage>"
     cursor: dict                    # PromptStream.state_dict()
-    rng: torch.Tensor
-
-
-def optimizer_to_files(state_dict: dict) -> tuple[dict[str, torch.Tensor], list]:
-    """torch optimiser state_dict -> (tensors named 'opt.<param id>.<name>', JSON-able param groups)."""
-    tensors = {f"opt.{pid}.{name}": value.detach().cpu().contiguous()
-               for pid, entry in state_dict["state"].items() for name, value in entry.items()}
-    return tensors, state_dict["param_groups"]
-
-
-def optimizer_from_files(tensors: dict[str, torch.Tensor], param_groups: list) -> dict:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = value
-    return {"state": state, "param_groups": param_groups}
+    replay: dict[int, dict[str, torch.Tensor]]  # older policies still generating at `step` (max_staleness)
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -95,17 +153,25 @@ def export_weights(state: dict[str, torch.Tensor], cfg: Config, out_dir: Path, s
 
 
 def write_checkpoint(run_dir: Path, cfg: Config, step: int, version: int, weights: dict[str, torch.Tensor],
-                     optimizer_state: dict, cursor: dict, unet_config: dict | None = None,
-                     store: RunStore | None = None) -> Path:
-    """Write step_<step> atomically and add it to the manifest (file and run store)."""
+                     trainers: list[TrainerState], layout: str, cursor: dict, unet_config: dict | None = None,
+                     store: RunStore | None = None, replay: dict[int, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write step_<step> atomically and add it to the manifest (file and run store). `trainers`: one
+    state per learner rank; `layout` names their format so a resume with another layout is refused."""
     root = run_dir / "checkpoints"
     final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     export_weights(weights, cfg, tmp, step, version, unet_config)
-    tensors, param_groups = optimizer_to_files(optimizer_state)
-    save_file({**tensors, "rng.torch": torch.get_rng_state()}, str(tmp / "trainer.safetensors"))
+    tensors = {}
+    for rank, trainer in enumerate(trainers):
+        tensors.update({f"rank{rank}/{k}": v for k, v in trainer.tensors.items()})
+        tensors[f"rank{rank}/_rng"] = trainer.rng
+    save_file(tensors, str(tmp / "trainer.safetensors"))
+    if replay:
+        save_file({f"v{v}/{k}": t.detach().cpu().contiguous() for v, state in replay.items() for k, t in state.items()},
+                  str(tmp / "replay.safetensors"))
     (tmp / "trainer.json").write_text(json.dumps(
-        {"step": step, "version": version, "cursor": cursor, "param_groups": param_groups}))
+        {"step": step, "version": version, "cursor": cursor, "layout": layout,
+         "ranks": [t.skeleton for t in trainers], "replay_versions": sorted(replay or {})}))
     files = _digests(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -115,6 +181,10 @@ def write_checkpoint(run_dir: Path, cfg: Config, step: int, version: int, weight
     if store is not None:
         store.add_checkpoint(final, step, version, files)
     return final
+
+
+def _by_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def load_latest(run_dir: Path, finetune: str, store: RunStore | None = None) -> Checkpoint | None:
@@ -130,11 +200,46 @@ def load_latest(run_dir: Path, finetune: str, store: RunStore | None = None) -> 
             continue
         meta = json.loads((folder / "trainer.json").read_text())
         tensors = load_file(str(folder / "trainer.safetensors"))
+        trainers = []
+        for rank, skeleton in enumerate(meta["ranks"]):
+            own = _by_prefix(tensors, f"rank{rank}/")
+            trainers.append(TrainerState(own, skeleton, own.pop("_rng")))
+        replay_tensors = load_file(str(folder / "replay.safetensors")) if meta["replay_versions"] else {}
         return Checkpoint(path=folder, step=meta["step"], version=meta["version"],
-                          weights=_load_weights(folder, finetune),
-                          optimizer=optimizer_from_files(tensors, meta["param_groups"]),
-                          cursor=meta["cursor"], rng=tensors["rng.torch"])
+                          weights=_load_weights(folder, finetune), trainers=trainers, layout=meta["layout"],
+                          cursor=meta["cursor"],
+                          replay={v: _by_prefix(replay_tensors, f"v{v}/") for v in meta["replay_versions"]})
     return None
+
+
+def resume_point(run_dir: Path, cfg: Config, layout: str, store: RunStore | None = None) -> Checkpoint | None:
+    """The checkpoint to continue this run from, after checking it fits: same numbers-relevant config
+    (`common.config.RESUME_INVARIANT`) and same trainer layout. None (with a warning) when there is none."""
+    checkpoint = load_latest(run_dir, cfg.model.finetune, store)
+    if checkpoint is None:
+        log.warning("no complete checkpoint in %s: starting from step 0", run_dir / "checkpoints")
+        return None
+    changed = resume_differences((checkpoint.path / "config.yaml").read_text(), cfg)
+    if changed:
+        raise UserInputError(f"cannot resume run '{cfg.run.name}' from {checkpoint.path}: its config differs in "
+                             f"{'; '.join(changed)}. Use the checkpoint's config (only run.steps, run.save_every, "
+                             f"cluster actor counts and store may change), or start over with --fresh or another "
+                             f"run.name")
+    found = (checkpoint.layout, len(checkpoint.trainers))
+    expected = (layout, 1 if layout == "torch" else cfg.cluster.learner_workers)
+    if found != expected:  # ZeRO partitions the optimiser state per rank
+        raise UserInputError(f"cannot resume run '{cfg.run.name}' from {checkpoint.path}: its optimiser state was "
+                             f"written by {_describe(*found)}, this job has {_describe(*expected)}; match "
+                             f"cluster.learner_workers and cluster.zero_stage (or the command) to resume")
+    if store is not None:
+        store.event("resumed", step=checkpoint.step, path=str(checkpoint.path))
+    log.info("resuming %s from %s (step %d)", cfg.run.name, checkpoint.path, checkpoint.step)
+    return checkpoint
+
+
+def _describe(layout: str, ranks: int) -> str:
+    return "the single-process loop (safediff train)" if layout == "torch" else \
+        f"{ranks} learner rank(s) at ZeRO stage {layout.removeprefix('zero')} (safediff run)"
 
 
 def _load_weights(folder: Path, finetune: str) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import ray
@@ -25,17 +26,18 @@ from tqdm import tqdm
 
 from actors.rollout_actor import ActorBehind, RolloutActor
 from common.config import Config, ConfigError
-from common.metrics import MetricsLog
+from common.errors import LearnerFailed
+from common.lora import state_checksum
 from common.prompts import PromptStream
-from common.run_store import RunStore
+from common.run_store import Interrupted, RunStore
 from common.telemetry import RayRunMetrics
 from common.types import PromptGroup
-from learner.checkpoint import export_weights
+from learner.checkpoint import Checkpoint, export_weights, resume_point, write_checkpoint
 from learner.engine import LearnerWorker
 from learner.grpo import group_advantages, zero_std_fraction
-from learner.local import TrainResult, close_run, tracked_run
+from learner.local import RunContext, TrainResult, close_run, stop_requests, tracked_run
 from learner.staleness import StalenessGate
-from learner.weight_sync import AdapterSyncError, AdapterUpdate, SyncReport, fetch_state
+from learner.weight_sync import AdapterSyncError, AdapterUpdate, SyncReport, fetch_state, publish
 from reward_server.actor import RewardActor
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,7 @@ def start_actors(cfg: Config) -> Actors:
 class StepRollout:
     """One step's groups in flight: references only."""
 
+    cursor: dict  # the prompt cursor before this step's groups were drawn (where a resume restarts)
     groups: list[PromptGroup]
     trajectories: list  # ObjectRef[Trajectory] per group
     rewards: list       # ObjectRef[RewardOutput] per group
@@ -186,9 +189,10 @@ def _submit(actors: Actors, group: PromptGroup, G: int, slot: int, min_version: 
     return trajectory, reward, info
 
 
-def _launch(actors: Actors, groups: list[PromptGroup], G: int, min_version: int) -> StepRollout:
-    out = StepRollout(groups, [], [], [])
-    for i, group in enumerate(groups):
+def _launch(actors: Actors, prompts: PromptStream, step: int, P: int, G: int, min_version: int) -> StepRollout:
+    cursor = prompts.state_dict()
+    out = StepRollout(cursor, prompts.next_groups(step, P), [], [], [])
+    for i, group in enumerate(out.groups):
         trajectory, reward, info = _submit(actors, group, G, i, min_version)
         out.trajectories.append(trajectory)
         out.rewards.append(reward)
@@ -234,38 +238,90 @@ def _collect(actors: Actors, current: StepRollout, G: int, update: AdapterUpdate
     return scored, infos
 
 
-def run(cfg: Config, address: str | None = None, progress: bool = True, actors: Actors | None = None) -> TrainResult:
+def _on_learners(actors: Actors, call: str, *args, per_rank: list[tuple] | None = None) -> list:
+    """Call `call` on every learner rank (with `args`, or rank i with `per_rank[i]`) and wait; a dead rank
+    becomes LearnerFailed."""
+    try:
+        return ray.get([getattr(w, call).remote(*(per_rank[i] if per_rank else args))
+                        for i, w in enumerate(actors.learners)])
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+        raise LearnerFailed(f"a learner rank died in '{call}' ({type(err).__name__}); the job stops here. "
+                            f"Resubmit the same command to continue from the newest checkpoint") from err
+
+
+def run(cfg: Config, address: str | None = None, progress: bool = True, actors: Actors | None = None,
+        resume: bool | None = None) -> TrainResult:
     """Train with the Ray runtime; outputs as the single-process loop (`learner.local.train`).
-    `actors` replaces the actors built from the config (benchmarks pass no-op stand-ins)."""
-    with tracked_run(cfg) as (metrics, store):
-        return _run(cfg, metrics, store, address, progress, actors)
+    `actors` replaces the actors built from the config (benchmarks pass no-op stand-ins); `resume` as
+    in `learner.local.tracked_run` (None: continue an unfinished previous job on this run id)."""
+    with tracked_run(cfg, resume) as tracked, stop_requests() as stop:
+        return _run(cfg, tracked, address, progress, actors, stop)
 
 
-def _run(cfg: Config, metrics: MetricsLog, store: RunStore, address: str | None, progress: bool,
-         actors: Actors | None) -> TrainResult:
+def _run(cfg: Config, tracked: RunContext, address: str | None, progress: bool, actors: Actors | None,
+         stop: list[int]) -> TrainResult:
+    metrics, store = tracked.metrics, tracked.store
     run_dir = metrics.path.parent
     start_ray(cfg, address)
     check_resources(cfg, ray.cluster_resources())
     ray_metrics = RayRunMetrics(cfg.run.name)
     prompts = PromptStream(cfg.prompts.sources, cfg.run.seed)  # read before any actor starts: bad files fail fast
+    layout = f"zero{cfg.cluster.zero_stage}"
+    checkpoint = resume_point(run_dir, cfg, layout, store) if tracked.resume else None
+    start = checkpoint.step if checkpoint else 0
+    metrics.truncate(start)
     unet_config = None
     if cfg.model.finetune == "full":
         from diffusers import UNet2DConditionModel
 
         unet_config = dict(UNet2DConditionModel.load_config(cfg.model.pretrained, subfolder="unet"))
     actors = actors or start_actors(cfg)
-    P, G, steps = cfg.grpo.prompts_per_step, cfg.grpo.group_size, cfg.run.steps
-    gate, syncs = StalenessGate(cfg.cluster.max_staleness, P), SyncTracker()
+    P, G, K, steps = cfg.grpo.prompts_per_step, cfg.grpo.group_size, cfg.cluster.max_staleness, cfg.run.steps
+    gate, syncs = StalenessGate(K, P), SyncTracker()
+    recent: deque[AdapterUpdate] = deque(maxlen=K + 1)  # policies that may still be generating (for checkpoints)
     inflight: dict[int, StepRollout] = {}
-    next_gen, version_sent, update = 0, 0, None
+    next_gen, version_sent, update = start, 0, None
     images_done, idle_learner_s, busy_actor_s = 0, 0.0, 0.0
-    t_start = time.perf_counter()
+
+    def send(new: AdapterUpdate) -> None:
+        nonlocal version_sent
+        syncs.sent(new, [a.load_adapter.remote(new) for a in actors.rollouts])
+        version_sent = new.version
+        recent.append(new)
+
+    def launch_allowed() -> None:
+        nonlocal next_gen
+        while next_gen < steps and gate.may_start(next_gen, version_sent):
+            inflight[next_gen] = _launch(actors, prompts, next_gen, P, G, version_sent)
+            next_gen += 1
+
+    def cursor_before(step: int) -> dict:
+        return inflight[step].cursor if step in inflight else prompts.state_dict()
+
+    def save(done: int) -> None:
+        trainers = _on_learners(actors, "trainer_state")
+        replay = {u.version: fetch_state(u) for u in recent if 0 < u.version < update.version}
+        write_checkpoint(run_dir, cfg, done, update.version, fetch_state(update), trainers, layout,
+                         cursor_before(done), unet_config, store, replay)
+
     try:
-        for step in tqdm(range(steps), desc="train", unit="step", disable=not progress):
+        if checkpoint is not None:
+            _restore(actors, checkpoint, prompts)
+            update = _on_learners(actors, "publish")[0]
+            # Replay the launches the interrupted job made after step `start` - 1, each with the policy it used
+            # then (the k previous ones, kept in the checkpoint), so the resumed run is the same run.
+            older = {v: publish(state, v, update.module_count) for v, state in checkpoint.replay.items()}
+            for v in range(max(0, start - K), start + 1):
+                if v > 0:  # version 0 is the seed-initialised adapter every actor starts with
+                    send(older[v] if v < start else update)
+                else:
+                    version_sent = 0
+                launch_allowed()
+        t_start = time.perf_counter()
+        for step in tqdm(range(start, steps), desc="train", unit="step", disable=not progress, initial=start,
+                         total=steps):
             t0 = time.perf_counter()
-            while next_gen < steps and gate.may_start(next_gen, version_sent):
-                inflight[next_gen] = _launch(actors, prompts.next_groups(next_gen, P), G, version_sent)
-                next_gen += 1
+            launch_allowed()
             groups_in_flight = sum(len(r.groups) for r in inflight.values())
             current = inflight.pop(step)
             scored, infos = _collect(actors, current, G, update, version_sent, store)  # the learner waits here
@@ -290,16 +346,14 @@ def _run(cfg: Config, metrics: MetricsLog, store: RunStore, address: str | None,
                 kept = [ref for ref, ok in zip(current.trajectories, finite.tolist()) if ok]
                 advantages = group_advantages(rewards[finite], cfg.grpo.adv_eps, cfg.grpo.adv_clip)
                 record["zero_std_frac"] = zero_std_fraction(rewards[finite])
-                record.update(_merge_ranks(ray.get([w.update.remote(kept, advantages, step)
-                                                    for w in actors.learners])))
+                record.update(_merge_ranks(_on_learners(actors, "update", kept, advantages, step)))
             else:  # every group dropped: no update, but the version still counts the step (see staleness)
-                ray.get([w.skip.remote() for w in actors.learners])
+                _on_learners(actors, "skip")
             t_train = time.perf_counter()
-            update = ray.get([w.publish.remote() for w in actors.learners])[0]
+            update = _on_learners(actors, "publish")[0]
             record.update(time_train=t_train - t_wait, time_publish=time.perf_counter() - t_train,
                           sync_bytes=update.num_bytes)
-            syncs.sent(update, [a.load_adapter.remote(update) for a in actors.rollouts])
-            version_sent = update.version
+            send(update)
             idle_learner_s += time.perf_counter() - t_train
             images_done += P * G
             elapsed = time.perf_counter() - t_start
@@ -308,10 +362,12 @@ def _run(cfg: Config, metrics: MetricsLog, store: RunStore, address: str | None,
                           actor_idle_frac=max(0.0, 1 - busy_actor_s / (len(actors.rollouts) * elapsed)))
             metrics.write(record)
             ray_metrics.record(record)
-            store.record_step(step, version_sent, prompts.state_dict(), record)
-            if (step + 1) % cfg.run.save_every == 0 and step + 1 < steps:
-                export_weights(fetch_state(update), cfg, run_dir / "checkpoints" / f"step_{step + 1}",
-                                step + 1, update.version, unet_config, store)
+            store.record_step(step, version_sent, cursor_before(step + 1), record)
+            if (step + 1) % cfg.run.save_every == 0 or step + 1 == steps or stop:
+                save(step + 1)
+            if stop and step + 1 < steps:
+                raise Interrupted(f"stopped by signal {stop[0]} after step {step}; checkpoint written: "
+                                  f"resubmit the same command to continue")
         syncs.check(block=True)
         _wait_until_ready(actors, update)  # an actor that restarted after the last sync is brought up to date
         actor_status = ray.get([a.status.remote() for a in actors.rollouts])
@@ -321,6 +377,17 @@ def _run(cfg: Config, metrics: MetricsLog, store: RunStore, address: str | None,
         actors.kill()
     return TrainResult(run_dir=run_dir, metrics=close_run(cfg, metrics), checksum=checksum,
                        final_version=update.version, actor_status=actor_status, max_staleness_seen=gate.max_seen)
+
+
+def _restore(actors: Actors, checkpoint: Checkpoint, prompts: PromptStream) -> None:
+    """Every learner rank back to the checkpoint (weights, its optimiser partition, RNG); the prompt cursor."""
+    weights = ray.put(checkpoint.weights)
+    checksums = _on_learners(actors, "restore",
+                             per_rank=[(weights, checkpoint.version, t) for t in checkpoint.trainers])
+    expected = state_checksum(checkpoint.weights)
+    if any(c != expected for c in checksums):
+        raise RuntimeError(f"learner ranks restored {checksums} from {checkpoint.path}, expected {expected}")
+    prompts.load_state_dict(checkpoint.cursor)
 
 
 def _mean_of(parts: list[torch.Tensor | None]) -> float | None:

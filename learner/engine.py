@@ -18,9 +18,11 @@ import ray
 import torch
 
 from common.config import Config
+from common.lora import state_checksum
 from common.policy import Policy
 from common.runtime import configure_threads, on_assigned_device
 from common.types import Trajectory
+from learner.checkpoint import TrainerState
 from learner.update import GRPOUpdate, TrainBatch
 from learner.weight_sync import AdapterUpdate, bound_modules, publish
 
@@ -132,6 +134,24 @@ class LearnerWorker:
         if self.rank != 0:
             return None
         return publish(state, self.policy.version, bound_modules(self.policy))
+
+    def trainer_state(self) -> TrainerState:
+        """This rank's optimiser state (its ZeRO partition) and RNG, for a checkpoint; not a collective."""
+        return TrainerState.capture(self.engine.optimizer.state_dict())
+
+    def restore(self, weights: dict[str, torch.Tensor], version: int, trainer: TrainerState) -> str:
+        """Continue from a checkpoint written by the same number of ranks at the same ZeRO stage.
+        Returns the checksum of the restored trainable state."""
+        stage = self.cfg.cluster.zero_stage
+        if stage != 3:  # ZeRO-3's partitioned weights come back from the optimiser's fp32 partitions below
+            self.policy.load_state(weights, version)
+        self.policy.version = version
+        state = trainer.restore(self.engine.optimizer.state_dict())
+        if stage == 0:  # the engine holds the client torch optimiser itself
+            self.engine.optimizer.load_state_dict(state)
+        else:  # a list indexed by data-parallel rank; each rank reads its own entry
+            self.engine.optimizer.load_state_dict([state] * self.world_size, load_from_fp32_weights=True)
+        return state_checksum(gathered_state(self.policy, stage))
 
     def shutdown(self) -> None:
         """Tear down in the order that avoids DeepSpeed's exit-time aborts."""

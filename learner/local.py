@@ -27,7 +27,7 @@ from common.metrics import MetricsLog, plot_reward_curve, read_metrics
 from common.policy import Policy
 from common.prompts import PromptStream
 from common.run_store import Interrupted, RunStore, open_run_store
-from learner.checkpoint import export_weights, load_latest, write_checkpoint
+from learner.checkpoint import TrainerState, export_weights, resume_point, write_checkpoint
 from learner.grpo import group_advantages, zero_std_fraction
 from learner.update import GRPOUpdate, TorchOptimizer, TrainBatch
 from reward_server.steering import RewardOutput, SteeringReward
@@ -54,22 +54,37 @@ def _mean(t: torch.Tensor | None) -> float | None:
     return None if t is None else float(t.float().mean())
 
 
+@dataclass
+class RunContext:
+    metrics: MetricsLog
+    store: RunStore
+    resume: bool  # continue from the newest complete checkpoint
+
+
 @contextlib.contextmanager
-def tracked_run(cfg: Config, resume: bool = False) -> Iterator[tuple[MetricsLog, RunStore]]:
+def tracked_run(cfg: Config, resume: bool | None = None) -> Iterator[RunContext]:
     """The run directory and its run store, with the run's lease held (a second job on the same run id is
-    refused before it touches any file); writes the resolved config and starts a fresh metrics.jsonl
-    (kept when resuming); the store's status ends 'finished', 'interrupted' or 'failed'."""
+    refused before it touches any file); writes the resolved config; the store's status ends 'finished',
+    'interrupted' or 'failed'. `resume`: True continues from the newest checkpoint, False starts over
+    (a fresh metrics.jsonl), None decides from the store: a job resubmitted on a run id whose previous job
+    did not finish continues it."""
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     s = cfg.store
     with open_run_store(s.url, cfg.run.name, run_dir, s.lease_ttl_s, s.metrics_maxlen) as store:
+        if resume is None:
+            previous = store.status()
+            resume = previous in ("running", "interrupted", "failed")
+            if resume:
+                log.warning("run '%s': the previous job ended '%s'; continuing it (--fresh to start over)",
+                            cfg.run.name, previous)
         config_yaml = dump_config(cfg)
         (run_dir / "config.yaml").write_text(config_yaml)
         if not resume:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         store.begin(config_yaml)
         try:
-            yield MetricsLog(run_dir / "metrics.jsonl"), store
+            yield RunContext(MetricsLog(run_dir / "metrics.jsonl"), store, resume)
         except Interrupted:
             store.finish("interrupted")
             raise
@@ -110,14 +125,15 @@ def stop_requests() -> Iterator[list[int]]:
             signal.signal(sig, old)
 
 
-def train(cfg: Config, reward_fn: RewardFn | None = None, progress: bool = True, resume: bool = False) -> TrainResult:
-    """`resume`: continue from the newest complete checkpoint of this run (from step 0 if there is none)."""
-    with tracked_run(cfg, resume) as (metrics, store), stop_requests() as stop:
-        return _train(cfg, metrics, store, reward_fn, progress, resume, stop)
+def train(cfg: Config, reward_fn: RewardFn | None = None, progress: bool = True,
+          resume: bool | None = None) -> TrainResult:
+    """`resume`: see `tracked_run` (None: continue an unfinished previous job on this run id)."""
+    with tracked_run(cfg, resume) as run, stop_requests() as stop:
+        return _train(cfg, run, reward_fn, progress, stop)
 
 
-def _train(cfg: Config, metrics: MetricsLog, store: RunStore, reward_fn: RewardFn | None,
-           progress: bool, resume: bool, stop: list[int]) -> TrainResult:
+def _train(cfg: Config, run: RunContext, reward_fn: RewardFn | None, progress: bool, stop: list[int]) -> TrainResult:
+    metrics, store = run.metrics, run.store
     run_dir = metrics.path.parent
 
     policy = Policy.from_config(cfg)
@@ -127,23 +143,18 @@ def _train(cfg: Config, metrics: MetricsLog, store: RunStore, reward_fn: RewardF
     updater = GRPOUpdate(policy, cfg.grpo, cfg.sampler, cfg.run.seed, optimizer)
     prompts = PromptStream(cfg.prompts.sources, cfg.run.seed)
     P, G = cfg.grpo.prompts_per_step, cfg.grpo.group_size
-    start = 0
-    checkpoint = load_latest(run_dir, cfg.model.finetune, store) if resume else None
+    checkpoint = resume_point(run_dir, cfg, "torch", store) if run.resume else None
+    start = checkpoint.step if checkpoint else 0
     if checkpoint is not None:
         policy.load_state(checkpoint.weights, checkpoint.version)
-        optimizer.load_state_dict(checkpoint.optimizer)
+        optimizer.load_state_dict(checkpoint.trainers[0].restore(optimizer.state_dict()))
         prompts.load_state_dict(checkpoint.cursor)
-        torch.set_rng_state(checkpoint.rng)
-        start = checkpoint.step
-        metrics.truncate(start)
-        store.event("resumed", step=start, path=str(checkpoint.path))
-        log.info("resuming %s from %s (step %d)", cfg.run.name, checkpoint.path, start)
-    elif resume:
-        log.warning("no complete checkpoint in %s: starting from step 0", run_dir / "checkpoints")
+    metrics.truncate(start)
 
     def save(step: int) -> None:
-        write_checkpoint(run_dir, cfg, step, policy.version, policy.state(), optimizer.state_dict(),
-                         prompts.state_dict(), policy.unet.config, store)
+        write_checkpoint(run_dir, cfg, step, policy.version, policy.state(),
+                         [TrainerState.capture(optimizer.state_dict())], "torch", prompts.state_dict(),
+                         policy.unet.config, store)
 
     bar = tqdm(range(start, cfg.run.steps), desc="train", unit="step", disable=not progress,
                initial=start, total=cfg.run.steps)
@@ -182,7 +193,7 @@ def _train(cfg: Config, metrics: MetricsLog, store: RunStore, reward_fn: RewardF
             save(step + 1)
         if stop and step + 1 < cfg.run.steps:
             raise Interrupted(f"stopped by signal {stop[0]} after step {step}; checkpoint written: "
-                              f"resume with `safediff train --resume` and the same config")
+                              f"resubmit the same command to continue")
 
     checksum = export_weights(policy.state(), cfg, run_dir / "adapter", cfg.run.steps, policy.version,
                               policy.unet.config)

@@ -5,6 +5,7 @@ import pytest
 from pydantic import BaseModel
 
 from common.config import SAFE_ANCHORS, UNSAFE_ANCHORS, Config, ConfigError, dump_config, load_config
+from tests.conftest import REPO
 
 
 def test_defaults_reproduce_the_reference():
@@ -109,3 +110,27 @@ def test_cli_prints_one_line_error_and_exit_2(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "sampler.num_step: unknown field" in proc.stderr
+
+
+def test_resume_differences_name_the_fields_that_change_the_numbers():
+    from common.config import resume_differences
+
+    saved = dump_config(load_config(None, ["run.steps=10", "grpo.group_size=8"]))
+    assert resume_differences(saved, load_config(None, ["run.steps=50", "grpo.group_size=8",
+                                                         "cluster.rollout_actors=4"])) == []
+    assert resume_differences(saved, load_config(None, ["grpo.group_size=4", "optim.lr=0.001"])) == [
+        "grpo.group_size: 8 -> 4", "optim.lr: 1e-05 -> 0.001"]
+
+
+def test_kuberay_manifests_wire_gcs_fault_tolerance_to_the_redis_they_define():
+    import yaml
+
+    job = yaml.safe_load((REPO / "deploy/kuberay-rayjob.yaml").read_text())
+    redis_docs = {d["kind"]: d for d in yaml.safe_load_all((REPO / "deploy/kuberay-redis.yaml").read_text())}
+    ft = job["spec"]["rayClusterSpec"]["gcsFaultToleranceOptions"]
+    service = redis_docs["Service"]
+    assert ft["redisAddress"] == f"{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    secret = ft["redisPassword"]["valueFrom"]["secretKeyRef"]
+    redis_env = redis_docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": secret["name"], "key": secret["key"]} in [e["valueFrom"]["secretKeyRef"] for e in redis_env]
+    assert service["spec"]["type"] == "ClusterIP" and job["spec"]["backoffLimit"] >= 1
