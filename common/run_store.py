@@ -11,7 +11,8 @@ Keys, all under `safediff:<run id>:` (the run id is `run.name`):
     events                stream of what happened (started, checkpoint written, finished, ...)
 
 Redis unreachable at start is an error naming `store.url`. If it goes away mid-run, training goes on:
-each write is queued, in order, and replayed when Redis answers again; the outage is logged once.
+each write is queued, in order, and replayed when Redis answers again (retried with exponential backoff
+by later writes, and by the lease heartbeat every lease_ttl_s / 3); the outage is logged once.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +37,7 @@ from common.errors import UserInputError
 
 log = logging.getLogger(__name__)
 URL_ENV = "SAFEDIFF_REDIS_URL"
+MIN_BACKOFF_S, MAX_BACKOFF_S = 0.5, 30.0
 _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
 _UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
 
@@ -73,6 +76,7 @@ class RunStore:
         self._pending: deque[list[tuple[str, tuple]]] = deque()
         self._lock = threading.Lock()
         self._outage = False
+        self._retry_at, self._backoff_s = 0.0, MIN_BACKOFF_S
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
 
@@ -109,13 +113,15 @@ class RunStore:
     # -- buffered writes -----------------------------------------------------------------------
 
     def _write(self, *commands: tuple[str, tuple]) -> None:
-        """Queue one atomic group of commands and try to flush the queue."""
+        """Queue one atomic group of commands and flush the queue, unless Redis failed recently: then the
+        next attempt waits for its backoff (0.5 s doubling to 30 s), so an outage does not slow training."""
         with self._lock:
             self._pending.append(list(commands))
-        self.flush()
+        if time.monotonic() >= self._retry_at:
+            self.flush()
 
     def flush(self) -> bool:
-        """Replay queued writes in order; returns True when nothing is left queued."""
+        """Replay queued writes in order now; returns True when nothing is left queued."""
         with self._lock:
             while self._pending:
                 group = self._pending[0]
@@ -128,11 +134,14 @@ class RunStore:
                     if not self._outage:
                         log.warning("run store: Redis unreachable (%s); buffering writes until it is back", err)
                         self._outage = True
+                    self._retry_at = time.monotonic() + self._backoff_s
+                    self._backoff_s = min(2 * self._backoff_s, MAX_BACKOFF_S)
                     return False
                 self._pending.popleft()
             if self._outage:
                 log.warning("run store: Redis is back; buffered writes replayed")
                 self._outage = False
+            self._retry_at, self._backoff_s = 0.0, MIN_BACKOFF_S
             return True
 
     @property
@@ -188,11 +197,12 @@ def open_run_store(url: str | None, run_id: str, run_dir: Path, lease_ttl_s: flo
                    metrics_maxlen: int = 10_000) -> Iterator[RunStore]:
     """The run's store, its lease held. With no URL (nor $SAFEDIFF_REDIS_URL) a real redis-server is started on
     127.0.0.1 with a generated password and its data under <run_dir>/redis; a second job on the same run
-    directory attaches to that server (and is refused by the lease) instead of starting another."""
+    directory attaches to that server (and is refused by the lease) instead of starting another. A server
+    left behind by a job that was killed is adopted: the new job uses it and stops it at the end."""
     from common.redis_server import EmbeddedRedis
 
     url = url or os.environ.get(URL_ENV)
-    server = None
+    server, adopted = None, False
     if url is None:
         info = run_dir / "redis" / "server.json"
         if info.is_file():
@@ -200,10 +210,12 @@ def open_run_store(url: str | None, run_id: str, run_dir: Path, lease_ttl_s: flo
                 known = json.loads(info.read_text())
                 _connect(known["url"])
                 url = known["url"]
+                adopted = not _alive(known.get("pid"))  # its job died (e.g. SIGKILL): this job stops it at the end
         if url is None:
             server = EmbeddedRedis(run_dir / "redis").start()
             url = server.url
-            info.write_text(json.dumps({"url": url}))
+        if server is not None or adopted:
+            info.write_text(json.dumps({"url": url, "pid": os.getpid()}))
             info.chmod(0o600)
     try:
         store = RunStore(url, run_id, lease_ttl_s, metrics_maxlen)
@@ -216,4 +228,20 @@ def open_run_store(url: str | None, run_id: str, run_dir: Path, lease_ttl_s: flo
     finally:
         if server is not None:
             server.stop()
+        elif adopted:
+            with contextlib.suppress(*_UNAVAILABLE):
+                redis.Redis.from_url(url).shutdown()  # writes the append-only file, then exits
+        if server is not None or adopted:
             (run_dir / "redis" / "server.json").unlink(missing_ok=True)
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

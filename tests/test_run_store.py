@@ -70,6 +70,20 @@ def test_writes_during_a_redis_restart_are_buffered_and_nothing_is_lost(tmp_path
     assert "replayed" in caplog.text
 
 
+def test_after_a_failed_write_redis_is_retried_with_backoff_not_on_every_write(tmp_path):
+    srv = EmbeddedRedis(tmp_path / "redis").start()
+    store = RunStore(srv.url, "run-b")
+    srv.stop()
+    store.event("a")  # fails: retry not before 0.5 s
+    restarted = EmbeddedRedis(tmp_path / "redis", port=srv.port, password=srv.password).start()
+    store.event("b")
+    assert store.pending_writes == 2  # Redis is back, but this write did not try it: still backing off
+    time.sleep(0.6)
+    store.event("c")
+    assert store.pending_writes == 0 and [e["kind"] for e in store.events()] == ["a", "b", "c"]
+    restarted.stop()
+
+
 def test_unreachable_redis_and_wrong_password_are_clear_errors(server):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
