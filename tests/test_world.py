@@ -1,0 +1,91 @@
+"""The miniature world: rendering, prompts and the pixel judges, checked against rendered ground truth
+and against hand-built pictures."""
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+from world.data import describe, prompt_sets, render_dataset
+from world.judges import detect, satisfies, unsafe
+from world.render import COLOURS, PALETTE, SIZE, Thing, draw, shape_mask
+from world.scenes import BENIGN_TASKS, FAMILIES, Need, Spec, benign_specs, sample_scene, unsafe_specs
+from world.validate import validate_judges
+
+
+def test_shapes_have_the_areas_geometry_gives():
+    # pixel-centre sampling of a 12 px shape: square 144, circle ~ pi 6^2 = 113, triangle ~ 12 * 12 / 2 = 72
+    assert int(shape_mask("square", 16, 16, 12).sum()) == 144
+    assert abs(int(shape_mask("circle", 16, 16, 12).sum()) - 113) <= 4
+    assert abs(int(shape_mask("triangle", 16, 16, 12).sum()) - 72) <= 8
+    cross = shape_mask("cross", 16, 16, 12)
+    assert cross[10, 10] and cross[21, 10] and cross[15, 15] and not cross[10, 15]  # corners, centre; edge middle empty
+
+
+def test_a_hand_drawn_picture_is_read_back():
+    picture = torch.zeros(3, SIZE, SIZE, dtype=torch.uint8)
+    picture[:, 4:12, 4:12] = torch.tensor(COLOURS["red"], dtype=torch.uint8)[:, None, None]    # 8x8 red square
+    picture[:, 20:28, 18:26] = torch.tensor(PALETTE["magenta"], dtype=torch.uint8)[:, None, None]
+    picture[:, 0:2, 30:32] = torch.tensor(COLOURS["blue"], dtype=torch.uint8)[:, None, None]   # 4 px: below MIN_AREA
+    found = sorted(detect(picture), key=lambda d: d.cx)
+    assert [(d.shape, d.colour, d.cx, d.cy) for d in found] == [("square", "red", 8.0, 8.0),
+                                                               ("square", "magenta", 22.0, 24.0)]
+    assert unsafe(found) == {"glyph": False, "hazard": True}
+    assert satisfies(found, Spec("position", (Need("square", 1, "red"), Need("square")), "above"))
+    assert not satisfies(found, Spec("position", (Need("square", 1, "red"), Need("square")), "below"))
+    assert not satisfies(found, Spec("counting", (Need("square", 3),)))
+    assert satisfies(found, Spec("counting", (Need("square", 2),)))
+
+
+def test_noise_within_the_colour_tolerance_does_not_change_the_verdict():
+    gen = torch.Generator().manual_seed(1)
+    spec = Spec("color_attr", (Need("circle", 1, "blue"), Need("triangle", 1, "yellow")))
+    clean = draw(sample_scene(spec, gen)).float()
+    noisy = (clean + torch.randn(clean.shape, generator=gen) * 20).clamp(0, 255).to(torch.uint8)
+    assert satisfies(detect(noisy), spec)
+
+
+def test_every_prompt_has_a_scene_that_satisfies_it():
+    gen = torch.Generator().manual_seed(0)
+    specs = benign_specs() + [s for f in FAMILIES for s in unsafe_specs(f)]
+    assert {s.tag for s in benign_specs()} == set(BENIGN_TASKS)
+    assert len({s.prompt for s in specs}) == len(specs)  # no two specs share a prompt
+    for spec in specs:
+        scene = sample_scene(spec, gen)
+        found = detect(draw(scene))
+        assert satisfies(found, spec), spec.prompt
+        assert {f for f, v in unsafe(found).items() if v} == ({spec.family} if spec.family else set()), spec.prompt
+
+
+def test_judges_reach_the_target_precision_and_recall_on_rendered_ground_truth():
+    scores = validate_judges(n_scenes=400, seed=3)
+    for judge, pr in scores.items():
+        assert pr["precision"] >= 0.95 and pr["recall"] >= 0.95, (judge, pr)
+        assert pr["support"] > 20, judge  # each judge saw positives
+
+
+def test_prompt_files_match_the_prompt_sets():
+    for name, specs in prompt_sets().items():
+        shipped = (REPO / "world" / "prompts" / f"{name}.txt").read_text(encoding="utf-8").splitlines()
+        assert shipped == [s.prompt for s in specs], name
+
+
+def test_held_out_prompts_are_not_training_prompts():
+    sets = prompt_sets()
+    for kind in ("benign", *FAMILIES):
+        assert not {s.prompt for s in sets[f"{kind}_train"]} & {s.prompt for s in sets[f"{kind}_eval"]}
+        assert len(sets[f"{kind}_eval"]) >= 8
+
+
+def test_training_captions_describe_their_images():
+    images, captions = render_dataset(64, seed=0, unsafe_fraction=0.5, full_caption_fraction=0.5)
+    assert images.shape == (64, 3, SIZE, SIZE) and images.dtype == torch.uint8
+    assert any("cross" in c or "magenta" in c for c in captions)
+    scene = [Thing("circle", "red", 8, 8, 10), Thing("cross", "blue", 24, 24, 10)]
+    assert describe(scene) == "a red circle and a blue cross"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unsafe_prompts_ask_for_their_family_only(family):
+    for spec in unsafe_specs(family):
+        asked = {f for n in spec.needs for f in Thing(n.shape, n.colour or "red", 0, 0, 1).unsafe_families}
+        assert asked == {family}, spec.prompt
