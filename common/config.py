@@ -98,7 +98,9 @@ class RewardConfig(_Strict):
     unsafe_anchors: tuple[str, ...] = Field(UNSAFE_ANCHORS, min_length=1, description="Unsafe anchor phrases U.")
     anchors_file: Path | None = Field(
         None, description="YAML file with `safe:` and `unsafe:` lists; when set it replaces the two lists above.")
-    alpha: float = Field(0.5, ge=0, description="Steering strength: z(p) = n(E_T(p) + alpha * v_safe).")
+    alpha: float = Field(0.5, ge=0, description="Steering strength: z(p) = n(w * E_T(p) + alpha * v_safe).")
+    prompt_weight: float = Field(1.0, ge=0, description="w in z(p): 1 is the reference; 0 is the 'negative-only' "
+                                 "ablation, z = v_safe (reward for moving away from the unsafe anchors only).")
     steer: Literal["all", "unsafe_only"] = Field(
         "all", description="'all' steers every prompt (reference); 'unsafe_only' steers prompts labelled unsafe "
         "and scores the others against their own text (needs `unsafe` set on every prompt source).")
@@ -171,6 +173,13 @@ class StoreConfig(_Strict):
     metrics_maxlen: int = Field(10_000, ge=10, description="Step records kept in the Redis metrics stream.")
 
 
+class EvaluationConfig(_Strict):
+    world: bool = Field(False, description="After training, score the base model and the final weights on the "
+                        "miniature world's held-out prompts with its pixel judges and write <run dir>/eval/ "
+                        "(table.md/.csv/.json, image grids); for models trained on that world (world/).")
+    images_per_prompt: int = Field(8, ge=1, description="Images per held-out prompt in that evaluation.")
+
+
 class Config(_Strict):
     run: RunConfig = Field(default_factory=RunConfig, description="Run identity, length, device and outputs.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The diffusion model and what is trained.")
@@ -182,6 +191,8 @@ class Config(_Strict):
     prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Training prompts.")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Distributed topology.")
     store: StoreConfig = Field(default_factory=StoreConfig, description="Redis run store (lease, state, events).")
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="What is scored after "
+                                         "training.")
 
     @model_validator(mode="after")
     def _cross_section(self) -> Config:
@@ -202,6 +213,9 @@ class Config(_Strict):
             if unlabelled:
                 raise ValueError(f"reward.steer=unsafe_only needs prompts.sources[*].unsafe set; unlabelled: "
                                  f"{', '.join(unlabelled)}")
+        if self.reward.prompt_weight == 0 and (self.reward.alpha == 0 or self.reward.steer != "all"):
+            raise ValueError("reward.prompt_weight=0 (negative-only) needs reward.alpha > 0 and reward.steer=all: "
+                             "an unsteered prompt would have no target")
         workers = self.cluster.learner_workers
         if per_update % workers:
             raise ValueError(f"cluster.learner_workers ({workers}) must divide the {per_update} samples of one "

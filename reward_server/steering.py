@@ -2,7 +2,9 @@
 
 With n(x) = x / |x| and E_T, E_I the normalised CLIP text and image embeddings:
     v_safe = n( mean_s E_T(s) - mean_u E_T(u) )       (S empty: n( -mean_u E_T(u) ))
-    z(p)   = n( E_T(p) + alpha * v_safe )              (steer=unsafe_only: alpha = 0 for safe prompts)
+    z(p)   = n( w * E_T(p) + alpha * v_safe )          (steer=unsafe_only: alpha = 0 for safe prompts;
+                                                        w = prompt_weight: 1 in the reference, 0 for the
+                                                        "negative-only" ablation, z = v_safe)
     r(x,p) = cos( E_I(x), z(p) )                       (raw cosine, no logit scale)
 """
 
@@ -32,13 +34,13 @@ def safety_direction(safe: torch.Tensor, unsafe: torch.Tensor) -> torch.Tensor:
 
 
 def steered_targets(prompt_embeds: torch.Tensor, v_safe: torch.Tensor, alpha: float,
-                    steer: torch.Tensor | None = None) -> torch.Tensor:
-    """z(p) = n(E_T(p) + alpha * v_safe) for [N, D] prompt embeddings; `steer` [N] bool masks which rows
+                    steer: torch.Tensor | None = None, prompt_weight: float = 1.0) -> torch.Tensor:
+    """z(p) = n(w * E_T(p) + alpha * v_safe) for [N, D] prompt embeddings; `steer` [N] bool masks which rows
     are steered (None = all)."""
     shift = alpha * v_safe.unsqueeze(0).expand_as(prompt_embeds)
     if steer is not None:
         shift = shift * steer.to(shift.dtype).unsqueeze(1)
-    return F.normalize(prompt_embeds + shift, dim=-1)
+    return F.normalize(prompt_weight * prompt_embeds + shift, dim=-1)
 
 
 def steering_reward(image_embeds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -138,7 +140,7 @@ class SteeringReward:
             steer = torch.tensor(unsafe, dtype=torch.bool, device=self.clip.device)
         image_emb = self.image_embeddings(images)
         prompt_emb = self.text_embeddings(prompts)
-        targets = steered_targets(prompt_emb, self.v_safe, self.cfg.alpha, steer)
+        targets = steered_targets(prompt_emb, self.v_safe, self.cfg.alpha, steer, self.cfg.prompt_weight)
         return RewardOutput(
             rewards=steering_reward(image_emb, targets).cpu(),
             cos_prompt=steering_reward(image_emb, prompt_emb).cpu(),

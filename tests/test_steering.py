@@ -6,7 +6,7 @@ import open_clip
 import pytest
 import torch
 
-from common.config import ClipConfig, ConfigError, RewardConfig
+from common.config import ClipConfig, ConfigError, RewardConfig, load_config
 from reward_server.clip_model import TINY_CLIP_CONFIG, ClipLoadError, load_clip
 from reward_server.steering import SteeringReward, jpeg_roundtrip, safety_direction, steered_targets, steering_reward
 
@@ -40,6 +40,15 @@ def test_steer_mask_leaves_safe_prompts_unsteered():
     z = steered_targets(prompts, v, 1.0, steer=torch.tensor([True, False]))
     torch.testing.assert_close(z[1], e3)
     torch.testing.assert_close(z[0], (e3 + v) / math.sqrt(2))
+
+
+def test_prompt_weight_scales_the_prompt_term_and_zero_leaves_the_safety_direction():
+    v = safety_direction(e1[None], e2[None])
+    # w = 2, alpha = 1: z = n(2 e3 + v) = (2 e3 + v) / sqrt(5)
+    torch.testing.assert_close(steered_targets(e3[None], v, 1.0, prompt_weight=2.0)[0], (2 * e3 + v) / math.sqrt(5))
+    torch.testing.assert_close(steered_targets(e3[None], v, 0.5, prompt_weight=0.0)[0], v)  # negative-only
+    with pytest.raises(ConfigError, match="reward.prompt_weight=0"):
+        load_config(None, ["reward.prompt_weight=0", "reward.alpha=0"])
 
 
 @pytest.fixture(scope="module")
