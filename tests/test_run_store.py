@@ -61,13 +61,14 @@ def test_writes_during_a_redis_restart_are_buffered_and_nothing_is_lost(tmp_path
     store.record_step(2, 2, {"cursors": [[0, 4]]}, {"reward_mean": 0.5})
     store.event("group_retried", group=3)
     assert store.pending_writes == 4 and "buffering writes" in caplog.text
-    EmbeddedRedis(tmp_path / "redis", port=srv.port, password=srv.password).start()  # same data dir
+    restarted = EmbeddedRedis(tmp_path / "redis", port=srv.port, password=srv.password).start()  # same data dir
     assert store.flush() and store.pending_writes == 0
     assert [e["step"] for e in store.manifest()] == [1, 2]
     assert [e["kind"] for e in store.events()] == ["started", "checkpoint_written", "checkpoint_written",
                                                    "group_retried"]
     assert store.metrics() == [{"reward_mean": 0.5}]
     assert "replayed" in caplog.text
+    restarted.stop()
 
 
 def test_after_a_failed_write_redis_is_retried_with_backoff_not_on_every_write(tmp_path):
