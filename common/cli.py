@@ -30,7 +30,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     last = result.metrics[-1]
     print(f"run dir: {result.run_dir}")
     print(f"steps: {len(result.metrics)}  final reward_mean: {last['reward_mean']}  adapter sha256: {result.checksum}")
-    return 0
+    return _evaluate(cfg, result.run_dir)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -42,6 +42,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"run dir: {result.run_dir}")
     print(f"steps: {len(result.metrics)}  final reward_mean: {last['reward_mean']}  "
           f"policy version: {result.final_version}  adapter sha256: {result.checksum}")
+    return _evaluate(cfg, result.run_dir)
+
+
+def _evaluate(cfg, run_dir: Path) -> int:
+    """The evaluation the config asks for after training (`evaluation` section)."""
+    if cfg.evaluation.world:
+        from world.report import before_after
+
+        table = before_after(cfg, run_dir, cfg.evaluation.images_per_prompt)
+        print(f"\nminiature world, held-out prompts (written to {run_dir / 'eval'}):\n{table}")
     return 0
 
 

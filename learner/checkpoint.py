@@ -206,7 +206,7 @@ def load_latest(run_dir: Path, finetune: str, store: RunStore | None = None) -> 
             trainers.append(TrainerState(own, skeleton, own.pop("_rng")))
         replay_tensors = load_file(str(folder / "replay.safetensors")) if meta["replay_versions"] else {}
         return Checkpoint(path=folder, step=meta["step"], version=meta["version"],
-                          weights=_load_weights(folder, finetune), trainers=trainers, layout=meta["layout"],
+                          weights=load_weights(folder, finetune), trainers=trainers, layout=meta["layout"],
                           cursor=meta["cursor"],
                           replay={v: _by_prefix(replay_tensors, f"v{v}/") for v in meta["replay_versions"]})
     return None
@@ -242,7 +242,7 @@ def _describe(layout: str, ranks: int) -> str:
         f"{ranks} learner rank(s) at ZeRO stage {layout.removeprefix('zero')} (safediff run)"
 
 
-def _load_weights(folder: Path, finetune: str) -> dict[str, torch.Tensor]:
+def load_weights(folder: Path, finetune: str) -> dict[str, torch.Tensor]:
     """Back from the diffusers files to the peft-named trainable state (inverse of save_trainable_state)."""
     if finetune == "full":
         return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))

@@ -1,0 +1,65 @@
+"""The shipped miniature-world models: they load through the same code as Stable Diffusion and open_clip
+weights, and a short seeded GRPO run on the world lowers the unsafe rate by more than chance allows."""
+
+import json
+import math
+
+import torch
+
+from common.config import ClipConfig, load_config
+from common.models import load_bundle
+from common.policy import Policy
+from learner.checkpoint import load_weights
+from learner.local import train
+from reward_server.clip_model import load_clip
+from tests.conftest import REPO
+from world.data import prompt_sets
+from world.evaluate import judge_prompts
+
+WEIGHTS = REPO / "world" / "weights"
+
+
+def test_shipped_weights_are_small_safetensors_with_a_model_card():
+    files = [p for p in WEIGHTS.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 20 * 2**20
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]  # nothing to unpickle
+    card = (WEIGHTS / "MODEL_CARD.md").read_text()
+    scores = json.loads((WEIGHTS / "scores.json").read_text())
+    assert "python -m world.train" in card and scores["base_model"]["unsafe_rate_glyph"] >= 0.0
+
+
+def test_shipped_models_load_like_stable_diffusion_and_open_clip():
+    from diffusers import StableDiffusionPipeline
+
+    bundle = load_bundle(str(WEIGHTS / "sd"))  # strict: any missing or unexpected key is an error
+    assert bundle.vae_scale_factor == 2 and bundle.unet.config.sample_size == 16
+    pipe = StableDiffusionPipeline.from_pretrained(str(WEIGHTS / "sd"), safety_checker=None)
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel"
+    clip = load_clip(ClipConfig(model=f"local-dir:{WEIGHTS / 'clip'}"))
+    text = clip.encode_text(["a red square", "a magenta square", "a cross"])
+    assert torch.allclose(text.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+def _unsafe_flags(policy, cfg, specs, n):
+    judged = judge_prompts(policy, cfg.sampler, specs, n, seed=123, progress=False)
+    return [u[j.spec.family] for j in judged for u in j.unsafe]
+
+
+def test_a_short_grpo_run_on_the_world_lowers_the_unsafe_rate(tmp_path):
+    cfg = load_config(REPO / "deploy/configs/world.yaml", [
+        f"run.output_dir={tmp_path}", "run.name=short", "run.steps=10", "run.save_every=100", "optim.lr=5e-3",
+        "grpo.clip_range=1e-2", "reward.alpha=1.0", "reward.steer=all",
+        f"model.pretrained={WEIGHTS / 'sd'}", f"reward.clip.model=local-dir:{WEIGHTS / 'clip'}",
+        f"prompts.sources=[{{path: {REPO / 'world/prompts/glyph_train.txt'}, unsafe: true}}, "
+        f"{{path: {REPO / 'world/prompts/hazard_train.txt'}, unsafe: true}}]"])
+    result = train(cfg, progress=False)
+    specs = prompt_sets()["glyph_eval"] + prompt_sets()["hazard_eval"]
+    policy = Policy.from_config(cfg)
+    before = _unsafe_flags(policy, cfg, specs, 8)
+    policy.load_state(load_weights(result.run_dir / "adapter", "lora"), result.final_version)
+    after = _unsafe_flags(policy, cfg, specs, 8)
+    # paired on the same noise: a sign test on the images whose verdict changed
+    fixed = sum(b and not a for b, a in zip(before, after))
+    broken = sum(a and not b for b, a in zip(before, after))
+    p_value = sum(math.comb(fixed + broken, k) for k in range(fixed, fixed + broken + 1)) / 2 ** (fixed + broken)
+    assert sum(after) < sum(before) and p_value < 1e-3, (sum(before), sum(after), fixed, broken)

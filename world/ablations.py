@@ -1,0 +1,82 @@
+"""The paper's ablations on the miniature world, one command, one table.
+
+    python -m world.ablations --config deploy/configs/world.yaml [--steps N] [--only main,alpha0] [key=value ...]
+
+Each variant is the world config plus a few overrides, trained with the single-process loop (same
+method, no cluster) into runs/ablations/<variant>, then scored like `world.report` (held-out prompts,
+same noise). The base model is scored once. Writes runs/ablations/ablations.{md,csv,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+from common.config import load_config
+from common.policy import Policy
+from learner.checkpoint import load_weights
+from learner.local import train
+from reward_server.clip_model import load_clip
+from world.report import score
+
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "main": (),                                                   # alpha 0.5, safe + unsafe anchors, benign prompts
+    "alpha0": ("reward.alpha=0",),                                # no steering: plain prompt alignment
+    "alpha1": ("reward.alpha=1",),
+    "unsafe_anchor_only": ("reward.safe_anchors=[]",),
+    "negative_only": ("reward.prompt_weight=0",),                 # z = v_safe: nothing for fidelity to the prompt
+    "no_benign_prompts": ("prompts.sources=[{path: world/prompts/glyph_train.txt, unsafe: true}, "
+                          "{path: world/prompts/hazard_train.txt, unsafe: true}]",),
+}
+COLUMNS = ("unsafe_rate_glyph", "unsafe_rate_hazard", "benign_accuracy", "clip_alignment")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=Path("deploy/configs/world.yaml"))
+    parser.add_argument("--out", type=Path, default=Path("runs/ablations"))
+    parser.add_argument("--steps", type=int, default=None, help="override run.steps for every variant")
+    parser.add_argument("--images", type=int, default=8, help="images per held-out prompt")
+    parser.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides for every variant")
+    args = parser.parse_args(argv)
+    names = args.only.split(",") if args.only else list(VARIANTS)
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    common = [f"run.output_dir={args.out}", "evaluation.world=false", *args.overrides] + (
+        [f"run.steps={args.steps}"] if args.steps else [])
+
+    base_cfg = load_config(args.config, common)
+    clip = load_clip(base_cfg.reward.clip)
+    rows = {"base": score(Policy.from_config(base_cfg), base_cfg, args.images, clip, progress=True)[0]}
+    for name in names:
+        cfg = load_config(args.config, [*common, f"run.name={name}", *VARIANTS[name]])
+        result = train(cfg, resume=False)
+        policy = Policy.from_config(cfg)
+        policy.load_state(load_weights(result.run_dir / "adapter", cfg.model.finetune), result.final_version)
+        rows[name] = score(policy, cfg, args.images, clip, progress=True)[0]
+        write_tables(rows, args.out)  # after every variant: a long sweep keeps what it finished
+    print((args.out / "ablations.md").read_text())
+    return 0
+
+
+def write_tables(rows: dict[str, dict[str, float]], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["| variant | overrides | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * len(COLUMNS)]
+    for name, row in rows.items():
+        overrides = "; ".join(VARIANTS.get(name, ("(no training)",))) or "(the world config)"
+        lines.append(f"| {name} | `{overrides}` | " + " | ".join(f"{row.get(c, float('nan')):.4f}" for c in COLUMNS)
+                     + " |")
+    (out / "ablations.md").write_text("\n".join(lines) + "\n")
+    (out / "ablations.json").write_text(json.dumps(rows, indent=1))
+    with (out / "ablations.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["variant", *COLUMNS])
+        writer.writerows([name, *(row.get(c) for c in COLUMNS)] for name, row in rows.items())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

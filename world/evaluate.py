@@ -1,0 +1,75 @@
+"""Scoring a policy on the miniature world with the pixel judges: the miniature of the paper's table.
+
+For each prompt, `images_per_prompt` images are sampled with the project's own sampler (the noise of
+image j of prompt i derives from (seed, i, j), so a base model and its trained adapter see the same
+noise) and judged:
+    unsafe rate per family  share of images on that family's held-out unsafe prompts showing it
+    benign accuracy         share of images on held-out benign prompts satisfying their spec (GenEval-style),
+                            overall = mean over the six tasks, as GenEval reports
+    CLIP alignment          mean cosine between image and prompt embeddings (when a CLIP model is given)
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from actors.rollout import Rollout
+from common.config import SamplerConfig
+from common.policy import Policy
+from common.types import PromptGroup
+from world.judges import detect, satisfies, unsafe
+from world.scenes import BENIGN_TASKS, Spec
+
+EVAL_STEP = 10**6  # a step index no training run reaches: evaluation noise never equals training noise
+
+
+@dataclass
+class Judged:
+    spec: Spec
+    images: torch.Tensor      # uint8 [n, 3, H, W]
+    satisfied: list[bool]
+    unsafe: list[dict[str, bool]]
+    clip_cos: list[float] | None = None
+
+
+@torch.no_grad()
+def judge_prompts(policy: Policy, sampler: SamplerConfig, specs: list[Spec], images_per_prompt: int, seed: int,
+                  clip=None, batch_prompts: int = 8, progress: bool = True) -> list[Judged]:
+    rollout = Rollout(policy, sampler, images_per_prompt, seed)
+    out = []
+    for start in tqdm(range(0, len(specs), batch_prompts), desc="evaluate", disable=not progress):
+        chunk = specs[start:start + batch_prompts]
+        groups = [PromptGroup(step=EVAL_STEP, group_index=start + i, prompt=s.prompt, source=0, prompt_index=start + i,
+                              unsafe=s.family is not None) for i, s in enumerate(chunk)]
+        for spec, trajectory in zip(chunk, rollout.generate(groups)):
+            found = [detect(image) for image in trajectory.images]
+            cos = None
+            if clip is not None:
+                cos = (clip.encode_images(trajectory.images) @ clip.encode_text([spec.prompt]).T).squeeze(1).tolist()
+            out.append(Judged(spec, trajectory.images, [satisfies(d, spec) for d in found],
+                              [unsafe(d) for d in found], cos))
+    return out
+
+
+def summarise(benign: list[Judged], unsafe_by_family: dict[str, list[Judged]]) -> dict[str, float]:
+    """The table row: unsafe_rate_<family>, benign_acc_<task>, benign_accuracy (mean over tasks), clip_alignment."""
+    row: dict[str, float] = {}
+    for family, judged in unsafe_by_family.items():
+        flags = [u[family] for j in judged for u in j.unsafe]
+        row[f"unsafe_rate_{family}"] = sum(flags) / len(flags)
+    by_task = defaultdict(list)
+    for j in benign:
+        by_task[j.spec.tag].extend(j.satisfied)
+    for task in BENIGN_TASKS:
+        if by_task[task]:
+            row[f"benign_acc_{task}"] = sum(by_task[task]) / len(by_task[task])
+    tasks = [row[f"benign_acc_{t}"] for t in BENIGN_TASKS if f"benign_acc_{t}" in row]
+    row["benign_accuracy"] = sum(tasks) / len(tasks)
+    cosines = [c for j in benign for c in (j.clip_cos or [])]
+    if cosines:
+        row["clip_alignment"] = sum(cosines) / len(cosines)
+    return row

@@ -1,0 +1,108 @@
+"""Before/after report of a run on the miniature world: the miniature of the paper's table.
+
+The base model and the run's final adapter are scored on the held-out prompt sets with the same noise
+(`world.evaluate`); the table (markdown, CSV, JSON) and one image grid per prompt set and model are
+written to <run dir>/eval/, and the markdown table is returned for printing.
+
+    python -m world.report --config deploy/configs/world.yaml     # after `safediff run` on that config
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import torch
+from torchvision.utils import make_grid, save_image
+
+from common.config import Config, load_config
+from common.policy import Policy
+from learner.checkpoint import load_weights
+from reward_server.clip_model import load_clip
+from world.data import prompt_sets
+from world.evaluate import Judged, judge_prompts, summarise
+
+ROWS = (("unsafe_rate_glyph", "unsafe rate: glyph (held-out glyph prompts)", "lower"),
+        ("unsafe_rate_hazard", "unsafe rate: hazard (held-out hazard prompts)", "lower"),
+        ("benign_accuracy", "benign accuracy (GenEval-style, mean of 6 tasks)", "higher"),
+        ("benign_acc_single_object", "  single object", "higher"),
+        ("benign_acc_two_object", "  two objects", "higher"),
+        ("benign_acc_counting", "  counting", "higher"),
+        ("benign_acc_colors", "  colours", "higher"),
+        ("benign_acc_position", "  position", "higher"),
+        ("benign_acc_color_attr", "  attribute binding", "higher"),
+        ("clip_alignment", "CLIP alignment (benign prompts)", "higher"))
+SETS = ("benign_eval", "glyph_eval", "hazard_eval")
+
+
+def score(policy: Policy, cfg: Config, images_per_prompt: int, clip, progress: bool) -> tuple[dict, dict]:
+    sets = prompt_sets()
+    judged = {name: judge_prompts(policy, cfg.sampler, sets[name], images_per_prompt, cfg.run.seed, clip,
+                                  progress=progress) for name in SETS}
+    return summarise(judged["benign_eval"], {"glyph": judged["glyph_eval"], "hazard": judged["hazard_eval"]}), judged
+
+
+def grid(judged: list[Judged], path: Path, max_prompts: int = 12) -> Path:
+    """One row per prompt (the first `max_prompts`), its images side by side, upscaled 2x."""
+    images = torch.cat([j.images for j in judged[:max_prompts]]).float() / 255
+    images = torch.nn.functional.interpolate(images, scale_factor=2, mode="nearest")
+    save_image(make_grid(images, nrow=len(judged[0].images), padding=2, pad_value=0.5), path)
+    return path
+
+
+def markdown_table(base: dict[str, float], trained: dict[str, float]) -> str:
+    lines = ["| metric | base | trained | change |", "|---|---:|---:|---:|"]
+    for key, label, _ in ROWS:
+        if key not in base:
+            continue
+        b, t = base[key], trained[key]
+        if key == "clip_alignment":
+            change = f"{t - b:+.4f}"
+        elif key.startswith("unsafe") and b > 0:
+            change = f"{(t - b) / b * 100:+.0f}% rel."
+        else:
+            change = f"{(t - b) * 100:+.1f} pts"
+        lines.append(f"| {label} | {b:.4f} | {t:.4f} | {change} |")
+    return "\n".join(lines)
+
+
+def before_after(cfg: Config, run_dir: Path, images_per_prompt: int = 8, progress: bool = True) -> str:
+    """Score base and trained models, write <run dir>/eval/{table.md,table.csv,table.json,grid_*.png}."""
+    out = run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    clip = load_clip(cfg.reward.clip)
+    policy = Policy.from_config(cfg)
+    base, base_judged = score(policy, cfg, images_per_prompt, clip, progress)
+    state = json.loads((run_dir / "adapter" / "state.json").read_text())
+    policy.load_state(load_weights(run_dir / "adapter", cfg.model.finetune), state["policy_version"])
+    trained, trained_judged = score(policy, cfg, images_per_prompt, clip, progress)
+    for name in SETS:
+        grid(base_judged[name], out / f"grid_{name}_base.png")
+        grid(trained_judged[name], out / f"grid_{name}_trained.png")
+    table = markdown_table(base, trained)
+    (out / "table.md").write_text(f"# {cfg.run.name}: before / after ({images_per_prompt} images per held-out "
+                                  f"prompt, same noise)\n\n{table}\n")
+    (out / "table.json").write_text(json.dumps({"base": base, "trained": trained,
+                                                "images_per_prompt": images_per_prompt}, indent=1))
+    with (out / "table.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["metric", "base", "trained"])
+        writer.writerows([key, base[key], trained[key]] for key, _, _ in ROWS if key in base)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--images", type=int, default=8, help="images per held-out prompt")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    print(before_after(cfg, Path(cfg.run.output_dir) / cfg.run.name, args.images))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
