@@ -142,18 +142,21 @@ def save_bundle(out_dir: str | Path, unet: UNet2DConditionModel, vae: Autoencode
     return out
 
 
-def build_tiny_bundle(out_dir: str | Path, seed: int = 0, width: int = 32) -> Path:
+def build_tiny_bundle(out_dir: str | Path, seed: int = 0, width: int = 32, attention_everywhere: bool = False) -> Path:
     """Write a random SD-architecture model (~2.5M parameters) in diffusers layout to `out_dir`.
 
     Same classes and file layout as SD v1.x (loadable by `load_bundle` and by a stock
     `StableDiffusionPipeline.from_pretrained`); VAE downsamples by 2, so 32 px images have 16 px latents.
+    `attention_everywhere` puts cross-attention in every UNet block, not only the outer ones.
     """
     torch.manual_seed(seed)
+    inner_down, inner_up = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if attention_everywhere else \
+        ("DownBlock2D", "UpBlock2D")
     unet = UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(width, 2 * width), norm_num_groups=min(32, width),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=("CrossAttnDownBlock2D", inner_down),
+        up_block_types=(inner_up, "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8,
     )
     vae = AutoencoderKL(

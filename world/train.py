@@ -24,11 +24,10 @@ from pathlib import Path
 
 import open_clip
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 
 from common.config import load_config
-from common.models import load_bundle, save_bundle
+from common.models import build_tiny_bundle, load_bundle
 from common.policy import Policy
 from learner.pretrain import train_unet, train_vae
 from reward_server.clip_model import ClipConfig, build_tiny_clip, load_clip
@@ -38,29 +37,10 @@ from world.evaluate import judge_prompts, summarise
 from world.validate import validate_judges
 
 
-def build_world_bundle(out: Path, seed: int, width: int) -> Path:
-    """The tiny SD architecture with cross-attention in every UNet block (words must bind to colour, shape,
-    count and place), a 2x VAE and a 2-layer CLIP text encoder."""
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(width, 2 * width), norm_num_groups=32,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        norm_num_groups=16, sample_size=32,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    )
-    return save_bundle(out, unet, vae, text_dim=32, text_layers=2, text_heads=4, text_mlp=64)
-
-
 def train_diffusion(out: Path, images: torch.Tensor, captions: list[str], vae_steps: int, unet_steps: int,
                     width: int, seed: int) -> dict[str, float]:
-    build_world_bundle(out, seed, width)
+    # cross-attention in every block: words must bind to colour, shape, count and place
+    build_tiny_bundle(out, seed, width, attention_everywhere=True)
     bundle = load_bundle(str(out))
     losses = {"vae_loss": train_vae(bundle, images, steps=vae_steps, seed=seed),
               "unet_loss": train_unet(bundle, images, captions, steps=unet_steps, seed=seed,
