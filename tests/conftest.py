@@ -58,6 +58,16 @@ def colour_model(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A real local Ray cluster on 127.0.0.1 for one test module (mark the module with usefixtures)."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture
 def prompt_file(tmp_path) -> Path:
     path = tmp_path / "prompts.txt"

@@ -12,17 +12,10 @@ from learner.controller import run
 from learner.local import train
 from tests.conftest import tiny_config
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 
 SMALL = ("cluster.cpus_per_rollout_actor=0.5", "cluster.cpus_per_reward_actor=0.5",
          "cluster.cpus_per_learner_worker=0.5", "run.steps=3")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
 
 
 def _cfg(tiny_dir, tmp_path, prompt_file, *overrides):

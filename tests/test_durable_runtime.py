@@ -22,7 +22,7 @@ from learner.checkpoint import read_manifest
 from learner.controller import run, start_actors
 from tests.conftest import REPO, tiny_config
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 
 # One group per reward forward (batch_max_images = group_size), so CLIP's numerics do not depend on how
 # requests happened to be batched and runs can be compared bit for bit.
@@ -30,13 +30,6 @@ SHAPE = ("run.steps=4", "run.save_every=2", "cluster.rollout_actors=1", "cluster
          "cluster.zero_stage=2", "cluster.max_staleness=1", "cluster.cpus_per_rollout_actor=0.5",
          "cluster.cpus_per_reward_actor=0.5", "cluster.cpus_per_learner_worker=0.5",
          "reward.batch_max_images=8", "store.lease_ttl_s=2")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

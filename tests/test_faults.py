@@ -11,14 +11,7 @@ from common.run_store import RunStore
 from learner.controller import run, start_actors
 from tests.conftest import tiny_config
 
-pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 
 
 def _kill_when(run_dir, steps_done: int, actor) -> threading.Thread:
