@@ -89,3 +89,18 @@ def test_unsafe_prompts_ask_for_their_family_only(family):
     for spec in unsafe_specs(family):
         asked = {f for n in spec.needs for f in Thing(n.shape, n.colour or "red", 0, 0, 1).unsafe_families}
         assert asked == {family}, spec.prompt
+
+
+def test_contrastive_loss_is_clips_loss_for_distinct_captions_and_soft_for_repeats():
+    import torch.nn.functional as F
+
+    from world.clip_training import contrastive_loss, soft_targets
+
+    gen = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(4, 8, generator=gen), dim=-1)
+    txt = F.normalize(torch.randn(4, 8, generator=gen), dim=-1)
+    scale = torch.tensor(2.0).log()
+    logits = 2.0 * img @ txt.T
+    clip_loss = (F.cross_entropy(logits, torch.arange(4)) + F.cross_entropy(logits.T, torch.arange(4))) / 2
+    torch.testing.assert_close(contrastive_loss(img, txt, scale, soft_targets(["a", "b", "c", "d"])), clip_loss)
+    assert soft_targets(["a", "b", "a"]).tolist() == [[0.5, 0, 0.5], [0, 1, 0], [0.5, 0, 0.5]]

@@ -44,8 +44,9 @@ def train_clip(model: open_clip.CLIP, images: torch.Tensor, captions: list[str],
     size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
     pixels = preprocess(images, size, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
     texts = sorted(set(captions))
-    tokens = tokenizer(texts)
-    index = torch.tensor([texts.index(c) for c in captions]) if len(texts) < 5000 else None
+    tokens = tokenizer(texts)  # each distinct caption once
+    position = {t: i for i, t in enumerate(texts)}
+    index = torch.tensor([position[c] for c in captions])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     model.train().requires_grad_(True)
@@ -54,9 +55,8 @@ def train_clip(model: open_clip.CLIP, images: torch.Tensor, captions: list[str],
     for _ in bar:
         idx = torch.randint(len(pixels), (batch_size,), generator=gen)
         batch_captions = [captions[i] for i in idx.tolist()]
-        batch_tokens = tokens[index[idx]] if index is not None else tokenizer(batch_captions)
         image_emb = F.normalize(model.encode_image(pixels[idx]), dim=-1)
-        text_emb = F.normalize(model.encode_text(batch_tokens), dim=-1)
+        text_emb = F.normalize(model.encode_text(tokens[index[idx]]), dim=-1)
         loss = contrastive_loss(image_emb, text_emb, model.logit_scale, soft_targets(batch_captions))
         opt.zero_grad(set_to_none=True)
         loss.backward()
