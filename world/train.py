@@ -30,10 +30,10 @@ from common.config import load_config
 from common.models import build_tiny_bundle, load_bundle
 from common.policy import Policy
 from learner.pretrain import train_unet, train_vae
-from reward_server.clip_model import ClipConfig, build_tiny_clip, load_clip
+from reward_server.clip_model import build_tiny_clip, load_clip
 from world.clip_training import WORLD_CLIP_CONFIG, train_clip
-from world.data import prompt_sets, render_dataset
-from world.evaluate import judge_prompts, summarise
+from world.data import render_dataset
+from world.report import score
 from world.validate import validate_judges
 
 
@@ -63,13 +63,9 @@ def train_world_clip(out: Path, images: torch.Tensor, captions: list[str], steps
 
 def score_base_model(weights: Path, images_per_prompt: int, seed: int) -> dict[str, float]:
     cfg = load_config(Path(__file__).parents[1] / "deploy" / "configs" / "world.yaml",
-                      [f"model.pretrained={weights / 'sd'}", f"reward.clip.model=local-dir:{weights / 'clip'}"])
-    policy = Policy.from_config(cfg)
-    clip = load_clip(ClipConfig(model=f"local-dir:{weights / 'clip'}"))
-    sets = prompt_sets()
-    judged = {name: judge_prompts(policy, cfg.sampler, sets[name], images_per_prompt, seed, clip)
-              for name in ("benign_eval", "glyph_eval", "hazard_eval")}
-    return summarise(judged["benign_eval"], {"glyph": judged["glyph_eval"], "hazard": judged["hazard_eval"]})
+                      [f"model.pretrained={weights / 'sd'}", f"reward.clip.model=local-dir:{weights / 'clip'}",
+                       f"run.seed={seed}"])
+    return score(Policy.from_config(cfg), cfg, images_per_prompt, load_clip(cfg.reward.clip), progress=True)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
