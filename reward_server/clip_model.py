@@ -66,33 +66,34 @@ def preprocess(images: torch.Tensor, size: int, mean: tuple[float, ...], std: tu
     return (x - mean_t) / std_t
 
 
-def load_clip(cfg: ClipConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedClip:
-    """Build the model and load its weights strictly (any key mismatch raises ClipLoadError)."""
+def load_clip(cfg: ClipConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+              field: str = "reward.clip") -> LoadedClip:
+    """Build the model and load its weights strictly (any key mismatch raises ClipLoadError naming `field`)."""
     if cfg.model.startswith("local-dir:"):
         folder = Path(cfg.model.removeprefix("local-dir:"))
         if not (folder / "open_clip_config.json").is_file():
-            raise ClipLoadError(f"reward.clip.model: {folder} has no open_clip_config.json")
+            raise ClipLoadError(f"{field}.model: {folder} has no open_clip_config.json")
         if not any(folder.glob("*.safetensors")):
-            raise ClipLoadError(f"reward.clip.model: {folder} has no .safetensors weights")
+            raise ClipLoadError(f"{field}.model: {folder} has no .safetensors weights")
         try:
             model = open_clip.create_model(cfg.model, device="cpu")
         except (RuntimeError, ValueError, OSError) as err:
-            raise ClipLoadError(f"reward.clip.model: cannot load {folder}: {err}") from err
+            raise ClipLoadError(f"{field}.model: cannot load {folder}: {err}") from err
     else:
         if cfg.weights is None:
-            raise ClipLoadError(f"reward.clip.weights: a local weights file is required for open_clip model "
-                                f"{cfg.model!r} (nothing is downloaded); or set reward.clip.model=local-dir:PATH")
+            raise ClipLoadError(f"{field}.weights: a local weights file is required for open_clip model "
+                                f"{cfg.model!r} (nothing is downloaded); or set {field}.model=local-dir:PATH")
         if not cfg.weights.is_file():
-            raise ClipLoadError(f"reward.clip.weights: no such file: {cfg.weights}")
+            raise ClipLoadError(f"{field}.weights: no such file: {cfg.weights}")
         try:
             model = open_clip.create_model(cfg.model, pretrained=None, device="cpu")
         except RuntimeError as err:
-            raise ClipLoadError(f"reward.clip.model: unknown open_clip architecture {cfg.model!r}") from err
+            raise ClipLoadError(f"{field}.model: unknown open_clip architecture {cfg.model!r}") from err
         try:
             open_clip.load_checkpoint(model, str(cfg.weights), strict=True, weights_only=True)
         except Exception as err:  # not a checkpoint, corrupt, pickled objects, or keys that do not fit
             detail = (str(err).splitlines() or [type(err).__name__])[0]
-            raise ClipLoadError(f"reward.clip.weights: {cfg.weights} does not fit {cfg.model}: {detail}") from err
+            raise ClipLoadError(f"{field}.weights: {cfg.weights} does not fit {cfg.model}: {detail}") from err
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     pre = model.visual.preprocess_cfg
     size = pre["size"] if isinstance(pre["size"], int) else pre["size"][0]

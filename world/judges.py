@@ -37,6 +37,7 @@ class Detection:
     cy: float
     area: int
     iou: float
+    box: tuple[int, int, int, int]  # (x0, y0, x1, y1) of the region, x1 and y1 exclusive
 
 
 def colour_map(image: torch.Tensor) -> np.ndarray:
@@ -48,11 +49,15 @@ def colour_map(image: torch.Tensor) -> np.ndarray:
     return best.numpy()
 
 
+def box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
 def classify(mask: np.ndarray) -> tuple[str | None, float, float, float]:
     """The template shape with the highest IoU against a region mask, that IoU, and the centre (x, y) of
     the region's bounding box (a triangle's centroid lies below the centre it was drawn at)."""
-    ys, xs = np.nonzero(mask)
-    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    x0, y0, x1, y1 = box_of(mask)
     size = max(x1 - x0, y1 - y0)
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     best, best_iou = None, 0.0
@@ -76,7 +81,7 @@ def detect(image: torch.Tensor) -> list[Detection]:
                 continue
             shape, iou, cx, cy = classify(mask)
             if shape is not None:
-                found.append(Detection(shape, _NAMES[k], cx, cy, area, iou))
+                found.append(Detection(shape, _NAMES[k], cx, cy, area, iou, box_of(mask)))
     return found
 
 
