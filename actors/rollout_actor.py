@@ -29,6 +29,7 @@ class RolloutActor:
     def __init__(self, cfg: Config):
         configure_threads(cfg.cluster.cpus_per_rollout_actor)
         cfg = on_assigned_device(cfg, cfg.cluster.gpus_per_rollout_actor)
+        self.cfg, self.pipe = cfg, None
         self.policy = Policy.from_config(cfg)
         self.rollout = Rollout(self.policy, cfg.sampler, cfg.grpo.group_size, cfg.run.seed)
 
@@ -56,6 +57,18 @@ class RolloutActor:
         if self.policy.version >= update.version:
             return SyncReport(self.policy.version, self.policy.checksum(), 0, 0.0)
         return self.load_adapter(update)
+
+    def render(self, rows: list, min_version: int = 0) -> list[tuple[str, bytes]]:
+        """Evaluation images of a chunk of rows (evaluation/generate.py) with the policy held now, through a
+        stock diffusers pipeline over the same modules; refuses (ActorBehind) below `min_version`."""
+        from evaluation.generate import pipeline, render_chunk
+
+        if self.policy.version < min_version:
+            raise ActorBehind(f"actor holds version {self.policy.version}, the evaluation needs {min_version}")
+        if self.pipe is None:
+            self.pipe = pipeline(self.policy)
+        suite = self.cfg.evaluation.suite
+        return render_chunk(self.pipe, rows, suite.images_per_prompt, self.cfg.sampler, suite)
 
     def status(self) -> tuple[int, str]:
         return self.policy.version, self.policy.checksum()

@@ -1,7 +1,9 @@
-"""`safediff` command line: run, train, config, build-tiny.
+"""`safediff` command line: run, train, eval, eval-compare, config, build-tiny.
 
     safediff run --config deploy/configs/cpu_demo.yaml               # Ray actors + DeepSpeed learner
     safediff train --config deploy/configs/cpu_demo.yaml run.steps=5 # the same method in one process
+    safediff eval --config my.yaml --prompts i2p --adapter runs/my/adapter   # generate, score, report
+    safediff eval-compare runs/eval/i2p-base runs/eval/i2p-my-adapter          # two evaluations side by side
     safediff config --config my.yaml            # print the validated config (every default filled in)
     safediff build-tiny runs/tiny               # random SD-architecture model + tiny open_clip for tests/demo
 """
@@ -60,6 +62,33 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from evaluation.run import evaluate
+
+    overrides = list(args.overrides)
+    if args.prompts:
+        key = "path" if Path(args.prompts).suffix in (".csv", ".jsonl", ".txt") else "name"
+        overrides += [f"evaluation.suite.prompts.{key}={args.prompts}",
+                      f"evaluation.suite.prompts.{'name' if key == 'path' else 'path'}=null"]
+    cfg = load_config(args.config, overrides)
+    adapter = args.adapter
+    if args.run is not None:
+        adapter = cfg.run.output_dir / args.run / "adapter"
+    out = evaluate(cfg, adapter, args.out, address=args.address)
+    print((out / "report.md").read_text())
+    print(f"written to {out}")
+    return 0
+
+
+def cmd_eval_compare(args: argparse.Namespace) -> int:
+    from evaluation.report import compare
+
+    out = args.out or Path(args.second) / f"vs-{Path(args.first).name}"
+    print(compare(args.first, args.second, out))
+    print(f"written to {out}")
+    return 0
+
+
 def cmd_build_tiny(args: argparse.Namespace) -> int:
     from common.models import build_tiny_bundle
     from reward_server.clip_model import build_tiny_clip
@@ -91,6 +120,26 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a "
                            "local Ray started on 127.0.0.1)")
+    p = sub.add_parser("eval", help="generate images for a prompt set (base model or an adapter), score, report")
+    p.add_argument("--config", type=Path, default=None, help="YAML config: model, sampler, cluster and "
+                   "evaluation.suite (scorers, weight paths)")
+    p.add_argument("--prompts", default=None, help="a built-in set name (i2p, i2p_nudity, geneval, coco, ...) or "
+                   "a .csv/.jsonl/.txt file (sets evaluation.suite.prompts)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--adapter", type=Path, default=None, help="trained weights: a run's adapter/ or "
+                       "checkpoints/step_N/ folder (default: the base model)")
+    which.add_argument("--run", default=None, help="a run name: its <run.output_dir>/<name>/adapter")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: <run.output_dir>/eval/"
+                   "<set>-<base|run-adapter>); an existing one is resumed")
+    p.add_argument("--address", default=None, help="render on the Ray rollout actors of this cluster (default: "
+                   "RAY_ADDRESS if set, else locally in this process)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the file")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("eval-compare", help="two evaluations of one prompt set side by side, with deltas")
+    p.add_argument("first", type=Path)
+    p.add_argument("second", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="default: <second>/vs-<first's name>")
+    p.set_defaults(func=cmd_eval_compare)
     p = sub.add_parser("build-tiny", help="write tiny random models (diffusers + open_clip) for tests and demos")
     p.add_argument("out", type=Path)
     p.add_argument("--seed", type=int, default=0)
@@ -100,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for ours in ("common", "actors", "learner", "reward_server"):
+    for ours in ("common", "actors", "learner", "reward_server", "evaluation"):
         logging.getLogger(ours).setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     try:

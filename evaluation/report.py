@@ -1,0 +1,134 @@
+"""What a person reads: <out>/report.md (the paper's table layout), summary.json, results.csv (one row per
+image, every score joined on case_number), grids/<category>.png; and the comparison of two evaluations."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import torch
+from torchvision.utils import make_grid, save_image
+
+from common.errors import UserInputError
+from evaluation.images import load_uint8
+from evaluation.nudenet import EXPOSED_CLASSES
+
+GRID_SIDE = 128  # grid cells are resized to this many pixels (nearest for small images)
+
+
+def _pct(entry: dict) -> str:
+    return f"{entry['rate'] * 100:.1f} [{entry['ci_low'] * 100:.1f}, {entry['ci_high'] * 100:.1f}]"
+
+
+def _rate_table(title: str, note: str, table: dict) -> list[str]:
+    lines = [f"### {title}", "", note, "", "| category | prompts | rate % [95% CI] |", "|---|---:|---:|"]
+    lines += [f"| {c} | {e['prompts']} | {_pct(e)} |" for c, e in table.items()]
+    return lines + [""]
+
+
+def markdown(summary: dict, identity: dict, disabled: dict[str, str]) -> str:
+    lines = [f"# Evaluation: {identity['set']} ({identity['label']})", "",
+             f"- model: `{identity['model']}`; adapter: `{identity.get('adapter') or 'none (base model)'}`"
+             + (f" (checksum {identity['checksum'][:12]}, step {identity.get('step')})" if identity.get("checksum")
+                else ""),
+             f"- {summary['prompts']} prompts x {identity['images_per_prompt']} images = {summary['images']} images; "
+             f"DDIM {identity['num_steps']} steps, eta {identity['eta']}; image j of a row uses seed row seed + j", ""]
+    for name, reason in disabled.items():
+        lines.append(f"- **{name} disabled**: {reason}")
+    if disabled:
+        lines.append("")
+    if "inappropriate_q16" in summary:
+        lines += _rate_table("Inappropriate rate, Q16 only", "The SafeDiffusion-R1 tables' protocol.",
+                             summary["inappropriate_q16"])
+    if "inappropriate_q16_or_nudenet" in summary:
+        lines += _rate_table("Inappropriate rate, Q16 or NudeNet", "The I2P / SLD protocol.",
+                             summary["inappropriate_q16_or_nudenet"])
+    if "nudenet_classes" in summary:
+        counts = summary["nudenet_classes"]
+        lines += ["### NudeNet exposed classes (images with the class, score > 0.6)", "",
+                  "| " + " | ".join(c.removesuffix("_EXPOSED") for c in EXPOSED_CLASSES) + " | total |",
+                  "|" + "---:|" * (len(EXPOSED_CLASSES) + 1),
+                  "| " + " | ".join(str(counts[c]) for c in EXPOSED_CLASSES) + f" | {counts['total']} |", "",
+                  f"Images with any exposed class: {_pct(summary['nudenet_rate'])} %", ""]
+    if summary.get("geneval"):
+        g = summary["geneval"]
+        tasks = [t for t in g if t != "overall"]
+        lines += ["### GenEval (share of correct images per task; overall = mean of tasks)", "",
+                  "| " + " | ".join(tasks) + " | overall |", "|" + "---:|" * (len(tasks) + 1),
+                  "| " + " | ".join(f"{g[t]:.4f}" for t in tasks) + f" | {g['overall']:.4f} |", ""]
+    if summary.get("world_unsafe"):
+        lines += _rate_table("Miniature world: unsafe rate per family", "Pixel judges (world/judges.py).",
+                             summary["world_unsafe"])
+    if "clip_t" in summary:
+        c = summary["clip_t"]
+        lines += [f"### CLIP-T: {c['rate']:.2f} [{c['ci_low']:.2f}, {c['ci_high']:.2f}]", ""]
+    if "fid" in summary:
+        f = summary["fid"]
+        lines += [f"### FID: {f['fid']:.2f} ({f['fid_generated_images']} generated vs {f['fid_real_images']} real)",
+                  ""]
+    lines += ["Grids: `grids/<category>.png`; per-image scores: `results.csv`; numbers: `summary.json`."]
+    return "\n".join(lines) + "\n"
+
+
+def write_results_csv(records: list[dict], path: Path) -> None:
+    skip = {"meta"}
+    fields = list(dict.fromkeys(k for r in records for k in r if k not in skip))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in records:
+            writer.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v)
+                             for k, v in r.items() if k not in skip})
+
+
+def write_grids(records: list[dict], out: Path, per_category: int) -> list[Path]:
+    """grids/<category>.png: the first `per_category` images of each category's prompts."""
+    by_category: dict[str, list[dict]] = {}
+    for r in records:
+        for c in r.get("categories") or ["all"]:
+            by_category.setdefault(c, []).append(r)
+    (out / "grids").mkdir(exist_ok=True)
+    paths = []
+    for category, rows in by_category.items():
+        images = [load_uint8(out / "images" / r["image"]).float().unsqueeze(0) / 255 for r in rows[:per_category]]
+        cells = torch.cat([torch.nn.functional.interpolate(i, size=(GRID_SIDE, GRID_SIDE), mode="nearest")
+                           for i in images])
+        path = out / "grids" / f"{''.join(ch if ch.isalnum() else '_' for ch in category)}.png"
+        save_image(make_grid(cells, nrow=min(8, len(cells)), padding=2, pad_value=1.0), path)
+        paths.append(path)
+    return paths
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
+def compare(first: Path, second: Path, out: Path) -> str:
+    """comparison.md / .json: every number of the two summaries side by side with second - first."""
+    for d in (first, second):
+        if not (Path(d) / "summary.json").is_file():
+            raise UserInputError(f"{d}: no summary.json (not a finished `safediff eval` folder)")
+    a, b = (json.loads((Path(d) / "summary.json").read_text()) for d in (first, second))
+    if a["identity"]["set"] != b["identity"]["set"]:
+        raise UserInputError(f"{first} evaluates {a['identity']['set']!r} and {second} {b['identity']['set']!r}: "
+                             "compare evaluations of one prompt set")
+    fa, fb = flatten(a["metrics"]), flatten(b["metrics"])
+    keys = [k for k in fa if k in fb and not k.endswith((".ci_low", ".ci_high", ".prompts"))]
+    rows = [{"metric": k, "first": fa[k], "second": fb[k], "delta": fb[k] - fa[k]} for k in keys]
+    lines = [f"# Comparison: {a['identity']['label']} -> {b['identity']['label']} ({a['identity']['set']})", "",
+             f"first: `{first}`; second: `{second}`", "",
+             f"| metric | {a['identity']['label']} | {b['identity']['label']} | delta |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['metric']} | {r['first']:.4f} | {r['second']:.4f} | {r['delta']:+.4f} |" for r in rows]
+    out.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(lines) + "\n"
+    (out / "comparison.md").write_text(text)
+    (out / "comparison.json").write_text(json.dumps({"first": str(first), "second": str(second), "rows": rows},
+                                                    indent=1))
+    return text

@@ -1,0 +1,161 @@
+"""`safediff eval`: generate (or resume), score (or resume), report.
+
+    images   <out>/images/*.png + manifest.jsonl     evaluation/generate.py (Ray rollout actors or local)
+    scores   <out>/scores/<scorer>.jsonl              evaluation/scorers.py
+    report   <out>/report.md, summary.json, results.csv, grids/   evaluation/report.py
+
+<out>/identity.json records what the images were generated with (model, adapter checksum, sampler
+settings, prompt set); resuming into a folder generated differently is refused, naming the fields.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from tqdm import tqdm
+
+from common.config import Config, resolve_device_dtype
+from common.errors import UserInputError
+from evaluation import jsonl
+from evaluation.generate import ImageStore, load_adapter, local_renderer
+from evaluation.metrics import join, summarise
+from evaluation.prompt_sets import EvalRow, load_prompt_set
+from evaluation.report import markdown, write_grids, write_results_csv
+from evaluation.scorers import run_scorers
+
+log = logging.getLogger(__name__)
+RETRIES = 3
+
+
+def identity_of(cfg: Config, adapter: Path | None, info: dict) -> dict:
+    suite, sampler = cfg.evaluation.suite, cfg.sampler
+    label = "base" if adapter is None else f"{Path(adapter).resolve().parent.name}/{Path(adapter).name}"
+    return {"set": suite.prompts.name or str(suite.prompts.path), "label": label, "model": cfg.model.pretrained,
+            "adapter": str(adapter) if adapter else None, "checksum": info.get("checksum"), "step": info.get("step"),
+            "images_per_prompt": suite.images_per_prompt, "seed": suite.seed, "row_settings": suite.row_settings,
+            "eta": suite.eta, "num_steps": sampler.num_steps, "guidance_scale": sampler.guidance_scale,
+            "height": sampler.height, "width": sampler.width, "negative_prompt": sampler.negative_prompt}
+
+
+def check_identity(out: Path, identity: dict) -> None:
+    path = out / "identity.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        differ = [f"{k}: {saved.get(k)!r} -> {identity[k]!r}" for k in identity if k != "label"
+                  and saved.get(k) != identity[k]]
+        if differ:
+            raise UserInputError(f"{out} holds images generated differently ({'; '.join(differ)}); "
+                                 "choose another --out or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(identity, indent=1))
+
+
+def default_out(cfg: Config, identity: dict) -> Path:
+    name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in Path(identity["set"]).stem)
+    tag = "base" if identity["adapter"] is None else f"{Path(identity['adapter']).parent.name}-" \
+                                                     f"{Path(identity['adapter']).name}"
+    return cfg.run.output_dir / "eval" / f"{name}-{tag}"
+
+
+def evaluate(cfg: Config, adapter: Path | None = None, out: Path | None = None, address: str | None = None,
+             progress: bool = True) -> Path:
+    """Images, scores and report for cfg.evaluation.suite; returns the output folder."""
+    suite = cfg.evaluation.suite
+    rows = load_prompt_set(suite.prompts, suite.seed)
+    state, info = load_adapter(adapter, cfg.model.finetune) if adapter is not None else (None, {})
+    identity = identity_of(cfg, adapter, info)
+    out = Path(out) if out is not None else default_out(cfg, identity)
+    check_identity(out, identity)
+    store = ImageStore(out)
+    todo = store.todo(rows, suite.images_per_prompt)
+    log.info("%s: %d rows, %d chunks to render", out, len(rows), len(todo))
+    if todo:
+        if address or os.environ.get("RAY_ADDRESS"):
+            render_on_ray(cfg, state, info, todo, store, address, progress)
+        else:
+            render = local_renderer(cfg, state, info)
+            for chunk in tqdm(todo, desc="generate", unit="chunk", disable=not progress):
+                store.write(chunk, render(chunk), suite.images_per_prompt, cfg.sampler, suite)
+    wanted = {(r.case_number, j) for r in rows for j in range(suite.images_per_prompt)}
+    images = [r for r in store.rows() if (r["case_number"], r["j"]) in wanted]
+    device, _ = resolve_device_dtype(cfg.run)
+    disabled = run_scorers(suite, out, images, device, progress)
+    report(out, images, identity, disabled, suite.bootstrap, suite.grid_images)
+    return out
+
+
+def report(out: Path, images: list[dict], identity: dict, disabled: dict[str, str], resamples: int,
+           grid_images: int) -> None:
+    """Join the score files on case_number and write report.md, summary.json, results.csv and grids."""
+    names = sorted(p.stem for p in (out / "scores").glob("*.jsonl"))
+    keys = {(r["case_number"], r["j"]) for r in images}
+    scores = {n: [s for s in jsonl.read(out / "scores" / f"{n}.jsonl") if (s["case_number"], s["j"]) in keys]
+              for n in names}
+    records = join(images, scores)
+    metrics = summarise(records, resamples)
+    if (out / "scores" / "fid.json").is_file() and "fid" not in disabled:
+        metrics["fid"] = json.loads((out / "scores" / "fid.json").read_text())
+    (out / "summary.json").write_text(json.dumps({"identity": identity, "disabled": disabled, "metrics": metrics},
+                                                 indent=1))
+    write_results_csv(records, out / "results.csv")
+    write_grids(records, out, grid_images)
+    (out / "report.md").write_text(markdown(metrics, identity, disabled))
+
+
+def render_on_ray(cfg: Config, state: dict | None, info: dict, todo: list[list[EvalRow]], store: ImageStore,
+                  address: str | None, progress: bool) -> None:
+    """Chunks over `cluster.rollout_actors` rollout actors (two in flight each), written as they return. A
+    chunk whose actor died is re-sent after the restarted actor got the adapter again (it refuses to render
+    with an older policy, so a restart cannot silently render base-model images)."""
+    import ray
+
+    from actors.rollout_actor import RolloutActor
+    from learner.controller import start_ray
+    from learner.weight_sync import publish
+
+    start_ray(cfg, address)
+    c, suite = cfg.cluster, cfg.evaluation.suite
+    actors = [RolloutActor.options(num_cpus=c.cpus_per_rollout_actor, num_gpus=c.gpus_per_rollout_actor,
+                                   max_restarts=-1).remote(cfg) for _ in range(c.rollout_actors)]
+    update, version = None, 0
+    try:
+        if state is not None:
+            version = int(info.get("policy_version", 1))
+            modules = sum(k.endswith("lora_A.weight") for k in state) if cfg.model.finetune == "lora" else len(state)
+            update = publish(state, version, modules)
+            ray.get([a.load_adapter.remote(update) for a in actors])
+        queue, pending, tries = list(todo), {}, {}
+        bar = tqdm(total=len(todo), desc="generate (ray)", unit="chunk", disable=not progress)
+
+        def submit(actor) -> None:
+            chunk = queue.pop(0)
+            pending[actor.render.remote(chunk, version)] = (actor, chunk)
+
+        for actor in actors * 2:
+            if queue:
+                submit(actor)
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            actor, chunk = pending.pop(ref)
+            try:
+                rendered = ray.get(ref)
+            except Exception as err:  # actor died (restarted by Ray) or is behind: re-sync, then retry the chunk
+                tries[id(chunk)] = tries.get(id(chunk), 0) + 1
+                if tries[id(chunk)] > RETRIES:
+                    raise
+                log.warning("chunk of %d rows failed on an actor (%s); retrying", len(chunk), err)
+                if update is not None:
+                    ray.get(actor.resync.remote(update))
+                queue.insert(0, chunk)
+            else:
+                store.write(chunk, rendered, suite.images_per_prompt, cfg.sampler, suite)
+                bar.update(1)
+            if queue:
+                submit(actor)
+        bar.close()
+    finally:
+        for actor in actors:
+            ray.kill(actor)

@@ -1,0 +1,84 @@
+"""The scorers of an evaluation, behind one interface, and scoring that resumes.
+
+A per-image scorer has `name` and `score(paths, rows) -> [dict per image]` (JSON-able fields). Results
+go to <out>/scores/<name>.jsonl, one line per image keyed by case_number and j, so an interrupted run
+scores only the images still missing. A scorer whose weights or inputs are missing is disabled with
+the reason (in the log and in the report); the others still run. FID is set-level (evaluation/fid.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from common.config import SuiteConfig
+from common.errors import UserInputError
+from evaluation import jsonl
+
+log = logging.getLogger(__name__)
+BATCH = 32
+
+
+class WorldScorer:
+    """The miniature world's unsafe judges: which unsafe families an image shows."""
+
+    name = "world"
+
+    def score(self, paths: list[Path], rows: list[dict]) -> list[dict]:
+        from evaluation.images import load_uint8
+        from world.judges import detect, unsafe
+
+        return [{f"world_{family}": flag for family, flag in unsafe(detect(load_uint8(p))).items()} for p in paths]
+
+
+def build(name: str, suite: SuiteConfig, device: str):
+    """The scorer `name`; raises UserInputError (or the loader's error) when its weights are missing."""
+    if name == "nudenet":
+        from evaluation.nudenet import NudeNetScorer
+        return NudeNetScorer(suite.nudenet_threshold)
+    if name == "q16":
+        from evaluation.q16 import Q16Scorer
+        return Q16Scorer(suite.q16, device)
+    if name == "clip_t":
+        from evaluation.clip_score import ClipTScorer
+        return ClipTScorer(suite.clip_t, device)
+    if name == "geneval":
+        from evaluation.geneval import GenEvalScorer
+        return GenEvalScorer(suite.geneval, device)
+    if name == "world":
+        return WorldScorer()
+    if name == "fid":
+        from evaluation.fid import FIDScorer
+        return FIDScorer(suite.fid)
+    raise ValueError(f"unknown scorer {name!r}")
+
+
+def run_scorers(suite: SuiteConfig, out: Path, images: list[dict], device: str = "cpu",
+                progress: bool = True) -> dict[str, str]:
+    """Score every manifest image not yet scored; returns {scorer: reason} for the disabled ones."""
+    disabled = {}
+    (out / "scores").mkdir(exist_ok=True)
+    for name in suite.scorers:
+        try:
+            scorer = build(name, suite, device)
+        except (UserInputError, OSError, ImportError) as err:
+            disabled[name] = str(err)
+            log.warning("scorer %s disabled: %s", name, err)
+            continue
+        if name == "fid":
+            result = scorer.compute([out / "images" / r["image"] for r in images])
+            (out / "scores" / "fid.json").write_text(json.dumps(result))
+            continue
+        path = out / "scores" / f"{name}.jsonl"
+        done = {(s["case_number"], s["j"]) for s in jsonl.read(path)}
+        todo = [r for r in images if (r["case_number"], r["j"]) not in done]
+        for start in tqdm(range(0, len(todo), BATCH), desc=f"score {name}", disable=not progress or not todo):
+            batch = todo[start:start + BATCH]
+            with torch.no_grad():
+                results = scorer.score([out / "images" / r["image"] for r in batch], batch)
+            jsonl.append(path, [{"case_number": r["case_number"], "j": r["j"], **s} for r, s in zip(batch, results)])
+    return disabled
