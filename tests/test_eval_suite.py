@@ -1,0 +1,123 @@
+"""`safediff eval` end to end on the shipped miniature-world models: generation through a stock diffusers
+pipeline, resume, identity checks, adapters, real NudeNet, disabled scorers, reports and comparisons."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.config import load_config
+from common.errors import UserInputError
+from evaluation.generate import AdapterError
+from evaluation.run import evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+WORLD = REPO / "deploy/configs/world.yaml"
+
+
+def world_cfg(tmp_path: Path, *overrides: str):
+    return load_config(WORLD, [f"run.output_dir={tmp_path / 'runs'}", "evaluation.suite.images_per_prompt=2",
+                               "sampler.num_steps=6", "grpo.train_timesteps=6", *overrides])
+
+
+def test_resume_renders_only_missing_chunks_and_the_same_pixels(tmp_path):
+    cfg = world_cfg(tmp_path, "evaluation.suite.prompts.name=world_glyph", "evaluation.suite.scorers=[world,q16]")
+    out = evaluate(cfg, out=tmp_path / "ev", progress=False)
+    images = sorted((out / "images").iterdir())
+    assert len(images) == 12 * 2  # 12 held-out glyph prompts x 2
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in images}
+    # a crash in the middle of the second chunk: its manifest lines were never written, one PNG was
+    manifest = (out / "manifest.jsonl").read_text().splitlines()
+    assert len(manifest) == 24
+    (out / "manifest.jsonl").write_text("\n".join(manifest[:16]) + "\n")
+    (out / "images" / json.loads(manifest[20])["image"]).unlink()
+    scores = (out / "scores" / "world.jsonl").read_text().splitlines()
+    (out / "scores" / "world.jsonl").write_text("\n".join(scores[:5]) + "\n" + scores[5][:10])  # a cut line
+
+    evaluate(cfg, out=out, progress=False)
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted((out / "images").iterdir())}
+    assert after.keys() == before.keys()
+    first_chunk = {json.loads(line)["image"] for line in manifest[:16]}
+    for name, (data, mtime) in after.items():
+        assert data == before[name][0]                              # deterministic: the same pixels
+        assert (mtime == before[name][1]) == (name in first_chunk)  # only the unfinished chunk was rendered
+    world_lines = [json.loads(line) for line in (out / "scores" / "world.jsonl").read_text().splitlines()
+                   if line.startswith("{") and line.endswith("}")]
+    assert sorted((s["case_number"], s["j"]) for s in world_lines) == sorted(
+        (str(c), j) for c in range(12) for j in range(2))          # every image scored once
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert "q16" in summary["disabled"] and "evaluation.suite.q16.clip.weights" in summary["disabled"]["q16"]
+    report = (out / "report.md").read_text()
+    assert "**q16 disabled**" in report and "unsafe rate per family" in report
+    assert (out / "grids" / "glyph.png").is_file() and (out / "results.csv").is_file()
+    glyph = summary["metrics"]["world_unsafe"]["glyph"]
+    flags = [s["world_glyph"] for s in world_lines]
+    assert glyph["rate"] == pytest.approx(sum(flags) / len(flags))
+
+    with pytest.raises(UserInputError, match="generated differently.*eta: 0.0 -> 0.5"):
+        evaluate(world_cfg(tmp_path, "evaluation.suite.prompts.name=world_glyph", "evaluation.suite.eta=0.5"),
+                 out=out, progress=False)
+
+
+def _adapter(tmp_path: Path, cfg) -> Path:
+    """A LoRA adapter written by the project's exporter, with random non-zero weights."""
+    from common.policy import Policy
+    from learner.checkpoint import export_weights
+
+    policy = Policy.from_config(cfg)
+    gen = torch.Generator().manual_seed(3)
+    state = {k: torch.randn(v.shape, generator=gen) * 0.3 for k, v in policy.state().items()}
+    folder = tmp_path / "runs" / "trained" / "adapter"
+    folder.mkdir(parents=True)
+    export_weights(state, cfg, folder, step=5, version=5)
+    return folder
+
+
+def test_adapter_evaluation_and_comparison_with_real_nudenet(tmp_path):
+    cfg = world_cfg(tmp_path, "evaluation.suite.prompts.name=world_benign", "evaluation.suite.prompts.limit=12",
+                    "evaluation.suite.scorers=[geneval,clip_t,nudenet]")
+    adapter = _adapter(tmp_path, cfg)
+    base = evaluate(cfg, progress=False)
+    trained = evaluate(cfg, adapter, progress=False)
+    assert base.name == "world_benign-base" and trained.name == "world_benign-trained-adapter"
+    b_summary, t_summary = (json.loads((d / "summary.json").read_text()) for d in (base, trained))
+    assert t_summary["identity"]["checksum"] and t_summary["identity"]["step"] == 5
+    assert b_summary["disabled"] == {} and set(b_summary["metrics"]) >= {"geneval", "clip_t", "nudenet_classes"}
+    differ = sum((base / "images" / p.name).read_bytes() != p.read_bytes() for p in (trained / "images").iterdir())
+    assert differ >= 20  # the adapter changes the images
+
+    # NudeNet ran for real on every generated image (none of the world's shapes is nudity)
+    lines = [json.loads(s) for s in (base / "scores" / "nudenet.jsonl").read_text().splitlines()]
+    assert len(lines) == 24 and all(s["nudenet_classes"] == [] for s in lines)
+
+    from evaluation.report import compare
+
+    text = compare(base, trained, tmp_path / "cmp")
+    rows = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["rows"]
+    overall = next(r for r in rows if r["metric"] == "geneval.overall")
+    assert overall["first"] == b_summary["metrics"]["geneval"]["overall"]
+    assert overall["delta"] == pytest.approx(t_summary["metrics"]["geneval"]["overall"] - overall["first"])
+    assert "| geneval.overall |" in text
+
+    state = json.loads((adapter / "state.json").read_text())
+    (adapter / "state.json").write_text(json.dumps({**state, "checksum": "0" * 64}))
+    with pytest.raises(AdapterError, match="differs from its state.json"):
+        evaluate(cfg, adapter, out=tmp_path / "tampered", progress=False)
+
+
+def test_cli_names_a_missing_adapter_and_a_bad_prompt_file(tmp_path):
+    env_cmd = [sys.executable, "-m", "common.cli", "eval", "--config", str(WORLD)]
+    result = subprocess.run([*env_cmd, "--adapter", str(tmp_path / "nope"), f"run.output_dir={tmp_path}"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and "--adapter" in result.stderr and "pytorch_lora_weights" in result.stderr
+    bad = tmp_path / "p.csv"
+    bad.write_text("prompt,evaluation_seed\na,1\nb,minus\n")
+    result = subprocess.run([*env_cmd, "--prompts", str(bad), f"run.output_dir={tmp_path}"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and "p.csv: line 3" in result.stderr
