@@ -31,6 +31,8 @@ from evaluation.images import load_uint8
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 COLOUR_TEMPLATES = ("a photo of a {c} {o}", "a photo of a {c}-colored {o}", "a photo of a {c} object")
+# COCO class names that GenEval's object list (evaluation/data/object_names.txt) spells differently
+COCO_TO_GENEVAL = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
 
 
 @dataclass(frozen=True)
@@ -151,8 +153,10 @@ def _crop(image: torch.Tensor, box: tuple[float, ...]) -> torch.Tensor:
 
 
 class Mask2FormerDetector:
-    """A transformers Mask2Former instance-segmentation checkpoint (e.g. a COCO Swin-S one) from a folder;
-    each instance's box is its mask's bounding box and its label the checkpoint's class name."""
+    """A transformers Mask2Former instance-segmentation checkpoint (e.g. facebook's COCO Swin-S release) from a
+    folder; each instance's box is its mask's bounding box and its label the checkpoint's class name in
+    GenEval's spelling. GenEval's published numbers used the mmdetection release of the same model, so
+    scores through this port are comparable, not bit-identical."""
 
     def __init__(self, weights: Path | None, device: str = "cpu"):
         if weights is None or not Path(weights).is_dir():
@@ -175,7 +179,8 @@ class Mask2FormerDetector:
             ys, xs = torch.nonzero(result["segmentation"] == info["id"], as_tuple=True)
             if len(xs):
                 box = (float(xs.min()), float(ys.min()), float(xs.max()) + 1, float(ys.max()) + 1)
-                found.append(Detected(self.labels[info["label_id"]], float(info["score"]), box))
+                label = self.labels[info["label_id"]]
+                found.append(Detected(COCO_TO_GENEVAL.get(label, label), float(info["score"]), box))
         return found
 
 

@@ -4,6 +4,9 @@
     scores   <out>/scores/<scorer>.jsonl              evaluation/scorers.py
     report   <out>/report.md, summary.json, results.csv, grids/   evaluation/report.py
 
+summary.json also records this call's seconds per stage ("timing": generate and each scorer, with the
+number of images each handled; a resumed call counts only its own work).
+
 <out>/identity.json records what the images were generated with (model, adapter checksum, sampler
 settings, prompt set); resuming into a folder generated differently is refused, naming the fields.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -72,6 +76,7 @@ def evaluate(cfg: Config, adapter: Path | None = None, out: Path | None = None, 
     store = ImageStore(out)
     todo = store.todo(rows, suite.images_per_prompt)
     log.info("%s: %d rows, %d chunks to render", out, len(rows), len(todo))
+    start = time.perf_counter()
     if todo:
         if address or os.environ.get("RAY_ADDRESS"):
             render_on_ray(cfg, state, info, todo, store, address, progress)
@@ -79,16 +84,19 @@ def evaluate(cfg: Config, adapter: Path | None = None, out: Path | None = None, 
             render = local_renderer(cfg, state, info)
             for chunk in tqdm(todo, desc="generate", unit="chunk", disable=not progress):
                 store.write(chunk, render(chunk), suite.images_per_prompt, cfg.sampler, suite)
+    timing = {"generate": {"seconds": time.perf_counter() - start,
+                           "images": sum(len(c) for c in todo) * suite.images_per_prompt}}
     wanted = {(r.case_number, j) for r in rows for j in range(suite.images_per_prompt)}
     images = [r for r in store.rows() if (r["case_number"], r["j"]) in wanted]
     device, _ = resolve_device_dtype(cfg.run)
-    disabled = run_scorers(suite, out, images, device, progress)
-    report(out, images, identity, disabled, suite.bootstrap, suite.grid_images)
+    disabled, scoring = run_scorers(suite, out, images, device, progress)
+    timing.update(scoring)
+    report(out, images, identity, disabled, suite.bootstrap, suite.grid_images, timing)
     return out
 
 
 def report(out: Path, images: list[dict], identity: dict, disabled: dict[str, str], resamples: int,
-           grid_images: int) -> None:
+           grid_images: int, timing: dict[str, dict]) -> None:
     """Join the score files on case_number and write report.md, summary.json, results.csv and grids."""
     names = sorted(p.stem for p in (out / "scores").glob("*.jsonl"))
     keys = {(r["case_number"], r["j"]) for r in images}
@@ -98,8 +106,8 @@ def report(out: Path, images: list[dict], identity: dict, disabled: dict[str, st
     metrics = summarise(records, resamples)
     if (out / "scores" / "fid.json").is_file() and "fid" not in disabled:
         metrics["fid"] = json.loads((out / "scores" / "fid.json").read_text())
-    (out / "summary.json").write_text(json.dumps({"identity": identity, "disabled": disabled, "metrics": metrics},
-                                                 indent=1))
+    (out / "summary.json").write_text(json.dumps({"identity": identity, "disabled": disabled, "metrics": metrics,
+                                                  "timing": timing}, indent=1))
     write_results_csv(records, out / "results.csv")
     write_grids(records, out, grid_images)
     (out / "report.md").write_text(markdown(metrics, identity, disabled))

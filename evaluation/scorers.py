@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -58,11 +59,13 @@ def build(name: str, suite: SuiteConfig, device: str):
 
 
 def run_scorers(suite: SuiteConfig, out: Path, images: list[dict], device: str = "cpu",
-                progress: bool = True) -> dict[str, str]:
-    """Score every manifest image not yet scored; returns {scorer: reason} for the disabled ones."""
-    disabled = {}
+                progress: bool = True) -> tuple[dict[str, str], dict[str, dict]]:
+    """Score every manifest image not yet scored. Returns ({scorer: reason} for the disabled ones,
+    {scorer: {"seconds", "images"}} of this call's work, loading included)."""
+    disabled, timing = {}, {}
     (out / "scores").mkdir(exist_ok=True)
     for name in suite.scorers:
+        start = time.perf_counter()
         try:
             scorer = build(name, suite, device)
         except (UserInputError, OSError, ImportError) as err:
@@ -72,6 +75,7 @@ def run_scorers(suite: SuiteConfig, out: Path, images: list[dict], device: str =
         if name == "fid":
             result = scorer.compute([out / "images" / r["image"] for r in images])
             (out / "scores" / "fid.json").write_text(json.dumps(result))
+            timing[name] = {"seconds": time.perf_counter() - start, "images": len(images)}
             continue
         path = out / "scores" / f"{name}.jsonl"
         done = {(s["case_number"], s["j"]) for s in jsonl.read(path)}
@@ -81,4 +85,5 @@ def run_scorers(suite: SuiteConfig, out: Path, images: list[dict], device: str =
             with torch.no_grad():
                 results = scorer.score([out / "images" / r["image"] for r in batch], batch)
             jsonl.append(path, [{"case_number": r["case_number"], "j": r["j"], **s} for r, s in zip(batch, results)])
-    return disabled
+        timing[name] = {"seconds": time.perf_counter() - start, "images": len(todo)}
+    return disabled, timing

@@ -286,3 +286,38 @@ def test_results_csv_is_written_joined(tmp_path):
     rows = list(csv.DictReader((tmp_path / "r.csv").open()))
     assert len(rows) == 12 and json.loads(rows[0]["categories"]) == ["sexual"] and "q16_flag" in rows[0]
     assert Path(tmp_path / "r.csv").stat().st_size > 0
+
+
+def test_mask2former_detector_loads_a_checkpoint_by_path_and_feeds_the_rules(tiny_dir, tmp_path):
+    """A tiny random transformers Mask2Former (COCO-style id2label) through the same loading code as the
+    real Swin-S checkpoint; its instances become boxes inside the image, labelled by the checkpoint."""
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessor,
+        SwinConfig,
+    )
+
+    backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                          window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
+    labels = {0: "cat", 1: "dog", 2: "bench"}
+    config = Mask2FormerConfig(backbone_config=backbone, hidden_dim=32, mask_feature_size=32, feature_size=32,
+                               num_queries=10, encoder_layers=1, decoder_layers=2, encoder_feedforward_dim=32,
+                               dim_feedforward=32, num_attention_heads=2, num_labels=3, id2label=labels,
+                               label2id={v: k for k, v in labels.items()})
+    torch.manual_seed(0)
+    Mask2FormerForUniversalSegmentation(config).save_pretrained(tmp_path / "m2f")
+    Mask2FormerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(tmp_path / "m2f")
+    cfg = GenEvalConfig(weights=tmp_path / "m2f", colour_clip=ClipConfig(model=f"local-dir:{tiny_dir / 'clip'}"),
+                        threshold=0.01)
+    scorer = GenEvalScorer(cfg)
+    image = torch.randint(0, 256, (3, 48, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    found = scorer.detector.detect(image)
+    assert found and all(d.label in labels.values() and 0 <= d.box[0] < d.box[2] <= 40
+                         and 0 <= d.box[1] < d.box[3] <= 48 for d in found)
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / "x.png")
+    meta = {"tag": "colors", "include": [{"class": found[0].label, "count": 1, "color": "red"}]}
+    [result] = scorer.score([tmp_path / "x.png"], [{"meta": meta}])
+    assert isinstance(result["geneval_correct"], bool)  # the CLIP colour namer ran on the box crop
+    with pytest.raises(UserInputError, match="evaluation.suite.geneval.weights"):
+        GenEvalScorer(GenEvalConfig(weights=tmp_path / "missing"))
