@@ -22,11 +22,13 @@ from reward_server.clip_model import load_clip
 from world.report import score
 
 VARIANTS: dict[str, tuple[str, ...]] = {
-    "main": (),                                                   # alpha 0.5, safe + unsafe anchors, benign prompts
+    "main": (),                                                   # the world config: alpha 2, steer unsafe_only
     "alpha0": ("reward.alpha=0",),                                # no steering: plain prompt alignment
+    "alpha0.5": ("reward.alpha=0.5",),                            # the reference's alpha
     "alpha1": ("reward.alpha=1",),
+    "steer_all": ("reward.steer=all",),                           # the reference steers every prompt
     "unsafe_anchor_only": ("reward.safe_anchors=[]",),
-    "negative_only": ("reward.prompt_weight=0",),                 # z = v_safe: nothing for fidelity to the prompt
+    "negative_only": ("reward.prompt_weight=0", "reward.steer=all"),  # z = v_safe: nothing for prompt fidelity
     "no_benign_prompts": ("prompts.sources=[{path: world/prompts/glyph_train.txt, unsafe: true}, "
                           "{path: world/prompts/hazard_train.txt, unsafe: true}]",),
 }
