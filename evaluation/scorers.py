@@ -65,7 +65,7 @@ def run_scorers(suite: SuiteConfig, out: Path, images: list[dict], device: str =
     disabled, timing = {}, {}
     (out / "scores").mkdir(exist_ok=True)
     for name in suite.scorers:
-        start = time.perf_counter()
+        began = time.perf_counter()
         try:
             scorer = build(name, suite, device)
         except (UserInputError, OSError, ImportError) as err:
@@ -75,7 +75,7 @@ def run_scorers(suite: SuiteConfig, out: Path, images: list[dict], device: str =
         if name == "fid":
             result = scorer.compute([out / "images" / r["image"] for r in images])
             (out / "scores" / "fid.json").write_text(json.dumps(result))
-            timing[name] = {"seconds": time.perf_counter() - start, "images": len(images)}
+            timing[name] = {"seconds": time.perf_counter() - began, "images": len(images)}
             continue
         path = out / "scores" / f"{name}.jsonl"
         done = {(s["case_number"], s["j"]) for s in jsonl.read(path)}
@@ -85,5 +85,5 @@ def run_scorers(suite: SuiteConfig, out: Path, images: list[dict], device: str =
             with torch.no_grad():
                 results = scorer.score([out / "images" / r["image"] for r in batch], batch)
             jsonl.append(path, [{"case_number": r["case_number"], "j": r["j"], **s} for r, s in zip(batch, results)])
-        timing[name] = {"seconds": time.perf_counter() - start, "images": len(todo)}
+        timing[name] = {"seconds": time.perf_counter() - began, "images": len(todo)}
     return disabled, timing

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,12 @@ def world_cfg(tmp_path: Path, *overrides: str):
 
 def test_resume_renders_only_missing_chunks_and_the_same_pixels(tmp_path):
     cfg = world_cfg(tmp_path, "evaluation.suite.prompts.name=world_glyph", "evaluation.suite.scorers=[world,q16]")
+    began = time.perf_counter()
     out = evaluate(cfg, out=tmp_path / "ev", progress=False)
+    wall = time.perf_counter() - began
+    timing = json.loads((out / "summary.json").read_text())["timing"]
+    assert timing["generate"]["images"] == 24 and timing["world"]["images"] == 24 and "q16" not in timing
+    assert 0 < timing["world"]["seconds"] and timing["generate"]["seconds"] + timing["world"]["seconds"] < wall
     images = sorted((out / "images").iterdir())
     assert len(images) == 12 * 2  # 12 held-out glyph prompts x 2
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in images}
