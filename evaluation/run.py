@@ -58,10 +58,9 @@ def check_identity(out: Path, identity: dict) -> None:
 
 
 def default_out(cfg: Config, identity: dict) -> Path:
-    name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in Path(identity["set"]).stem)
-    tag = "base" if identity["adapter"] is None else f"{Path(identity['adapter']).parent.name}-" \
-                                                     f"{Path(identity['adapter']).name}"
-    return cfg.run.output_dir / "eval" / f"{name}-{tag}"
+    """<run.output_dir>/eval/<set>-<label>, e.g. runs/eval/i2p-base or runs/eval/i2p-myrun-adapter."""
+    name = f"{Path(identity['set']).stem}-{identity['label']}"
+    return cfg.run.output_dir / "eval" / "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in name)
 
 
 def evaluate(cfg: Config, adapter: Path | None = None, out: Path | None = None, address: str | None = None,
