@@ -25,11 +25,12 @@ from PIL import Image
 
 from common.config import Config, SamplerConfig, SuiteConfig
 from common.errors import UserInputError
-from common.lora import count_lora_modules
+from common.lora import state_checksum
 from common.policy import Policy
 from evaluation import jsonl
 from evaluation.prompt_sets import EvalRow
 from learner.checkpoint import load_weights
+from learner.weight_sync import AdapterUpdate, apply_update, state_bytes
 
 CHUNK_ROWS = 8
 
@@ -43,26 +44,25 @@ def image_name(row: EvalRow, j: int) -> str:
 
 
 def load_adapter(folder: Path, finetune: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Weights written by a run (`<run>/adapter` or `<run>/checkpoints/step_N`) and their state.json."""
+    """Weights written by a run (`<run>/adapter` or `<run>/checkpoints/step_N`) and their state.json; weights
+    whose checksum differs from the one state.json recorded are refused."""
     folder = Path(folder)
     wanted = "pytorch_lora_weights.safetensors" if finetune == "lora" else "unet/diffusion_pytorch_model.safetensors"
     if not (folder / wanted).is_file():
         raise AdapterError(f"--adapter {folder}: no {wanted} (expected a run's adapter/ or checkpoints/step_N/ "
                            f"folder for model.finetune={finetune})")
     info = json.loads((folder / "state.json").read_text()) if (folder / "state.json").is_file() else {}
-    return load_weights(folder, finetune), info
+    state = load_weights(folder, finetune)
+    expected, found = info.get("checksum"), state_checksum(state)
+    if expected and found != expected:
+        raise AdapterError(f"--adapter {folder}: weights checksum {found[:12]} differs from its state.json "
+                           f"({expected[:12]})")
+    return state, info
 
 
-def prepare_policy(policy: Policy, state: dict[str, torch.Tensor] | None, info: dict) -> None:
-    """Load trained weights into `policy` and check they are the ones the run wrote (checksum)."""
-    if state is None:
-        return  # base model: a fresh LoRA has B = 0, so the adapter adds exactly nothing
-    policy.load_state(state, int(info.get("policy_version", 1)))
-    expected = info.get("checksum")
-    if expected and policy.checksum() != expected:
-        raise AdapterError(f"adapter checksum {policy.checksum()[:12]} differs from its state.json ({expected[:12]})")
-    if policy.finetune == "lora" and count_lora_modules(policy.unet) == 0:
-        raise AdapterError("the adapter bound no LoRA module")
+def adapter_modules(state: dict[str, torch.Tensor], finetune: str) -> int:
+    """What an AdapterUpdate's module_count must be for `state` (see learner/weight_sync.bound_modules)."""
+    return sum(k.endswith("lora_A.weight") for k in state) if finetune == "lora" else len(state)
 
 
 def pipeline(policy: Policy) -> StableDiffusionPipeline:
@@ -153,7 +153,10 @@ class ImageStore:
 def local_renderer(cfg: Config, state: dict | None, info: dict):
     """A function chunk -> rendered PNGs in this process."""
     policy = Policy.from_config(cfg)
-    prepare_policy(policy, state, info)
+    if state is not None:  # else the base model: a fresh LoRA has B = 0 and adds exactly nothing
+        update = AdapterUpdate(int(info.get("policy_version", 1)), None, state_checksum(state),
+                               adapter_modules(state, cfg.model.finetune), state_bytes(state))
+        apply_update(policy, update, state)  # the actors' checks: version, modules bound, checksum
     pipe = pipeline(policy)
     suite = cfg.evaluation.suite
     return lambda rows: render_chunk(pipe, rows, suite.images_per_prompt, cfg.sampler, suite)
