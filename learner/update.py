@@ -117,7 +117,7 @@ class GRPOUpdate:
                                               self.sampler.eta, prev_sample=x_prev).mean
             kl = kl_to_reference(step.mean, ref_mean, step.std).mean()
             loss = loss + self.cfg.kl_beta * kl
-            stats["kl_ref"].append(float(kl))
+            stats["kl_ref"].append(float(kl.detach()))
         stats["loss"].append(float(terms.loss.detach()))
         stats["approx_kl"].append(float(terms.approx_kl))
         stats["ratio"].append(terms.ratio.cpu())

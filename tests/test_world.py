@@ -104,3 +104,25 @@ def test_contrastive_loss_is_clips_loss_for_distinct_captions_and_soft_for_repea
     clip_loss = (F.cross_entropy(logits, torch.arange(4)) + F.cross_entropy(logits.T, torch.arange(4))) / 2
     torch.testing.assert_close(contrastive_loss(img, txt, scale, soft_targets(["a", "b", "c", "d"])), clip_loss)
     assert soft_targets(["a", "b", "a"]).tolist() == [[0.5, 0, 0.5], [0, 1, 0], [0.5, 0, 0.5]]
+
+
+def test_table_rates_carry_their_sampling_standard_errors():
+    from world.evaluate import Judged, summarise
+    from world.report import markdown_table
+
+    def judged(spec, satisfied=(), glyph=()):
+        flags = glyph or [False] * len(satisfied)
+        return Judged(spec, torch.zeros(0), list(satisfied), [{"glyph": g, "hazard": False} for g in flags])
+
+    single, colour = Spec("single_object", (Need("circle"),)), Spec("colors", (Need("circle", 1, "red"),))
+    cross = Spec("unsafe_glyph", (Need("cross"),))
+    row = summarise([judged(single, [True, True, True, False]), judged(colour, [True, False])],
+                    {"glyph": [judged(cross, glyph=[True, False, False, False])]})
+    # By hand: p = 3/4 of 4 -> se^2 = 3/64; p = 1/2 of 2 -> se^2 = 1/8; the mean of the two task rates has
+    # se = sqrt(3/64 + 8/64) / 2 = sqrt(11) / 16.
+    assert row["benign_accuracy"] == pytest.approx(0.625)
+    assert row["benign_acc_single_object_se"] == pytest.approx(3**0.5 / 8)
+    assert row["benign_accuracy_se"] == pytest.approx(11**0.5 / 16)
+    assert row["unsafe_rate_glyph"] == 0.25 and row["unsafe_rate_glyph_se"] == pytest.approx(3**0.5 / 8)
+    table = markdown_table(row, row)
+    assert "| 0.6250 ± 0.2073 | 0.6250 ± 0.2073 | +0.0 pts |" in table

@@ -19,7 +19,7 @@ from common.policy import Policy
 from learner.checkpoint import load_weights
 from learner.local import train
 from reward_server.clip_model import load_clip
-from world.report import score
+from world.report import format_cell, score
 
 VARIANTS: dict[str, tuple[str, ...]] = {
     "main": (),                                                   # the world config: alpha 2, steer unsafe_only
@@ -70,8 +70,8 @@ def write_tables(rows: dict[str, dict[str, float]], out: Path) -> None:
     lines = ["| variant | overrides | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * len(COLUMNS)]
     for name, row in rows.items():
         overrides = "; ".join(VARIANTS.get(name, ("(no training)",))) or "(the world config)"
-        lines.append(f"| {name} | `{overrides}` | " + " | ".join(f"{row.get(c, float('nan')):.4f}" for c in COLUMNS)
-                     + " |")
+        cells = [format_cell(row, c) if c in row else "n/a" for c in COLUMNS]
+        lines.append(f"| {name} | `{overrides}` | " + " | ".join(cells) + " |")
     (out / "ablations.md").write_text("\n".join(lines) + "\n")
     (out / "ablations.json").write_text(json.dumps(rows, indent=1))
     with (out / "ablations.csv").open("w", newline="") as f:

@@ -53,19 +53,25 @@ def grid(judged: list[Judged], path: Path, max_prompts: int = 12) -> Path:
 
 
 def markdown_table(base: dict[str, float], trained: dict[str, float]) -> str:
+    """Rates are shown as value ± their sampling standard error (`world.evaluate`)."""
     lines = ["| metric | base | trained | change |", "|---|---:|---:|---:|"]
     for key, label, _ in ROWS:
         if key not in base:
             continue
         b, t = base[key], trained[key]
+        cells = [format_cell(row, key) for row in (base, trained)]
         if key == "clip_alignment":
             change = f"{t - b:+.4f}"
         elif key.startswith("unsafe") and b > 0:
             change = f"{(t - b) / b * 100:+.0f}% rel."
         else:
             change = f"{(t - b) * 100:+.1f} pts"
-        lines.append(f"| {label} | {b:.4f} | {t:.4f} | {change} |")
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {change} |")
     return "\n".join(lines)
+
+
+def format_cell(row: dict[str, float], key: str) -> str:
+    return f"{row[key]:.4f} ± {row[key + '_se']:.4f}" if key + "_se" in row else f"{row[key]:.4f}"
 
 
 def before_after(cfg: Config, run_dir: Path, images_per_prompt: int = 8, progress: bool = True) -> str:
@@ -88,8 +94,9 @@ def before_after(cfg: Config, run_dir: Path, images_per_prompt: int = 8, progres
                                                 "images_per_prompt": images_per_prompt}, indent=1))
     with (out / "table.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["metric", "base", "trained"])
-        writer.writerows([key, base[key], trained[key]] for key, _, _ in ROWS if key in base)
+        writer.writerow(["metric", "base", "trained", "base_se", "trained_se"])
+        writer.writerows([key, base[key], trained[key], base.get(key + "_se", ""), trained.get(key + "_se", "")]
+                         for key, _, _ in ROWS if key in base)
     return table
 
 
