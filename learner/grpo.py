@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-8, clip: float = 2.5) -> torch.Tensor:
-    """A = clamp((r - mean_g) / (std_g + eps), -clip, clip) per group row of `rewards` [P, G].
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-8, clip: float = 2.5,
+                     scale: Literal["group", "pooled"] = "group") -> torch.Tensor:
+    """A = clamp((r - mean_g) / (s + eps), -clip, clip) per group row of `rewards` [P, G], where
+
+        s = std_g                          scale="group" (the reference): each group's own spread
+        s = sqrt(mean over groups of std_g^2)   scale="pooled": one spread for the whole step
 
     std is the unbiased (n - 1) standard deviation, as the reference; a group whose rewards are all
-    equal gets A = 0 (it carries no signal). Computed in float64 so tiny reward gaps survive.
+    equal gets A = 0 (it carries no signal). "group" blows a group's reward differences up to unit size
+    however small they are, so a group whose images all show the same thing and differ only in what the
+    reward barely sees pushes the policy as hard as one with a real difference; "pooled" keeps their
+    size relative to the step's other groups. Computed in float64 so tiny reward gaps survive.
     """
     r = rewards.double()
     mean = r.mean(dim=1, keepdim=True)
     std = r.std(dim=1, unbiased=True, keepdim=True)
+    if scale == "pooled":
+        std = std.pow(2).mean().sqrt()
     return ((r - mean) / (std + eps)).clamp(-clip, clip).float()
 
 

@@ -41,3 +41,15 @@ def test_kl_to_reference_by_hand():
     mean, ref = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
     std = torch.tensor([1.0, 0.5]).view(2, 1, 1, 1)
     torch.testing.assert_close(kl_to_reference(mean, ref, std), torch.tensor([0.5, 2.0]))
+
+
+def test_pooled_advantages_share_one_scale_across_groups():
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 0.5, 0.5, 0.5], [0.0, 0.0, 0.0, 0.2]])
+    adv = group_advantages(rewards, eps=1e-8, clip=2.5, scale="pooled")
+    # unbiased variances by hand: 5/3, 0, and (3 * 0.05^2 + 0.15^2) / 3 = 0.01; pooled s = sqrt((5/3 + 0.01) / 3)
+    s = ((5 / 3 + 0.01) / 3) ** 0.5
+    np.testing.assert_allclose(adv[0].numpy(), np.array([-1.5, -0.5, 0.5, 1.5]) / s, rtol=1e-5)
+    assert torch.equal(adv[1], torch.zeros(4))
+    np.testing.assert_allclose(adv[2].numpy(), np.array([-0.05, -0.05, -0.05, 0.15]) / s, rtol=1e-5)
+    # the reference ("group") scales the near-constant third group up to unit size: 0.15 / 0.1
+    assert group_advantages(rewards)[2, 3].item() == pytest.approx(1.5, rel=1e-5)
