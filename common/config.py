@@ -118,8 +118,9 @@ class GRPOConfig(_Strict):
     adv_clip: float = Field(2.5, gt=0, description="Advantages are clamped to [-adv_clip, adv_clip].")
     adv_scale: Literal["group", "pooled"] = Field(
         "group", description="Divisor of the group-centred rewards: 'group' = each group's std (reference); "
-        "'pooled' = the root-mean-square of the step's group stds, so groups whose rewards barely differ get "
-        "small advantages instead of unit-size ones.")
+        "'pooled' = the root-mean-square of the group stds of the same prompt source in the step, so groups "
+        "whose rewards barely differ get small advantages instead of unit-size ones, and each source keeps "
+        "the share of the push its mixture weight gives it.")
     clip_range: float = Field(1e-4, gt=0, description="PPO clip epsilon on the importance ratio.")
     train_timesteps: int = Field(49, ge=1, description="Each sample trains on the first K trajectory steps "
                                  "(reference: 49 of 50, the last dropped), in its own shuffled order.")

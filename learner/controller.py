@@ -344,8 +344,9 @@ def _run(cfg: Config, tracked: RunContext, address: str | None, progress: bool, 
                       "time_reward_batch_mean": sum(s.seconds or 0.0 for s in scored) / len(scored)}
             if finite.any():
                 kept = [ref for ref, ok in zip(current.trajectories, finite.tolist()) if ok]
+                sources = torch.tensor([g.source for g in current.groups])[finite]
                 advantages = group_advantages(rewards[finite], cfg.grpo.adv_eps, cfg.grpo.adv_clip,
-                                              cfg.grpo.adv_scale)
+                                              cfg.grpo.adv_scale, sources)
                 record["zero_std_frac"] = zero_std_fraction(rewards[finite])
                 record.update(_merge_ranks(_on_learners(actors, "update", kept, advantages, step)))
             else:  # every group dropped: no update, but the version still counts the step (see staleness)

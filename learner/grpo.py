@@ -9,23 +9,29 @@ import torch
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-8, clip: float = 2.5,
-                     scale: Literal["group", "pooled"] = "group") -> torch.Tensor:
-    """A = clamp((r - mean_g) / (s + eps), -clip, clip) per group row of `rewards` [P, G], where
+                     scale: Literal["group", "pooled"] = "group", sources: torch.Tensor | None = None) -> torch.Tensor:
+    """A = clamp((r - mean_g) / (s_g + eps), -clip, clip) per group row of `rewards` [P, G], where
 
-        s = std_g                          scale="group" (the reference): each group's own spread
-        s = sqrt(mean over groups of std_g^2)   scale="pooled": one spread for the whole step
+        s_g = std_g                                        scale="group" (the reference)
+        s_g = sqrt(mean of std_h^2 over the step's groups h
+                   from g's prompt source, `sources` [P])   scale="pooled" (sources=None: one pool)
 
     std is the unbiased (n - 1) standard deviation, as the reference; a group whose rewards are all
     equal gets A = 0 (it carries no signal). "group" blows a group's reward differences up to unit size
     however small they are, so a group whose images all show the same thing and differ only in what the
-    reward barely sees pushes the policy as hard as one with a real difference; "pooled" keeps their
-    size relative to the step's other groups. Computed in float64 so tiny reward gaps survive.
+    reward barely sees pushes the policy as hard as one with a real difference. "pooled" keeps their size
+    relative to the other groups of the same source, while each source keeps the share of the push its
+    mixture weight gives it. Computed in float64 so tiny reward gaps survive.
     """
     r = rewards.double()
     mean = r.mean(dim=1, keepdim=True)
     std = r.std(dim=1, unbiased=True, keepdim=True)
     if scale == "pooled":
-        std = std.pow(2).mean().sqrt()
+        pool = torch.zeros(len(r), dtype=torch.long) if sources is None else sources.long()
+        variance = std.squeeze(1).pow(2)
+        pooled = torch.zeros_like(variance).index_add_(0, pool, variance)
+        counts = torch.zeros_like(variance).index_add_(0, pool, torch.ones_like(variance))
+        std = (pooled / counts.clamp(min=1)).sqrt()[pool].unsqueeze(1)
     return ((r - mean) / (std + eps)).clamp(-clip, clip).float()
 
 

@@ -178,7 +178,8 @@ def _train(cfg: Config, run: RunContext, reward_fn: RewardFn | None, progress: b
                   "cos_safe_mean": _mean(scored.cos_safe)}
         if finite.any():
             kept = [t for t, ok in zip(trajectories, finite.tolist()) if ok]
-            adv = group_advantages(rewards[finite], cfg.grpo.adv_eps, cfg.grpo.adv_clip, cfg.grpo.adv_scale)
+            sources = torch.tensor([g.source for g in groups])[finite]
+            adv = group_advantages(rewards[finite], cfg.grpo.adv_eps, cfg.grpo.adv_clip, cfg.grpo.adv_scale, sources)
             record["zero_std_frac"] = zero_std_fraction(rewards[finite])
             record.update(updater.update(TrainBatch.from_trajectories(kept, adv), step))
         policy.version += 1  # versions count finished steps, trained or (all groups dropped) not

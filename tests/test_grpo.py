@@ -53,3 +53,13 @@ def test_pooled_advantages_share_one_scale_across_groups():
     np.testing.assert_allclose(adv[2].numpy(), np.array([-0.05, -0.05, -0.05, 0.15]) / s, rtol=1e-5)
     # the reference ("group") scales the near-constant third group up to unit size: 0.15 / 0.1
     assert group_advantages(rewards)[2, 3].item() == pytest.approx(1.5, rel=1e-5)
+
+
+def test_pooled_advantages_pool_within_each_prompt_source():
+    # sources 0, 1, 0: groups 0 and 2 share a pool, group 1 is alone in its own
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.2], [0.0, 0.0, 0.0, 0.2]])
+    adv = group_advantages(rewards, scale="pooled", sources=torch.tensor([0, 1, 0]))
+    s0 = ((5 / 3 + 0.01) / 2) ** 0.5  # unbiased variances 5/3 and 0.01, pooled over source 0
+    np.testing.assert_allclose(adv[0].numpy(), np.array([-1.5, -0.5, 0.5, 1.5]) / s0, rtol=1e-5)
+    np.testing.assert_allclose(adv[2].numpy(), np.array([-0.05, -0.05, -0.05, 0.15]) / s0, rtol=1e-5)
+    np.testing.assert_allclose(adv[1].numpy(), np.array([-0.5, -0.5, -0.5, 1.5]), rtol=1e-5)  # its own std: 0.1
