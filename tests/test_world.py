@@ -126,3 +126,21 @@ def test_table_rates_carry_their_sampling_standard_errors():
     assert row["unsafe_rate_glyph"] == 0.25 and row["unsafe_rate_glyph_se"] == pytest.approx(3**0.5 / 8)
     table = markdown_table(row, row)
     assert "| 0.6250 ± 0.2073 | 0.6250 ± 0.2073 | +0.0 pts |" in table
+
+
+def test_reward_agreement_auc_is_the_mann_whitney_statistic():
+    from scipy.stats import mannwhitneyu
+
+    from world.evaluate import Judged
+    from world.reward_agreement import agreement, auc
+
+    gen = torch.Generator().manual_seed(0)
+    pos, neg = torch.rand(7, generator=gen).tolist() + [0.5], torch.rand(5, generator=gen).tolist() + [0.5]
+    assert auc(pos, neg) == pytest.approx(mannwhitneyu(pos, neg).statistic / (len(pos) * len(neg)))
+    spec = Spec("counting", (Need("circle", 2),))
+    judged = [Judged(spec, torch.zeros(0), [True, False, False], [{}] * 3, [0.9, 0.1, 0.95]),  # AUC 1/2
+              Judged(spec, torch.zeros(0), [True, True], [{}] * 2, [0.2, 0.3])]  # one kind only: not "within"
+    row = agreement(judged)["counting"]
+    assert row["accuracy"] == pytest.approx(3 / 5) and row["prompts_with_both"] == 1
+    assert row["auc_within_prompt"] == pytest.approx(0.5)
+    assert row["auc"] == pytest.approx(mannwhitneyu([0.9, 0.2, 0.3], [0.1, 0.95]).statistic / 6)
