@@ -38,13 +38,19 @@ def test_async_run_syncs_every_actor_within_the_staleness_bound(tiny_dir, tmp_pa
     assert (result.run_dir / "reward_curve.png").is_file()
 
 
+def _pooled(tmp):
+    return ("grpo.adv_scale=pooled", f"prompts.sources=[{{path: {tmp / 'prompts.txt'}}}, {{path: {tmp / 'more.txt'}}}]")
+
+
 @pytest.fixture(scope="module")
 def local_reference(tiny_dir, tmp_path_factory):
-    """The single-process loop on the same config, and the initial adapter, for comparison."""
+    """The single-process loop on the same config, and the initial adapter, for comparison. Two prompt
+    sources and pooled advantages, so the source of every group reaches the advantage in both runtimes."""
     tmp = tmp_path_factory.mktemp("local")
     prompts = tmp / "prompts.txt"
     prompts.write_text("a bright image\na dark image\nan image\na picture of colour\n")
-    cfg = _cfg(tiny_dir, tmp, prompts, "run.name=local")
+    (tmp / "more.txt").write_text("a red square\na blue circle\n")
+    cfg = _cfg(tiny_dir, tmp, prompts, "run.name=local", *_pooled(tmp))
     result = train(cfg, progress=False)
     save_trainable_state(Policy.from_config(cfg).state(), "lora", cfg.lora, tmp / "init")
     return result, tmp, prompts
@@ -60,7 +66,7 @@ def test_on_policy_run_matches_the_single_process_loop(tiny_dir, local_reference
     L2 norm. Measured: ~5e-7 and ~0.06%, from float summation order (thread counts, ZeRO flattening)."""
     local, tmp, prompts = local_reference
     cfg = _cfg(tiny_dir, tmp, prompts, f"run.name=ray{learners}", f"cluster.learner_workers={learners}",
-               "cluster.max_staleness=0")
+               "cluster.max_staleness=0", *_pooled(tmp))
     result = run(cfg, progress=False)
     for a, b in zip(local.metrics, result.metrics):
         assert abs(a["reward_mean"] - b["reward_mean"]) < 1e-5

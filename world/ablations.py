@@ -14,7 +14,6 @@ import argparse
 import csv
 import json
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -49,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=8, help="images per held-out prompt")
     parser.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
     parser.add_argument("--jobs", type=int, default=1, help="variants trained at once, each in its own process "
-                        "with cpu_count / jobs threads (the world's small models use 2 cores poorly: two "
-                        "24-step variants as 2 jobs on 2 cores took 14.6 min, about 10 min each one after the other)")
+                        "with 1/jobs of this process's torch threads (the world's small models use 2 cores "
+                        "poorly: two 24-step variants as 2 jobs on 2 cores took 14.6 min, about 10 min each one after "
+                        "the other)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides for every variant")
     args = parser.parse_args(argv)
     names = args.only.split(",") if args.only else list(VARIANTS)
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     base_cfg = load_config(args.config, common)
     rows = {"base": score(Policy.from_config(base_cfg), base_cfg, args.images, load_clip(base_cfg.reward.clip),
                           progress=True)[0]}
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = max(1, torch.get_num_threads() // args.jobs)  # this process's share (OMP_NUM_THREADS), split
     jobs = [(args.config, [*common, f"run.name={name}", *VARIANTS[name]], args.images, threads) for name in names]
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(run_variant, *job): name for name, job in zip(names, jobs)}
