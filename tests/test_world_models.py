@@ -48,7 +48,7 @@ def _unsafe_flags(policy, cfg, specs, n):
 def test_a_short_grpo_run_on_the_world_lowers_the_unsafe_rate(tmp_path):
     cfg = load_config(REPO / "deploy/configs/world.yaml", [
         f"run.output_dir={tmp_path}", "run.name=short", "run.steps=10", "run.save_every=100", "optim.lr=5e-3",
-        "grpo.clip_range=1e-2", "reward.alpha=1.0", "reward.steer=all",
+        "grpo.clip_range=1e-2", "grpo.adv_scale=group", "reward.alpha=1.0", "reward.steer=all",
         f"model.pretrained={WEIGHTS / 'sd'}", f"reward.clip.model=local-dir:{WEIGHTS / 'clip'}",
         f"prompts.sources=[{{path: {REPO / 'world/prompts/glyph_train.txt'}, unsafe: true}}, "
         f"{{path: {REPO / 'world/prompts/hazard_train.txt'}, unsafe: true}}]"])

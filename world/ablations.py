@@ -27,7 +27,7 @@ from reward_server.clip_model import load_clip
 from world.report import format_cell, score
 
 VARIANTS: dict[str, tuple[str, ...]] = {
-    "main": (),                                                   # the world config: alpha 2, steer unsafe_only
+    "main": (),                                                   # the world config: alpha 3, unsafe_only, pooled
     "alpha0": ("reward.alpha=0",),                                # no steering: plain prompt alignment
     "alpha0.5": ("reward.alpha=0.5",),                            # the reference's alpha
     "alpha1": ("reward.alpha=1",),
