@@ -30,7 +30,7 @@ from common.policy import Policy
 from evaluation import jsonl
 from evaluation.prompt_sets import EvalRow
 from learner.checkpoint import load_weights
-from learner.weight_sync import AdapterUpdate, apply_update, state_bytes
+from learner.weight_sync import apply_update, describe, expected_modules
 
 CHUNK_ROWS = 8
 
@@ -58,11 +58,6 @@ def load_adapter(folder: Path, finetune: str) -> tuple[dict[str, torch.Tensor], 
         raise AdapterError(f"--adapter {folder}: weights checksum {found[:12]} differs from its state.json "
                            f"({expected[:12]})")
     return state, info
-
-
-def adapter_modules(state: dict[str, torch.Tensor], finetune: str) -> int:
-    """What an AdapterUpdate's module_count must be for `state` (see learner/weight_sync.bound_modules)."""
-    return sum(k.endswith("lora_A.weight") for k in state) if finetune == "lora" else len(state)
 
 
 def pipeline(policy: Policy) -> StableDiffusionPipeline:
@@ -154,8 +149,7 @@ def local_renderer(cfg: Config, state: dict | None, info: dict):
     """A function chunk -> rendered PNGs in this process."""
     policy = Policy.from_config(cfg)
     if state is not None:  # else the base model: a fresh LoRA has B = 0 and adds exactly nothing
-        update = AdapterUpdate(int(info.get("policy_version", 1)), None, state_checksum(state),
-                               adapter_modules(state, cfg.model.finetune), state_bytes(state))
+        update = describe(state, int(info.get("policy_version", 1)), expected_modules(state, cfg.model.finetune))
         apply_update(policy, update, state)  # the actors' checks: version, modules bound, checksum
     pipe = pipeline(policy)
     suite = cfg.evaluation.suite

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from common.config import Config, resolve_device_dtype
 from common.errors import UserInputError
 from evaluation import jsonl
-from evaluation.generate import ImageStore, adapter_modules, load_adapter, local_renderer
+from evaluation.generate import ImageStore, load_adapter, local_renderer
 from evaluation.metrics import join, summarise
 from evaluation.prompt_sets import EvalRow, load_prompt_set
 from evaluation.report import markdown, write_grids, write_results_csv
@@ -121,7 +121,7 @@ def render_on_ray(cfg: Config, state: dict | None, info: dict, todo: list[list[E
 
     from actors.rollout_actor import RolloutActor
     from learner.controller import start_ray
-    from learner.weight_sync import publish
+    from learner.weight_sync import expected_modules, publish
 
     start_ray(cfg, address)
     c, suite = cfg.cluster, cfg.evaluation.suite
@@ -131,7 +131,7 @@ def render_on_ray(cfg: Config, state: dict | None, info: dict, todo: list[list[E
     try:
         if state is not None:
             version = int(info.get("policy_version", 1))
-            update = publish(state, version, adapter_modules(state, cfg.model.finetune))
+            update = publish(state, version, expected_modules(state, cfg.model.finetune))
             ray.get([a.load_adapter.remote(update) for a in actors])
         queue, pending, tries = list(todo), {}, {}
         bar = tqdm(total=len(todo), desc="generate (ray)", unit="chunk", disable=not progress)

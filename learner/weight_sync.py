@@ -81,7 +81,12 @@ def publish(state: dict[str, torch.Tensor], version: int, module_count: int) -> 
     """Put `state` in the object store once and describe it (called by learner rank 0)."""
     import ray
 
-    return AdapterUpdate(version=version, state_ref=ray.put(pack_state(state)), checksum=state_checksum(state),
+    return describe(state, version, module_count, ray.put(pack_state(state)))
+
+
+def describe(state: dict[str, torch.Tensor], version: int, module_count: int, state_ref=None) -> AdapterUpdate:
+    """The AdapterUpdate for `state`; `state_ref` None when the state is applied in this process."""
+    return AdapterUpdate(version=version, state_ref=state_ref, checksum=state_checksum(state),
                          module_count=module_count, num_bytes=state_bytes(state))
 
 
@@ -93,6 +98,11 @@ def fetch_state(update: AdapterUpdate) -> dict[str, torch.Tensor]:
 
 def state_bytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def expected_modules(state: dict[str, torch.Tensor], finetune: str) -> int:
+    """What `bound_modules` must find once `state` is loaded: its LoRA pairs, or its tensors (full)."""
+    return sum(k.endswith("lora_A.weight") for k in state) if finetune == "lora" else len(state)
 
 
 def bound_modules(policy: Policy) -> int:
