@@ -23,7 +23,7 @@ def test_rollout_actors_render_the_local_images_with_the_adapter(tmp_path):
     import ray
 
     cfg = world_cfg(tmp_path, "evaluation.suite.prompts.name=world_hazard", "evaluation.suite.scorers=[world]",
-                    "cluster.rollout_actors=2")
+                    "cluster.rollout_actors=2", "cluster.cpus_per_rollout_actor=1")
     adapter = _adapter(tmp_path, cfg)
     local = evaluate(cfg, adapter, out=tmp_path / "local", progress=False)
     address = ray.get_runtime_context().gcs_address
