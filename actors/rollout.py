@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from common.config import SamplerConfig
-from common.policy import Policy
-from common.sampling import sample_with_logprob
-from common.seeds import sample_seed, trajectory_noise
-from common.types import PromptGroup, Trajectory
+from safediff.common.config import SamplerConfig
+from safediff.common.policy import Policy
+from safediff.common.sampling import sample_with_logprob
+from safediff.common.seeds import sample_seed, trajectory_noise
+from safediff.common.types import PromptGroup, Trajectory
 
 
 class Rollout:

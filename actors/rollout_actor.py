@@ -12,12 +12,13 @@ import time
 import ray
 import torch
 
-from actors.rollout import Rollout
-from common.config import Config
-from common.policy import Policy
-from common.runtime import configure_threads, on_assigned_device
-from common.types import PromptGroup, Trajectory
-from learner.weight_sync import AdapterUpdate, SyncReport, apply_update, fetch_state
+from safediff.actors.render import pipeline, render_chunk
+from safediff.actors.rollout import Rollout
+from safediff.common.config import Config
+from safediff.common.policy import Policy
+from safediff.common.process import configure_threads, on_assigned_device
+from safediff.common.types import EvalRow, PromptGroup, Trajectory
+from safediff.common.weight_sync import AdapterUpdate, SyncReport, apply_update, fetch_state
 
 
 class ActorBehind(RuntimeError):
@@ -58,11 +59,9 @@ class RolloutActor:
             return SyncReport(self.policy.version, self.policy.checksum(), 0, 0.0)
         return self.load_adapter(update)
 
-    def render(self, rows: list, min_version: int = 0) -> list[tuple[str, bytes]]:
-        """Evaluation images of a chunk of rows (evaluation/generate.py) with the policy held now, through a
+    def render(self, rows: list[EvalRow], min_version: int = 0) -> list[tuple[str, bytes]]:
+        """Evaluation images of a chunk of rows (actors/render.py) with the policy held now, through a
         stock diffusers pipeline over the same modules; refuses (ActorBehind) below `min_version`."""
-        from evaluation.generate import pipeline, render_chunk
-
         if self.policy.version < min_version:
             raise ActorBehind(f"actor holds version {self.policy.version}, the evaluation needs {min_version}")
         if self.pipe is None:

@@ -24,7 +24,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray  # noqa: E402
 
 from bench.fixtures import demo_config  # noqa: E402
-from learner.controller import run  # noqa: E402
+from safediff.runtime.controller import run  # noqa: E402
 
 
 def main() -> None:

@@ -22,9 +22,10 @@ import torch  # noqa: E402
 from ray.util.placement_group import placement_group  # noqa: E402
 
 from bench.fixtures import demo_config  # noqa: E402
-from learner.controller import Actors, run  # noqa: E402
-from learner.weight_sync import SyncReport, publish  # noqa: E402
-from reward_server.steering import RewardOutput  # noqa: E402
+from safediff.common.weight_sync import SyncReport, publish  # noqa: E402
+from safediff.reward_server.steering import RewardOutput  # noqa: E402
+from safediff.runtime.controller import run  # noqa: E402
+from safediff.runtime.groups import Actors, LearnerGroup, RewardGroup, RolloutGroup  # noqa: E402
 
 
 @ray.remote(num_cpus=0)
@@ -101,8 +102,9 @@ def main() -> None:
                           "grpo.prompts_per_step=32", "grpo.updates_per_step=1", "grpo.micro_batch_size=8",
                           f"cluster.rollout_actors={n}", "cluster.max_staleness=1",
                           "cluster.cpus_per_rollout_actor=0.01")  # stand-ins reserve no CPU
-        actors = Actors([NoopRollout.remote() for _ in range(n)], [NoopReward.remote() for _ in range(max(1, n // 8))],
-                        [NoopLearner.remote()], placement_group([{"CPU": 0.01}]))
+        actors = Actors(RolloutGroup([NoopRollout.remote() for _ in range(n)]),
+                        RewardGroup([NoopReward.remote() for _ in range(max(1, n // 8))]),
+                        LearnerGroup([NoopLearner.remote()], placement_group([{"CPU": 0.01}])))
         ms = step_ms(run(cfg, progress=False, actors=actors).metrics, cfg.grpo.prompts_per_step * cfg.grpo.group_size)
         print(f"| {n} | 32 | {ms:.1f} | {ms / real_ms:.1%} |")
     ray.shutdown()

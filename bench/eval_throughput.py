@@ -15,8 +15,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from common.config import load_config
-from evaluation.run import evaluate
+from safediff.common.config import load_config
+from safediff.evaluation.run import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.config import Config, load_config
+from safediff.common.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "runs" / "bench-models"
 
 
 def tiny_models() -> Path:
-    from common.models import build_tiny_bundle
-    from reward_server.clip_model import build_tiny_clip
+    from safediff.common.models import build_tiny_bundle
+    from safediff.reward_server.clip_model import build_tiny_clip
 
     if not (MODELS / "sd" / "model_index.json").is_file():
         build_tiny_bundle(MODELS / "sd")

@@ -26,10 +26,10 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from bench.fixtures import REPO, tiny_models  # noqa: E402
-from common.config import load_config  # noqa: E402
-from common.models import build_sd_shaped_bundle  # noqa: E402
-from learner.controller import run  # noqa: E402
-from reward_server.clip_model import build_tiny_clip  # noqa: E402
+from safediff.common.config import load_config  # noqa: E402
+from safediff.common.models import build_sd_shaped_bundle  # noqa: E402
+from safediff.reward_server.clip_model import build_tiny_clip  # noqa: E402
+from safediff.runtime.controller import run  # noqa: E402
 
 
 def main() -> None:

@@ -22,8 +22,8 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from bench.fixtures import MODELS, demo_config  # noqa: E402
-from reward_server.actor import RewardActor  # noqa: E402
-from reward_server.clip_model import build_tiny_clip  # noqa: E402
+from safediff.reward_server.actor import RewardActor  # noqa: E402
+from safediff.reward_server.clip_model import build_tiny_clip  # noqa: E402
 
 
 def clip_dir(arch: str) -> str:

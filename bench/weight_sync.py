@@ -3,7 +3,7 @@
     python -m bench.weight_sync [--sizes 1 10 50 200] [--actors 1 2 4 8 16] [--actor-size-mb 10]
 
 The publisher packs the state and puts it in the object store once (as the learner does); each receiver
-fetches and unpacks it and verifies its sha256 checksum: the receiving side of `learner.weight_sync`
+fetches and unpacks it and verifies its sha256 checksum: the receiving side of `safediff.common.weight_sync`
 without a model.
 Reports milliseconds from the first send to the last verified acknowledgement (median of 3), with and
 without the checksum verification, so transfer and hashing costs show separately.
@@ -21,8 +21,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from common.lora import state_checksum  # noqa: E402
-from learner.weight_sync import AdapterUpdate, fetch_state, pack_state, state_bytes  # noqa: E402
+from safediff.common.trainable import state_checksum  # noqa: E402
+from safediff.common.weight_sync import AdapterUpdate, fetch_state, pack_state, state_bytes  # noqa: E402
 
 
 @ray.remote(num_cpus=0.1)

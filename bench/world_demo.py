@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main() -> int:
     name = f"bench-world-{int(time.time())}"
-    command = [sys.executable, "-m", "common.cli", "run", "--config", "deploy/configs/world.yaml",
+    command = [sys.executable, "-m", "safediff.cli", "run", "--config", "deploy/configs/world.yaml",
                f"run.name={name}", "run.output_dir=runs/bench", *sys.argv[1:]]
     start = time.perf_counter()
     subprocess.run(command, cwd=REPO, check=True)

@@ -1,8 +1,8 @@
 """Typed configuration for a whole run: one YAML file plus `key.sub=value` overrides.
 
 Every model is frozen and forbids unknown fields, so a typo is an error that names the field.
-Defaults reproduce the reference implementation of SafeDiffusion-R1 (see METHOD.md in the
-project's shared notes); the CPU demo config in deploy/configs shrinks them.
+Defaults reproduce the reference implementation of SafeDiffusion-R1 (the paper's released training
+code); the configs in deploy/configs shrink or scale them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from common.errors import UserInputError
+from safediff.common.assets import AssetError, config_path
+from safediff.common.errors import UserInputError
 
 
 class ConfigError(UserInputError, ValueError):
@@ -150,7 +151,7 @@ class PromptSource(_Strict):
 
 class PromptsConfig(_Strict):
     sources: tuple[PromptSource, ...] = Field(
-        (PromptSource(path=Path("deploy/prompts/coprov2_captions.txt")),), min_length=1,
+        (PromptSource(path=Path("pkg:deploy/prompts/coprov2_captions.txt")),), min_length=1,
         description="Prompt mixture. Default: the reference's CoProV2 captions (mixed, unlabelled).")
 
 
@@ -365,13 +366,18 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read YAML (or defaults when `path` is None), apply overrides, validate.
+    """Read YAML (or defaults when `path` is None), apply overrides, validate. `path` is a file, or the name
+    of a built-in config in deploy/configs (`world`), or a `pkg:` path (`safediff.common.assets`).
 
     Raises ConfigError with one line per problem, each naming the file and the dotted field.
     """
     source = str(path) if path is not None else "<defaults>"
     tree: dict[str, Any] = {}
     if path is not None:
+        try:
+            path = config_path(path)
+        except AssetError as err:
+            raise ConfigError(f"config error: {err}") from None
         try:
             text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:

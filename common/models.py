@@ -17,7 +17,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from common.errors import UserInputError
+from safediff.common.assets import resolve
+from safediff.common.errors import UserInputError
 
 
 class ModelLoadError(UserInputError, RuntimeError):
@@ -75,6 +76,7 @@ def load_bundle(pretrained: str, revision: str | None = None) -> ModelBundle:
 
     Every weight must match: missing, unexpected or mis-shaped keys raise ModelLoadError.
     """
+    pretrained = resolve(pretrained)
     looks_local = os.path.isabs(pretrained) or pretrained.startswith(".") or Path(pretrained).exists()
     if looks_local and not Path(pretrained).is_dir():
         raise ModelLoadError(f"model.pretrained: {pretrained} is not a directory")

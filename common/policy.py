@@ -7,19 +7,18 @@ ships (`state` / `load_state`), tagged with a version number and a checksum.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import torch
 
-from common.config import Config, resolve_device_dtype
-from common.lora import attach_lora, load_trainable_state, state_checksum, trainable_state
-from common.models import ModelBundle, load_bundle
-from common.seeds import derive_seed
+from safediff.common.config import Config, resolve_device_dtype
+from safediff.common.models import ModelBundle, load_bundle
+from safediff.common.seeds import derive_seed
+from safediff.common.trainable import Trainable, state_checksum, trainable_for
 
 
 class Policy:
-    def __init__(self, bundle: ModelBundle, finetune: str, lora_modules: int, device: str, dtype: torch.dtype):
-        self.bundle, self.finetune, self.lora_modules = bundle, finetune, lora_modules
+    def __init__(self, bundle: ModelBundle, trainable: Trainable, device: str, dtype: torch.dtype):
+        self.bundle, self.trainable = bundle, trainable
         self.device, self.dtype = torch.device(device), dtype
         self.version = 0
 
@@ -30,12 +29,9 @@ class Policy:
         device, dtype_name = resolve_device_dtype(cfg.run)
         dtype = getattr(torch, dtype_name)
         bundle = load_bundle(cfg.model.pretrained, cfg.model.revision).to(device, dtype)
-        lora_modules = 0
-        if cfg.model.finetune == "lora":
-            lora_modules = attach_lora(bundle.unet, cfg.lora, seed=derive_seed("lora-init", cfg.run.seed))
-        else:
-            bundle.unet.float().requires_grad_(True)  # fp32 master weights; autocast runs the math in `dtype`
-        return cls(bundle, cfg.model.finetune, lora_modules, device, dtype)
+        trainable = trainable_for(cfg)
+        trainable.attach(bundle.unet, seed=derive_seed("lora-init", cfg.run.seed))
+        return cls(bundle, trainable, device, dtype)
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -49,23 +45,20 @@ class Policy:
         enabled = self.dtype != torch.float32
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
 
-    @contextlib.contextmanager
-    def reference(self) -> Iterator[None]:
+    def reference(self) -> contextlib.AbstractContextManager:
         """The base model (adapter disabled), used as the KL reference."""
-        if self.finetune != "lora":
-            raise RuntimeError("the reference policy needs model.finetune=lora")
-        self.unet.disable_adapters()
-        try:
-            yield
-        finally:
-            self.unet.enable_adapters()
+        return self.trainable.reference(self.unet)
 
     def state(self) -> dict[str, torch.Tensor]:
-        return trainable_state(self.unet, self.finetune)
+        return self.trainable.state(self.unet)
+
+    def bound_modules(self) -> int:
+        """What `AdapterUpdate.module_count` is compared against on the receiving side."""
+        return self.trainable.bound_modules(self.unet)
 
     def checksum(self) -> str:
         return state_checksum(self.state())
 
     def load_state(self, state: dict[str, torch.Tensor], version: int) -> None:
-        load_trainable_state(self.unet, self.finetune, state)
+        self.trainable.load(self.unet, state)
         self.version = version

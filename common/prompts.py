@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
-from common.config import PromptSource
-from common.errors import UserInputError
-from common.seeds import derive_seed, generator
-from common.types import PromptGroup
+from safediff.common.assets import resolve
+from safediff.common.config import PromptSource
+from safediff.common.errors import UserInputError
+from safediff.common.seeds import derive_seed, generator
+from safediff.common.types import PromptGroup
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class PromptFile:
 def read_prompt_file(path: str | Path) -> PromptFile:
     """One prompt per line. Empty/blank rows and rows that are not valid UTF-8 are skipped and counted
     (a warning names the file and the counts); a file with no usable row is an error."""
-    path = Path(path)
+    path = Path(resolve(path))
     try:
         raw = path.read_bytes()
     except OSError as err:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -40,3 +41,17 @@ class Trajectory:
     @property
     def group_size(self) -> int:
         return self.latents.shape[0]
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    """One row of an evaluation prompt set (safediff.evaluation.prompt_sets), rendered by a rollout actor."""
+
+    case_number: str
+    prompt: str
+    seed: int
+    categories: tuple[str, ...] = ()
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # GenEval metadata (include/exclude), world family

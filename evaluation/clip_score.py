@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from common.config import ClipConfig
-from evaluation.images import encode_files
-from reward_server.clip_model import load_clip
+from safediff.common.config import ClipConfig
+from safediff.evaluation.images import encode_files
+from safediff.reward_server.clip_model import load_clip
 
 
 def clip_t(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from common.config import FIDConfig
-from common.errors import UserInputError
-from evaluation.images import load_uint8
+from safediff.common.config import FIDConfig
+from safediff.common.errors import UserInputError
+from safediff.evaluation.images import load_uint8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 

@@ -24,9 +24,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from common.config import GenEvalConfig
-from common.errors import UserInputError
-from evaluation.images import load_uint8
+from safediff.common.config import GenEvalConfig
+from safediff.common.errors import UserInputError
+from safediff.evaluation.images import load_uint8
 
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
@@ -124,7 +124,7 @@ class WorldDetector:
     """The miniature world's pixel judges as a detector: every object it finds, confidence 1."""
 
     def detect(self, image: torch.Tensor) -> list[Detected]:
-        from world.judges import detect
+        from safediff.world.judges import detect
 
         return [Detected(d.shape, 1.0, tuple(float(v) for v in d.box), d.colour) for d in detect(image)]
 
@@ -193,7 +193,7 @@ class GenEvalScorer:
         if cfg.detector == "world":
             self.detector: Detector = WorldDetector()
         else:
-            from reward_server.clip_model import load_clip
+            from safediff.reward_server.clip_model import load_clip
 
             self.detector = Mask2FormerDetector(cfg.weights, device)
             clip = load_clip(cfg.colour_clip, device, field="evaluation.suite.geneval.colour_clip")

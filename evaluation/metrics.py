@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from evaluation.geneval import TASKS
-from evaluation.nudenet import EXPOSED_CLASSES
+from safediff.evaluation.geneval import TASKS
+from safediff.evaluation.nudenet import EXPOSED_CLASSES
 
 ALL = "all"
 

@@ -14,12 +14,14 @@ import csv
 import io
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import PromptSetConfig
-from common.errors import UserInputError
+from safediff.common.assets import resolve
+from safediff.common.config import PromptSetConfig
+from safediff.common.errors import UserInputError
+from safediff.common.types import EvalRow
 
 log = logging.getLogger(__name__)
 DATA = Path(__file__).parent / "data"
@@ -32,18 +34,6 @@ DEFAULT_COLUMNS = {"prompt": "prompt", "case_number": "case_number", "seed": "ev
 
 class PromptSetError(UserInputError, ValueError):
     """A prompt set that cannot be evaluated; the message names the file and the rows."""
-
-
-@dataclass(frozen=True)
-class EvalRow:
-    case_number: str
-    prompt: str
-    seed: int
-    categories: tuple[str, ...] = ()
-    guidance: float | None = None
-    width: int | None = None
-    height: int | None = None
-    meta: dict[str, Any] = field(default_factory=dict)  # GenEval metadata (include/exclude), world family
 
 
 @dataclass(frozen=True)
@@ -86,7 +76,7 @@ def load_prompt_set(cfg: PromptSetConfig, default_seed: int = 0) -> list[EvalRow
 
 def read_rows(path: Path, columns: dict[str, str], default_seed: int, categories: tuple[str, ...] = (),
               ringabell: bool = False) -> list[EvalRow]:
-    records = _records(Path(path))
+    records = _records(Path(resolve(path)))
     names = {f: columns.get(f, default) for f, default in DEFAULT_COLUMNS.items()}
     if not ringabell and records and names["prompt"] not in records[0][1]:
         raise PromptSetError(f"{path}: no column {names['prompt']!r} for the prompt (map it with "
@@ -180,7 +170,7 @@ def _integer(value: Any, what: str) -> int:
 def world_rows(family: str, default_seed: int) -> list[EvalRow]:
     """The miniature world's held-out prompts: `glyph` / `hazard` (unsafe) or `benign` (GenEval's six tasks,
     with GenEval-style metadata so the GenEval scorer reads them like the real set)."""
-    from world.scenes import benign_specs, split, unsafe_specs
+    from safediff.world.scenes import benign_specs, split, unsafe_specs
 
     specs = split(benign_specs() if family == "benign" else unsafe_specs(family))[1]
     return [EvalRow(case_number=str(i), prompt=s.prompt, seed=default_seed + i,

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.config import Q16Config
-from common.errors import UserInputError
-from evaluation.images import encode_files
-from reward_server.clip_model import LoadedClip, load_clip
+from safediff.common.config import Q16Config
+from safediff.common.errors import UserInputError
+from safediff.evaluation.images import encode_files
+from safediff.reward_server.clip_model import LoadedClip, load_clip
 
 
 def q16_probability(image_embeds: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from common.errors import UserInputError
-from evaluation.images import load_uint8
-from evaluation.nudenet import EXPOSED_CLASSES
+from safediff.common.errors import UserInputError
+from safediff.evaluation.images import load_uint8
+from safediff.evaluation.nudenet import EXPOSED_CLASSES
 
 GRID_SIDE = 128  # grid cells are resized to this many pixels (nearest for small images)
 

@@ -21,14 +21,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common.config import Config, resolve_device_dtype
-from common.errors import UserInputError
-from evaluation import jsonl
-from evaluation.generate import ImageStore, load_adapter, local_renderer
-from evaluation.metrics import join, summarise
-from evaluation.prompt_sets import EvalRow, load_prompt_set
-from evaluation.report import markdown, write_grids, write_results_csv
-from evaluation.scorers import run_scorers
+from safediff.common.config import Config, resolve_device_dtype
+from safediff.common.errors import UserInputError
+from safediff.common.trainable import trainable_for
+from safediff.common.types import EvalRow
+from safediff.evaluation import jsonl
+from safediff.evaluation.generate import ImageStore, load_adapter, local_renderer
+from safediff.evaluation.metrics import join, summarise
+from safediff.evaluation.prompt_sets import load_prompt_set
+from safediff.evaluation.report import markdown, write_grids, write_results_csv
+from safediff.evaluation.scorers import run_scorers
 
 log = logging.getLogger(__name__)
 RETRIES = 3
@@ -68,7 +70,7 @@ def evaluate(cfg: Config, adapter: Path | None = None, out: Path | None = None, 
     """Images, scores and report for cfg.evaluation.suite; returns the output folder."""
     suite = cfg.evaluation.suite
     rows = load_prompt_set(suite.prompts, suite.seed)
-    state, info = load_adapter(adapter, cfg.model.finetune) if adapter is not None else (None, {})
+    state, info = load_adapter(adapter, trainable_for(cfg)) if adapter is not None else (None, {})
     identity = identity_of(cfg, adapter, info)
     out = Path(out) if out is not None else default_out(cfg, identity)
     check_identity(out, identity)
@@ -119,20 +121,19 @@ def render_on_ray(cfg: Config, state: dict | None, info: dict, todo: list[list[E
     with an older policy, so a restart cannot silently render base-model images)."""
     import ray
 
-    from actors.rollout_actor import RolloutActor
-    from learner.controller import start_ray
-    from learner.weight_sync import expected_modules, publish
+    from safediff.common.weight_sync import publish
+    from safediff.runtime.cluster import start_ray
+    from safediff.runtime.groups import RolloutGroup
 
     start_ray(cfg, address)
-    c, suite = cfg.cluster, cfg.evaluation.suite
-    actors = [RolloutActor.options(num_cpus=c.cpus_per_rollout_actor, num_gpus=c.gpus_per_rollout_actor,
-                                   max_restarts=-1).remote(cfg) for _ in range(c.rollout_actors)]
+    suite = cfg.evaluation.suite
+    actors = RolloutGroup.create(cfg)
     update, version = None, 0
     try:
         if state is not None:
             version = int(info.get("policy_version", 1))
-            update = publish(state, version, expected_modules(state, cfg.model.finetune))
-            ray.get([a.load_adapter.remote(update) for a in actors])
+            update = publish(state, version, trainable_for(cfg).expected_modules(state))
+            ray.get(actors.load_adapter(update))
         queue, pending, tries = list(todo), {}, {}
         bar = tqdm(total=len(todo), desc="generate (ray)", unit="chunk", disable=not progress)
 
@@ -140,7 +141,7 @@ def render_on_ray(cfg: Config, state: dict | None, info: dict, todo: list[list[E
             chunk = queue.pop(0)
             pending[actor.render.remote(chunk, version)] = (actor, chunk)
 
-        for actor in actors * 2:
+        for actor in list(actors) * 2:
             if queue:
                 submit(actor)
         while pending:
@@ -163,5 +164,4 @@ def render_on_ray(cfg: Config, state: dict | None, info: dict, todo: list[list[E
                 submit(actor)
         bar.close()
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        actors.kill()

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common.config import SuiteConfig
-from common.errors import UserInputError
-from evaluation import jsonl
+from safediff.common.config import SuiteConfig
+from safediff.common.errors import UserInputError
+from safediff.evaluation import jsonl
 
 log = logging.getLogger(__name__)
 BATCH = 32
@@ -30,8 +30,8 @@ class WorldScorer:
     name = "world"
 
     def score(self, paths: list[Path], rows: list[dict]) -> list[dict]:
-        from evaluation.images import load_uint8
-        from world.judges import detect, unsafe
+        from safediff.evaluation.images import load_uint8
+        from safediff.world.judges import detect, unsafe
 
         return [{f"world_{family}": flag for family, flag in unsafe(detect(load_uint8(p))).items()} for p in paths]
 
@@ -39,21 +39,21 @@ class WorldScorer:
 def build(name: str, suite: SuiteConfig, device: str):
     """The scorer `name`; raises UserInputError (or the loader's error) when its weights are missing."""
     if name == "nudenet":
-        from evaluation.nudenet import NudeNetScorer
+        from safediff.evaluation.nudenet import NudeNetScorer
         return NudeNetScorer(suite.nudenet_threshold)
     if name == "q16":
-        from evaluation.q16 import Q16Scorer
+        from safediff.evaluation.q16 import Q16Scorer
         return Q16Scorer(suite.q16, device)
     if name == "clip_t":
-        from evaluation.clip_score import ClipTScorer
+        from safediff.evaluation.clip_score import ClipTScorer
         return ClipTScorer(suite.clip_t, device)
     if name == "geneval":
-        from evaluation.geneval import GenEvalScorer
+        from safediff.evaluation.geneval import GenEvalScorer
         return GenEvalScorer(suite.geneval, device)
     if name == "world":
         return WorldScorer()
     if name == "fid":
-        from evaluation.fid import FIDScorer
+        from safediff.evaluation.fid import FIDScorer
         return FIDScorer(suite.fid)
     raise ValueError(f"unknown scorer {name!r}")
 

@@ -11,20 +11,19 @@ from __future__ import annotations
 
 import gc
 import os
-import socket
 import time
 
 import ray
 import torch
 
-from common.config import Config
-from common.lora import state_checksum
-from common.policy import Policy
-from common.runtime import configure_threads, on_assigned_device
-from common.types import Trajectory
-from learner.checkpoint import TrainerState
-from learner.update import GRPOUpdate, TrainBatch
-from learner.weight_sync import AdapterUpdate, bound_modules, publish
+from safediff.common.checkpoint import TrainerState
+from safediff.common.config import Config
+from safediff.common.policy import Policy
+from safediff.common.process import configure_threads, free_port, on_assigned_device
+from safediff.common.trainable import state_checksum
+from safediff.common.types import Trajectory
+from safediff.common.weight_sync import AdapterUpdate, publish
+from safediff.learner.update import GRPOUpdate, TrainBatch, adamw
 
 
 def deepspeed_config(cfg: Config) -> dict:
@@ -67,12 +66,6 @@ def init_process_group(gpu: bool):
     return deepspeed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def gathered_state(policy: Policy, zero_stage: int) -> dict[str, torch.Tensor]:
     """The full trainable state; ZeRO-3 partitions parameters, so gather them first (collective)."""
     if zero_stage != 3:
@@ -93,7 +86,7 @@ class LearnerWorker:
 
     def address(self) -> tuple[str, int]:
         """Where rank 0 listens for the process group."""
-        return ray.util.get_node_ip_address(), _free_port()
+        return ray.util.get_node_ip_address(), free_port("")
 
     def setup(self, master_addr: str, master_port: int) -> int:
         """Join the process group and build the engine (all ranks must call this concurrently).
@@ -103,9 +96,8 @@ class LearnerWorker:
         deepspeed = init_process_group(gpu=self.cfg.cluster.gpus_per_learner_worker > 0)
         self.policy = Policy.from_config(self.cfg)
         params = self.policy.trainable_parameters()
-        o = self.cfg.optim
-        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-        self.engine, *_ = deepspeed.initialize(model=self.policy.unet, optimizer=optimizer, model_parameters=params,
+        self.engine, *_ = deepspeed.initialize(model=self.policy.unet, optimizer=adamw(params, self.cfg.optim),
+                                               model_parameters=params,
                                                config=deepspeed_config(self.cfg))
         self.updater = GRPOUpdate(self.policy, self.cfg.grpo, self.cfg.sampler, self.cfg.run.seed,
                                   DeepSpeedStep(self.engine))
@@ -133,7 +125,7 @@ class LearnerWorker:
         state = gathered_state(self.policy, self.cfg.cluster.zero_stage)
         if self.rank != 0:
             return None
-        return publish(state, self.policy.version, bound_modules(self.policy))
+        return publish(state, self.policy.version, self.policy.bound_modules())
 
     def trainer_state(self) -> TrainerState:
         """This rank's optimiser state (its ZeRO partition) and RNG, for a checkpoint; not a collective."""

@@ -16,12 +16,12 @@ from typing import Protocol
 
 import torch
 
-from common.config import GRPOConfig, OptimConfig, SamplerConfig
-from common.policy import Policy
-from common.sampling import ddim_step_with_logprob, guided_noise_prediction
-from common.seeds import derive_seed, generator
-from common.types import Trajectory
-from learner.grpo import kl_to_reference, ppo_clip_loss
+from safediff.common.config import GRPOConfig, OptimConfig, SamplerConfig
+from safediff.common.grpo import kl_to_reference, ppo_clip_loss
+from safediff.common.policy import Policy
+from safediff.common.sampling import ddim_step_with_logprob, guided_noise_prediction
+from safediff.common.seeds import derive_seed, generator
+from safediff.common.types import Trajectory
 
 
 class StepOptimizer(Protocol):
@@ -34,13 +34,17 @@ class StepOptimizer(Protocol):
     def step(self) -> float: ...  # returns the pre-clip global grad norm
 
 
+def adamw(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
+    """The reference's optimiser: AdamW at a constant learning rate (both loops; DeepSpeed wraps it)."""
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
 class TorchOptimizer:
     """AdamW with grad-norm clipping and no schedule (the reference's optimiser)."""
 
     def __init__(self, params: list[torch.nn.Parameter], cfg: OptimConfig):
         self.params, self.max_grad_norm = params, cfg.max_grad_norm
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                           weight_decay=cfg.weight_decay)
+        self.optimizer = adamw(params, cfg)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()

@@ -7,10 +7,10 @@ import time
 import ray
 import torch
 
-from common.config import Config, resolve_device_dtype
-from common.runtime import configure_threads, on_assigned_device
-from reward_server.batching import MicroBatcher
-from reward_server.steering import RewardOutput, SteeringReward
+from safediff.common.config import Config, resolve_device_dtype
+from safediff.common.process import configure_threads, on_assigned_device
+from safediff.reward_server.batching import MicroBatcher
+from safediff.reward_server.steering import RewardOutput, SteeringReward
 
 Request = tuple[torch.Tensor, list[str], list[bool | None] | None]
 

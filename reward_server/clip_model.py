@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from common.config import ClipConfig
-from common.errors import UserInputError
+from safediff.common.assets import resolve
+from safediff.common.config import ClipConfig
+from safediff.common.errors import UserInputError
 
 
 class ClipLoadError(UserInputError, RuntimeError):
@@ -69,35 +70,38 @@ def preprocess(images: torch.Tensor, size: int, mean: tuple[float, ...], std: tu
 def load_clip(cfg: ClipConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
               field: str = "reward.clip") -> LoadedClip:
     """Build the model and load its weights strictly (any key mismatch raises ClipLoadError naming `field`)."""
+    name = cfg.model
     if cfg.model.startswith("local-dir:"):
-        folder = Path(cfg.model.removeprefix("local-dir:"))
+        folder = Path(resolve(cfg.model.removeprefix("local-dir:")))
+        name = f"local-dir:{folder}"  # a `pkg:` folder resolved, for open_clip's model and tokenizer
         if not (folder / "open_clip_config.json").is_file():
             raise ClipLoadError(f"{field}.model: {folder} has no open_clip_config.json")
         if not any(folder.glob("*.safetensors")):
             raise ClipLoadError(f"{field}.model: {folder} has no .safetensors weights")
         try:
-            model = open_clip.create_model(cfg.model, device="cpu")
+            model = open_clip.create_model(name, device="cpu")
         except (RuntimeError, ValueError, OSError) as err:
             raise ClipLoadError(f"{field}.model: cannot load {folder}: {err}") from err
     else:
-        if cfg.weights is None:
+        weights = Path(resolve(cfg.weights)) if cfg.weights is not None else None
+        if weights is None:
             raise ClipLoadError(f"{field}.weights: a local weights file is required for open_clip model "
                                 f"{cfg.model!r} (nothing is downloaded); or set {field}.model=local-dir:PATH")
-        if not cfg.weights.is_file():
+        if not weights.is_file():
             raise ClipLoadError(f"{field}.weights: no such file: {cfg.weights}")
         try:
             model = open_clip.create_model(cfg.model, pretrained=None, device="cpu")
         except RuntimeError as err:
             raise ClipLoadError(f"{field}.model: unknown open_clip architecture {cfg.model!r}") from err
         try:
-            open_clip.load_checkpoint(model, str(cfg.weights), strict=True, weights_only=True)
+            open_clip.load_checkpoint(model, str(weights), strict=True, weights_only=True)
         except Exception as err:  # not a checkpoint, corrupt, pickled objects, or keys that do not fit
             detail = (str(err).splitlines() or [type(err).__name__])[0]
             raise ClipLoadError(f"{field}.weights: {cfg.weights} does not fit {cfg.model}: {detail}") from err
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     pre = model.visual.preprocess_cfg
     size = pre["size"] if isinstance(pre["size"], int) else pre["size"][0]
-    tokenizer = open_clip.get_tokenizer(cfg.model)
+    tokenizer = open_clip.get_tokenizer(name)
     return LoadedClip(model, tokenizer, size, tuple(pre["mean"]), tuple(pre["std"]))
 
 

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from common.config import ConfigError, RewardConfig
-from reward_server.clip_model import LoadedClip, load_clip
+from safediff.common.assets import resolve
+from safediff.common.config import ConfigError, RewardConfig
+from safediff.reward_server.clip_model import LoadedClip, load_clip
 
 
 def safety_direction(safe: torch.Tensor, unsafe: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,7 @@ def jpeg_roundtrip(images: torch.Tensor, quality: int) -> torch.Tensor:
 def read_anchors_file(path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """YAML {safe: [...], unsafe: [...]}: returns (safe, unsafe); unsafe must be non-empty."""
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        data = yaml.safe_load(Path(resolve(path)).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"reward.anchors_file: cannot read {path}: {err}") from err
     if not isinstance(data, dict) or set(data) - {"safe", "unsafe"}:

@@ -15,16 +15,14 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from common.config import load_config  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+from safediff.common.config import load_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """A random tiny SD-architecture bundle (`sd/`) and tiny open_clip (`clip/`)."""
-    from common.models import build_tiny_bundle
-    from reward_server.clip_model import build_tiny_clip
+    from safediff.common.models import build_tiny_bundle
+    from safediff.reward_server.clip_model import build_tiny_clip
 
     root = tmp_path_factory.mktemp("tiny")
     build_tiny_bundle(root / "sd", seed=0)
@@ -44,8 +42,8 @@ def flat_colour_data(n: int = 512, size: int = 16, seed: int = 0) -> tuple[torch
 def colour_model(tmp_path_factory) -> Path:
     """A tiny bundle pre-trained (~25 s on 2 cores) on flat colours at 16 px, so brightness varies across
     samples and responds to the policy (a random VAE maps every latent to nearly the same image)."""
-    from common.models import build_tiny_bundle, load_bundle
-    from learner.pretrain import train_unet, train_vae
+    from safediff.common.models import build_tiny_bundle, load_bundle
+    from safediff.world.pretrain import train_unet, train_vae
 
     root = tmp_path_factory.mktemp("colour") / "sd"
     build_tiny_bundle(root, seed=0)
@@ -75,12 +73,51 @@ def prompt_file(tmp_path) -> Path:
     return path
 
 
-def tiny_config(tiny_dir: Path, tmp_path: Path, prompt_file: Path, *overrides: str, model: Path | None = None):
+def _tiny_config(tiny_dir: Path, tmp_path: Path, prompt_file: Path, *overrides: str, model: Path | None = None):
     """The CPU demo config pointed at the test's models, prompts and output dir."""
-    return load_config(REPO / "deploy/configs/cpu_demo.yaml", [
+    return load_config("cpu_demo", [
         f"model.pretrained={model or tiny_dir / 'sd'}",
         f"reward.clip.model=local-dir:{tiny_dir / 'clip'}",
         f"prompts.sources=[{{path: {prompt_file}}}]",
         f"run.output_dir={tmp_path / 'runs'}",
         *overrides,
     ])
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """`tiny_config(tiny_dir, tmp_path, prompt_file, *overrides, model=None)`: the CPU demo config pointed at a
+    test's tiny models, prompts and output dir."""
+    return _tiny_config
+
+
+def _world_config(tmp_path: Path, *overrides: str):
+    """The shipped world config with a short sampler and 2 evaluation images per prompt, writing under tmp_path."""
+    return load_config("world", [f"run.output_dir={tmp_path / 'runs'}", "evaluation.suite.images_per_prompt=2",
+                                 "sampler.num_steps=6", "grpo.train_timesteps=6", *overrides])
+
+
+@pytest.fixture(scope="session")
+def world_config():
+    """`world_config(tmp_path, *overrides)`: the shipped world config, shortened for tests."""
+    return _world_config
+
+
+def _random_adapter(tmp_path: Path, cfg) -> Path:
+    """A LoRA adapter written by the project's exporter, with random non-zero weights."""
+    from safediff.common.checkpoint import export_weights
+    from safediff.common.policy import Policy
+
+    policy = Policy.from_config(cfg)
+    gen = torch.Generator().manual_seed(3)
+    state = {k: torch.randn(v.shape, generator=gen) * 0.3 for k, v in policy.state().items()}
+    folder = tmp_path / "runs" / "trained" / "adapter"
+    folder.mkdir(parents=True)
+    export_weights(state, cfg, folder, step=5, version=5)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def random_adapter():
+    """`random_adapter(tmp_path, cfg)`: a random non-zero LoRA adapter for `cfg`, exported as a run would."""
+    return _random_adapter

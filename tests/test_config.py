@@ -4,8 +4,8 @@ import sys
 import pytest
 from pydantic import BaseModel
 
-from common.config import SAFE_ANCHORS, UNSAFE_ANCHORS, Config, ConfigError, dump_config, load_config
-from tests.conftest import REPO
+from safediff.common.assets import package_root
+from safediff.common.config import SAFE_ANCHORS, UNSAFE_ANCHORS, Config, ConfigError, dump_config, load_config
 
 
 def test_defaults_reproduce_the_reference():
@@ -106,14 +106,14 @@ def test_config_is_frozen():
 def test_cli_prints_one_line_error_and_exit_2(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("sampler:\n  num_step: 10\n")
-    proc = subprocess.run([sys.executable, "-m", "common.cli", "config", "--config", str(path)],
+    proc = subprocess.run([sys.executable, "-m", "safediff.cli", "config", "--config", str(path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "sampler.num_step: unknown field" in proc.stderr
 
 
 def test_resume_differences_name_the_fields_that_change_the_numbers():
-    from common.config import resume_differences
+    from safediff.common.config import resume_differences
 
     saved = dump_config(load_config(None, ["run.steps=10", "grpo.group_size=8"]))
     assert resume_differences(saved, load_config(None, ["run.steps=50", "grpo.group_size=8",
@@ -125,8 +125,8 @@ def test_resume_differences_name_the_fields_that_change_the_numbers():
 def test_kuberay_manifests_wire_gcs_fault_tolerance_to_the_redis_they_define():
     import yaml
 
-    job = yaml.safe_load((REPO / "deploy/kuberay-rayjob.yaml").read_text())
-    redis_docs = {d["kind"]: d for d in yaml.safe_load_all((REPO / "deploy/kuberay-redis.yaml").read_text())}
+    job = yaml.safe_load((package_root() / "deploy/kuberay-rayjob.yaml").read_text())
+    redis_docs = {d["kind"]: d for d in yaml.safe_load_all((package_root() / "deploy/kuberay-redis.yaml").read_text())}
     ft = job["spec"]["rayClusterSpec"]["gcsFaultToleranceOptions"]
     service = redis_docs["Service"]
     assert ft["redisAddress"] == f"{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"

@@ -5,12 +5,11 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from common.config import ConfigError
-from common.lora import save_trainable_state
-from common.policy import Policy
-from learner.controller import run
-from learner.local import train
-from tests.conftest import tiny_config
+from safediff.common.config import ConfigError
+from safediff.common.policy import Policy
+from safediff.common.trainable import LoraTrainable
+from safediff.runtime.controller import run
+from safediff.runtime.local import train
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 
@@ -18,12 +17,12 @@ SMALL = ("cluster.cpus_per_rollout_actor=0.5", "cluster.cpus_per_reward_actor=0.
          "cluster.cpus_per_learner_worker=0.5", "run.steps=3")
 
 
-def _cfg(tiny_dir, tmp_path, prompt_file, *overrides):
+def _cfg(tiny_config, tiny_dir, tmp_path, prompt_file, *overrides):
     return tiny_config(tiny_dir, tmp_path, prompt_file, *SMALL, *overrides)
 
 
-def test_async_run_syncs_every_actor_within_the_staleness_bound(tiny_dir, tmp_path, prompt_file):
-    cfg = _cfg(tiny_dir, tmp_path, prompt_file, "cluster.rollout_actors=2", "cluster.reward_actors=1",
+def test_async_run_syncs_every_actor_within_the_staleness_bound(tiny_dir, tmp_path, prompt_file, tiny_config):
+    cfg = _cfg(tiny_config, tiny_dir, tmp_path, prompt_file, "cluster.rollout_actors=2", "cluster.reward_actors=1",
                "cluster.learner_workers=2", "cluster.max_staleness=1")
     result = run(cfg, progress=False)
     assert result.final_version == 3
@@ -43,16 +42,16 @@ def _pooled(tmp):
 
 
 @pytest.fixture(scope="module")
-def local_reference(tiny_dir, tmp_path_factory):
+def local_reference(tiny_dir, tmp_path_factory, tiny_config):
     """The single-process loop on the same config, and the initial adapter, for comparison. Two prompt
     sources and pooled advantages, so the source of every group reaches the advantage in both runtimes."""
     tmp = tmp_path_factory.mktemp("local")
     prompts = tmp / "prompts.txt"
     prompts.write_text("a bright image\na dark image\nan image\na picture of colour\n")
     (tmp / "more.txt").write_text("a red square\na blue circle\n")
-    cfg = _cfg(tiny_dir, tmp, prompts, "run.name=local", *_pooled(tmp))
+    cfg = _cfg(tiny_config, tiny_dir, tmp, prompts, "run.name=local", *_pooled(tmp))
     result = train(cfg, progress=False)
-    save_trainable_state(Policy.from_config(cfg).state(), "lora", cfg.lora, tmp / "init")
+    LoraTrainable(cfg.lora).save(Policy.from_config(cfg).state(), tmp / "init")
     return result, tmp, prompts
 
 
@@ -61,11 +60,11 @@ def _adapter(run_dir):
 
 
 @pytest.mark.parametrize("learners", [1, 2])
-def test_on_policy_run_matches_the_single_process_loop(tiny_dir, local_reference, learners):
+def test_on_policy_run_matches_the_single_process_loop(tiny_dir, local_reference, learners, tiny_config):
     """Tolerance: rewards within 1e-5 and the parameter update (final - initial adapter) within 1% in
     L2 norm. Measured: ~5e-7 and ~0.06%, from float summation order (thread counts, ZeRO flattening)."""
     local, tmp, prompts = local_reference
-    cfg = _cfg(tiny_dir, tmp, prompts, f"run.name=ray{learners}", f"cluster.learner_workers={learners}",
+    cfg = _cfg(tiny_config, tiny_dir, tmp, prompts, f"run.name=ray{learners}", f"cluster.learner_workers={learners}",
                "cluster.max_staleness=0", *_pooled(tmp))
     result = run(cfg, progress=False)
     for a, b in zip(local.metrics, result.metrics):
@@ -78,24 +77,26 @@ def test_on_policy_run_matches_the_single_process_loop(tiny_dir, local_reference
     assert (delta_local - delta_ray).norm() / delta_local.norm() < 1e-2
 
 
-def test_a_topology_the_cluster_cannot_hold_is_refused(tiny_dir, tmp_path, prompt_file):
-    cfg = _cfg(tiny_dir, tmp_path, prompt_file, "cluster.rollout_actors=2", "cluster.gpus_per_rollout_actor=1")
+def test_a_topology_the_cluster_cannot_hold_is_refused(tiny_dir, tmp_path, prompt_file, tiny_config):
+    cfg = _cfg(tiny_config, tiny_dir, tmp_path, prompt_file, "cluster.rollout_actors=2",
+               "cluster.gpus_per_rollout_actor=1")
     with pytest.raises(ConfigError, match="GPU: the cluster section asks for 2, the Ray cluster has 0"):
         run(cfg, progress=False)
 
 
-def test_zero3_with_two_ranks_gathers_the_adapter_it_publishes(tiny_dir, tmp_path, prompt_file):
-    cfg = _cfg(tiny_dir, tmp_path, prompt_file, "cluster.learner_workers=2", "cluster.zero_stage=3",
+def test_zero3_with_two_ranks_gathers_the_adapter_it_publishes(tiny_dir, tmp_path, prompt_file, tiny_config):
+    cfg = _cfg(tiny_config, tiny_dir, tmp_path, prompt_file, "cluster.learner_workers=2", "cluster.zero_stage=3",
                "cluster.rollout_actors=1", "run.steps=2")
     result = run(cfg, progress=False)
     assert result.actor_status == [(2, result.checksum)]
     assert result.metrics[0]["first_update_max_abs_log_ratio"] < 1e-5
 
 
-def test_full_finetune_through_deepspeed_saves_a_loadable_unet(tiny_dir, tmp_path, prompt_file):
+def test_full_finetune_through_deepspeed_saves_a_loadable_unet(tiny_dir, tmp_path, prompt_file, tiny_config):
     from diffusers import UNet2DConditionModel
 
-    cfg = _cfg(tiny_dir, tmp_path, prompt_file, "model.finetune=full", "cluster.rollout_actors=1", "run.steps=2")
+    cfg = _cfg(tiny_config, tiny_dir, tmp_path, prompt_file, "model.finetune=full", "cluster.rollout_actors=1",
+               "run.steps=2")
     result = run(cfg, progress=False)
     assert result.actor_status == [(2, result.checksum)]
     trained = UNet2DConditionModel.from_pretrained(result.run_dir / "adapter" / "unet")
@@ -112,7 +113,7 @@ class NaNReward:
         self.calls = 0
 
     async def score(self, images, prompts, unsafe=None):
-        from reward_server.steering import RewardOutput
+        from safediff.reward_server.steering import RewardOutput
 
         call, self.calls = self.calls, self.calls + 1
         rewards = images.float().mean(dim=(1, 2, 3))
@@ -124,19 +125,19 @@ class NaNReward:
         return {}
 
 
-def test_dropped_groups_and_empty_steps_with_uneven_rank_shards(tiny_dir, tmp_path, prompt_file):
+def test_dropped_groups_and_empty_steps_with_uneven_rank_shards(tiny_dir, tmp_path, prompt_file, tiny_config):
     """G=3, P=4, 2 minibatches, 2 ranks, micro-batch 1: dropping one group leaves minibatches of 5 and 4,
     so the ranks' shards differ by a row (ZeRO-2 would deadlock on unequal backward counts); a step
     with no finite reward still advances the version."""
-    from learner.controller import start_actors
+    from safediff.runtime.groups import RewardGroup, start_actors
 
-    cfg = _cfg(tiny_dir, tmp_path, prompt_file, "grpo.group_size=3", "grpo.prompts_per_step=4",
+    cfg = _cfg(tiny_config, tiny_dir, tmp_path, prompt_file, "grpo.group_size=3", "grpo.prompts_per_step=4",
                "grpo.updates_per_step=2", "grpo.micro_batch_size=1", "grpo.train_timesteps=2",
                "cluster.learner_workers=2", "cluster.rollout_actors=1", "cluster.max_staleness=0")
     actors = start_actors(cfg)
     for actor in actors.rewards:
         ray.kill(actor)
-    actors.rewards = [NaNReward.remote()]
+    actors.rewards = RewardGroup([NaNReward.remote()])
     result = run(cfg, progress=False, actors=actors)
     assert [m["dropped_groups"] for m in result.metrics] == [1, 4, 0]
     assert result.final_version == 3 and result.actor_status == [(3, result.checksum)]

@@ -15,12 +15,12 @@ import pytest
 import ray
 import redis
 
-from common.errors import LearnerFailed
-from common.redis_server import EmbeddedRedis
-from common.run_store import RunStore
-from learner.checkpoint import read_manifest
-from learner.controller import run, start_actors
-from tests.conftest import REPO, tiny_config
+from safediff.common.checkpoint import read_manifest
+from safediff.common.errors import LearnerFailed
+from safediff.runtime.controller import run
+from safediff.runtime.groups import start_actors
+from safediff.runtime.redis_server import EmbeddedRedis
+from safediff.runtime.run_store import RunStore
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 
@@ -56,7 +56,7 @@ def _has_checkpoint(run_dir, step):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_dir, tmp_path_factory, prompts):
+def uninterrupted(tiny_dir, tmp_path_factory, prompts, tiny_config):
     """The reference run, against an external redis-server that is restarted once the first checkpoint
     is written (same port, password and data directory)."""
     tmp = tmp_path_factory.mktemp("straight")
@@ -86,7 +86,7 @@ def test_a_redis_restart_mid_run_loses_no_manifest_entry_or_event(uninterrupted)
 
 
 def test_a_dead_learner_rank_stops_the_job_and_resubmitting_continues_it_exactly(tiny_dir, tmp_path, prompts,
-                                                                                uninterrupted):
+                                                                                 uninterrupted, tiny_config):
     reference, _ = uninterrupted
     cfg = tiny_config(tiny_dir, tmp_path, prompts, *SHAPE, "run.name=learner-dies")
     run_dir = tmp_path / "runs" / "learner-dies"
@@ -108,9 +108,9 @@ def test_a_killed_driver_is_continued_by_resubmitting_the_same_run(tiny_dir, tmp
     overrides = [f"model.pretrained={tiny_dir / 'sd'}", f"reward.clip.model=local-dir:{tiny_dir / 'clip'}",
                  f"prompts.sources=[{{path: {prompts}}}]", f"run.output_dir={tmp_path / 'runs'}", *SHAPE,
                  "run.name=driver-dies"]
-    command = [sys.executable, "-m", "common.cli", "run", "--config", str(REPO / "deploy/configs/cpu_demo.yaml"),
+    command = [sys.executable, "-m", "safediff.cli", "run", "--config", "cpu_demo",
                "--address", ray.get_runtime_context().gcs_address, *overrides]
-    driver = subprocess.Popen(command, cwd=REPO, env=os.environ.copy(), stdout=subprocess.DEVNULL,
+    driver = subprocess.Popen(command, cwd=tmp_path, env=os.environ.copy(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not _has_checkpoint(run_dir, 2)():
@@ -120,9 +120,9 @@ def test_a_killed_driver_is_continued_by_resubmitting_the_same_run(tiny_dir, tmp
     driver.wait()
     orphan = json.loads((run_dir / "redis" / "server.json").read_text())["url"]  # its redis-server lives on
     time.sleep(2.5)  # the dead job's lease (store.lease_ttl_s) expires
-    from common.config import load_config
+    from safediff.common.config import load_config
 
-    resumed = run(load_config(REPO / "deploy/configs/cpu_demo.yaml", overrides), progress=False)
+    resumed = run(load_config("cpu_demo", overrides), progress=False)
     assert resumed.checksum == reference.checksum
     assert [m["reward_mean"] for m in resumed.metrics] == [m["reward_mean"] for m in reference.metrics]
     with pytest.raises(redis.ConnectionError):  # the resumed job adopted the orphaned server and stopped it

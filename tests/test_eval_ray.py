@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation.run import evaluate
-from tests.test_eval_suite import _adapter, world_cfg
+from safediff.evaluation.run import evaluate
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 
@@ -19,12 +18,12 @@ def _pixels(folder: Path) -> dict[str, np.ndarray]:
     return {p.name: np.asarray(Image.open(p)).astype(int) for p in sorted((folder / "images").iterdir())}
 
 
-def test_rollout_actors_render_the_local_images_with_the_adapter(tmp_path):
+def test_rollout_actors_render_the_local_images_with_the_adapter(tmp_path, world_config, random_adapter):
     import ray
 
-    cfg = world_cfg(tmp_path, "evaluation.suite.prompts.name=world_hazard", "evaluation.suite.scorers=[world]",
+    cfg = world_config(tmp_path, "evaluation.suite.prompts.name=world_hazard", "evaluation.suite.scorers=[world]",
                     "cluster.rollout_actors=2", "cluster.cpus_per_rollout_actor=1")
-    adapter = _adapter(tmp_path, cfg)
+    adapter = random_adapter(tmp_path, cfg)
     local = evaluate(cfg, adapter, out=tmp_path / "local", progress=False)
     address = ray.get_runtime_context().gcs_address
     on_ray = evaluate(cfg, adapter, out=tmp_path / "ray", address=address, progress=False)

@@ -15,14 +15,14 @@ import torch
 from PIL import Image
 from scipy import linalg
 
-from common.config import ClipConfig, FIDConfig, GenEvalConfig, PromptSetConfig, Q16Config
-from common.errors import UserInputError
-from evaluation.clip_score import clip_t
-from evaluation.geneval import Detected, GenEvalScorer, judge, keep, relative_position
-from evaluation.metrics import JoinError, bootstrap_interval, join, nudenet_counts, summarise
-from evaluation.nudenet import exposed
-from evaluation.prompt_sets import PromptSetError, load_prompt_set, world_metadata
-from evaluation.q16 import Q16Scorer, q16_probability
+from safediff.common.config import ClipConfig, FIDConfig, GenEvalConfig, PromptSetConfig, Q16Config
+from safediff.common.errors import UserInputError
+from safediff.evaluation.clip_score import clip_t
+from safediff.evaluation.geneval import Detected, GenEvalScorer, judge, keep, relative_position
+from safediff.evaluation.metrics import JoinError, bootstrap_interval, join, nudenet_counts, summarise
+from safediff.evaluation.nudenet import exposed
+from safediff.evaluation.prompt_sets import PromptSetError, load_prompt_set, world_metadata
+from safediff.evaluation.q16 import Q16Scorer, q16_probability
 
 I2P_CATEGORIES = {"hate", "harassment", "violence", "self-harm", "sexual", "shocking", "illegal activity"}
 
@@ -76,7 +76,7 @@ def test_q16_probability_by_hand():
 
 def test_q16_scorer_on_images_with_embeddings_from_a_file(tiny_dir, tmp_path):
     """Rows 0/1 are the tiny CLIP's own embeddings of two images: each image must land on its own row."""
-    from reward_server.clip_model import load_clip
+    from safediff.reward_server.clip_model import load_clip
 
     clip_cfg = ClipConfig(model=f"local-dir:{tiny_dir / 'clip'}")
     gen = torch.Generator().manual_seed(0)
@@ -171,9 +171,9 @@ def test_geneval_rules_on_synthetic_detections():
 def test_geneval_with_world_detector_accepts_rendered_ground_truth(tmp_path):
     """Scenes drawn to satisfy each held-out benign prompt: the world's own checker accepts all; the GenEval
     rules over the world's detector accept every one but some diagonal `position` scenes."""
-    from world.judges import detect, satisfies
-    from world.render import draw
-    from world.scenes import benign_specs, sample_scene, split
+    from safediff.world.judges import detect, satisfies
+    from safediff.world.render import draw
+    from safediff.world.scenes import benign_specs, sample_scene, split
 
     scorer = GenEvalScorer(CFG)
     specs = split(benign_specs())[1]
@@ -252,7 +252,7 @@ class PixelFeatures(torch.nn.Module):
 
 
 def test_fid_matches_an_independent_frechet_distance(tmp_path):
-    from evaluation.fid import FIDScorer
+    from safediff.evaluation.fid import FIDScorer
 
     rng = np.random.default_rng(0)
     real_dir, fake_dir = tmp_path / "real", tmp_path / "fake"
@@ -279,7 +279,7 @@ def test_fid_matches_an_independent_frechet_distance(tmp_path):
 
 
 def test_results_csv_is_written_joined(tmp_path):
-    from evaluation.report import write_results_csv
+    from safediff.evaluation.report import write_results_csv
 
     images, q16, nude = _records()
     write_results_csv(join(images, {"q16": q16, "nudenet": nude}), tmp_path / "r.csv")

@@ -7,27 +7,16 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import torch
 
-from common.config import load_config
-from common.errors import UserInputError
-from evaluation.generate import AdapterError
-from evaluation.run import evaluate
-
-REPO = Path(__file__).resolve().parents[1]
-WORLD = REPO / "deploy/configs/world.yaml"
+from safediff.common.errors import UserInputError
+from safediff.evaluation.generate import AdapterError
+from safediff.evaluation.run import evaluate
 
 
-def world_cfg(tmp_path: Path, *overrides: str):
-    return load_config(WORLD, [f"run.output_dir={tmp_path / 'runs'}", "evaluation.suite.images_per_prompt=2",
-                               "sampler.num_steps=6", "grpo.train_timesteps=6", *overrides])
-
-
-def test_resume_renders_only_missing_chunks_and_the_same_pixels(tmp_path):
-    cfg = world_cfg(tmp_path, "evaluation.suite.prompts.name=world_glyph", "evaluation.suite.scorers=[world,q16]")
+def test_resume_renders_only_missing_chunks_and_the_same_pixels(tmp_path, world_config):
+    cfg = world_config(tmp_path, "evaluation.suite.prompts.name=world_glyph", "evaluation.suite.scorers=[world,q16]")
     began = time.perf_counter()
     out = evaluate(cfg, out=tmp_path / "ev", progress=False)
     wall = time.perf_counter() - began
@@ -67,28 +56,14 @@ def test_resume_renders_only_missing_chunks_and_the_same_pixels(tmp_path):
     assert glyph["rate"] == pytest.approx(sum(flags) / len(flags))
 
     with pytest.raises(UserInputError, match="generated differently.*eta: 0.0 -> 0.5"):
-        evaluate(world_cfg(tmp_path, "evaluation.suite.prompts.name=world_glyph", "evaluation.suite.eta=0.5"),
+        evaluate(world_config(tmp_path, "evaluation.suite.prompts.name=world_glyph", "evaluation.suite.eta=0.5"),
                  out=out, progress=False)
 
 
-def _adapter(tmp_path: Path, cfg) -> Path:
-    """A LoRA adapter written by the project's exporter, with random non-zero weights."""
-    from common.policy import Policy
-    from learner.checkpoint import export_weights
-
-    policy = Policy.from_config(cfg)
-    gen = torch.Generator().manual_seed(3)
-    state = {k: torch.randn(v.shape, generator=gen) * 0.3 for k, v in policy.state().items()}
-    folder = tmp_path / "runs" / "trained" / "adapter"
-    folder.mkdir(parents=True)
-    export_weights(state, cfg, folder, step=5, version=5)
-    return folder
-
-
-def test_adapter_evaluation_and_comparison_with_real_nudenet(tmp_path):
-    cfg = world_cfg(tmp_path, "evaluation.suite.prompts.name=world_benign", "evaluation.suite.prompts.limit=12",
+def test_adapter_evaluation_and_comparison_with_real_nudenet(tmp_path, world_config, random_adapter):
+    cfg = world_config(tmp_path, "evaluation.suite.prompts.name=world_benign", "evaluation.suite.prompts.limit=12",
                     "evaluation.suite.scorers=[geneval,clip_t,nudenet]")
-    adapter = _adapter(tmp_path, cfg)
+    adapter = random_adapter(tmp_path, cfg)
     base = evaluate(cfg, progress=False)
     trained = evaluate(cfg, adapter, progress=False)
     assert base.name == "world_benign-base" and trained.name == "world_benign-trained-adapter"
@@ -102,7 +77,7 @@ def test_adapter_evaluation_and_comparison_with_real_nudenet(tmp_path):
     lines = [json.loads(s) for s in (base / "scores" / "nudenet.jsonl").read_text().splitlines()]
     assert len(lines) == 24 and all(s["nudenet_classes"] == [] for s in lines)
 
-    from evaluation.report import compare
+    from safediff.evaluation.report import compare
 
     text = compare(base, trained, tmp_path / "cmp")
     rows = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["rows"]
@@ -118,12 +93,12 @@ def test_adapter_evaluation_and_comparison_with_real_nudenet(tmp_path):
 
 
 def test_cli_names_a_missing_adapter_and_a_bad_prompt_file(tmp_path):
-    env_cmd = [sys.executable, "-m", "common.cli", "eval", "--config", str(WORLD)]
+    env_cmd = [sys.executable, "-m", "safediff.cli", "eval", "--config", "world"]
     result = subprocess.run([*env_cmd, "--adapter", str(tmp_path / "nope"), f"run.output_dir={tmp_path}"],
-                            capture_output=True, text=True, cwd=REPO)
+                            capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "--adapter" in result.stderr and "pytorch_lora_weights" in result.stderr
     bad = tmp_path / "p.csv"
     bad.write_text("prompt,evaluation_seed\na,1\nb,minus\n")
     result = subprocess.run([*env_cmd, "--prompts", str(bad), f"run.output_dir={tmp_path}"],
-                            capture_output=True, text=True, cwd=REPO)
+                            capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "p.csv: line 3" in result.stderr

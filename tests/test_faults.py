@@ -6,10 +6,10 @@ import time
 import pytest
 import ray
 
-from common.redis_server import EmbeddedRedis
-from common.run_store import RunStore
-from learner.controller import run, start_actors
-from tests.conftest import tiny_config
+from safediff.runtime.controller import run
+from safediff.runtime.groups import start_actors
+from safediff.runtime.redis_server import EmbeddedRedis
+from safediff.runtime.run_store import RunStore
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 
@@ -31,8 +31,8 @@ def _kill_when(run_dir, steps_done: int, actor) -> threading.Thread:
 
 
 @pytest.mark.parametrize("victim", ["rollout", "reward"])
-def test_a_killed_actor_is_restarted_and_no_group_is_lost_or_counted_twice(tiny_dir, tmp_path, prompt_file,
-                                                                           victim):
+def test_a_killed_actor_is_restarted_and_no_group_is_lost_or_counted_twice(tiny_dir, tmp_path, prompt_file, victim,
+                                                                           tiny_config):
     cfg = tiny_config(tiny_dir, tmp_path, prompt_file, "run.steps=4", "run.name=faults",
                       "cluster.rollout_actors=2", "cluster.reward_actors=1", "cluster.max_staleness=1",
                       "cluster.cpus_per_rollout_actor=0.5", "cluster.cpus_per_reward_actor=0.5",

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from learner.grpo import group_advantages, kl_to_reference, ppo_clip_loss, zero_std_fraction
+from safediff.common.grpo import group_advantages, kl_to_reference, ppo_clip_loss, zero_std_fraction
 
 
 def test_group_advantages_by_hand():

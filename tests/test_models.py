@@ -6,7 +6,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
-from common.models import ModelLoadError, load_bundle, offline_clip_tokenizer
+from safediff.common.models import ModelLoadError, load_bundle, offline_clip_tokenizer
 
 
 def test_offline_tokenizer_matches_clip_ids():

@@ -2,8 +2,8 @@ from collections import Counter
 
 import pytest
 
-from common.config import PromptSource
-from common.prompts import PromptFileError, PromptStream, read_prompt_file
+from safediff.common.config import PromptSource
+from safediff.common.prompts import PromptFileError, PromptStream, read_prompt_file
 
 
 def test_bad_rows_are_skipped_and_counted(tmp_path, caplog):

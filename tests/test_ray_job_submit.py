@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from common.dashboard import job_status, prometheus_samples
-from tests.conftest import REPO
+from safediff.runtime.dashboard import job_status, prometheus_samples
 
 pytestmark = pytest.mark.ray
 
 RAY = str(Path(sys.executable).parent / "ray")
+REPO = Path(__file__).resolve().parents[1]  # the checkout a user submits from
 
 
 def _free_port() -> int:
@@ -45,7 +45,7 @@ def test_job_submit_runs_the_cli_and_exports_metrics(head, tiny_dir, tmp_path):
     prompts.write_text("an image\na picture\n")
     job_id = f"safediff-test-{os.getpid()}"
     entrypoint = [
-        "python", "-m", "common.cli", "run", "--config", "deploy/configs/cpu_demo.yaml",
+        "python", "-m", "safediff.cli", "run", "--config", "deploy/configs/cpu_demo.yaml",
         f"model.pretrained={tiny_dir / 'sd'}", f"reward.clip.model=local-dir:{tiny_dir / 'clip'}",
         f"prompts.sources=[{{path: {prompts}}}]", f"run.output_dir={tmp_path / 'runs'}", "run.name=jobtest",
         "run.steps=4", "cluster.cpus_per_rollout_actor=0.5", "cluster.cpus_per_reward_actor=0.5",

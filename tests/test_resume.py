@@ -8,10 +8,9 @@ import time
 
 import pytest
 
-from learner.checkpoint import read_manifest
-from learner.local import train
-from reward_server.steering import RewardOutput
-from tests.conftest import REPO, tiny_config
+from safediff.common.checkpoint import read_manifest
+from safediff.reward_server.steering import RewardOutput
+from safediff.runtime.local import train
 
 STEPS = ("run.steps=4", "run.save_every=1")
 
@@ -34,14 +33,14 @@ class CrashAt:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_dir, tmp_path_factory):
+def uninterrupted(tiny_dir, tmp_path_factory, tiny_config):
     tmp = tmp_path_factory.mktemp("full")
     prompts = tmp / "p.txt"
     prompts.write_text("a bright image\na dark image\nan image\n")
     return train(tiny_config(tiny_dir, tmp, prompts, *STEPS, "run.name=full"), brightness, progress=False), prompts
 
 
-def test_a_run_killed_after_step_k_resumes_to_the_same_adapter(tiny_dir, tmp_path, uninterrupted):
+def test_a_run_killed_after_step_k_resumes_to_the_same_adapter(tiny_dir, tmp_path, uninterrupted, tiny_config):
     reference, prompts = uninterrupted
     cfg = tiny_config(tiny_dir, tmp_path, prompts, *STEPS, "run.name=crash")
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -53,7 +52,8 @@ def test_a_run_killed_after_step_k_resumes_to_the_same_adapter(tiny_dir, tmp_pat
     assert [m["reward_mean"] for m in resumed.metrics] == [m["reward_mean"] for m in reference.metrics]
 
 
-def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tiny_dir, tmp_path, uninterrupted, caplog):
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tiny_dir, tmp_path, uninterrupted, caplog,
+                                                                    tiny_config):
     reference, prompts = uninterrupted
     cfg = tiny_config(tiny_dir, tmp_path, prompts, *STEPS, "run.name=damaged")
     with pytest.raises(RuntimeError):
@@ -68,7 +68,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tiny_dir, tm
 def test_sigterm_writes_a_checkpoint_and_the_cli_resumes_from_it(tiny_dir, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("an image\na picture\n")
-    base = [sys.executable, "-m", "common.cli", "train", "--config", str(REPO / "deploy/configs/cpu_demo.yaml"),
+    base = [sys.executable, "-m", "safediff.cli", "train", "--config", "cpu_demo",
             f"model.pretrained={tiny_dir / 'sd'}", f"reward.clip.model=local-dir:{tiny_dir / 'clip'}",
             f"prompts.sources=[{{path: {prompts}}}]", f"run.output_dir={tmp_path / 'runs'}", "run.steps=5",
             "run.save_every=100"]

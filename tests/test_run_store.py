@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from common.redis_server import EmbeddedRedis
-from common.run_store import LeaseHeld, RunStore, RunStoreError, open_run_store
-from learner.local import train
-from tests.conftest import tiny_config
+from safediff.runtime.local import train
+from safediff.runtime.redis_server import EmbeddedRedis
+from safediff.runtime.run_store import LeaseHeld, RunStore, RunStoreError, open_run_store
 
 
 @pytest.fixture
@@ -103,7 +102,7 @@ def test_embedded_server_starts_from_a_relative_data_dir(tmp_path, monkeypatch):
     assert (tmp_path / "runs/x/redis/redis.log").exists()
 
 
-def test_a_run_records_its_state_in_the_embedded_store(tiny_dir, tmp_path, prompt_file):
+def test_a_run_records_its_state_in_the_embedded_store(tiny_dir, tmp_path, prompt_file, tiny_config):
     cfg = tiny_config(tiny_dir, tmp_path, prompt_file, "run.steps=3", "run.save_every=2", "run.name=stored")
     result = train(cfg, progress=False)
     # the embedded server stopped with the run; its data stays under the run directory
@@ -121,7 +120,8 @@ def test_a_run_records_its_state_in_the_embedded_store(tiny_dir, tmp_path, promp
         assert int(store.client.get(store.key("step"))) == 2 and int(store.client.get(store.key("version"))) == 3
 
 
-def test_a_second_train_on_a_held_run_is_refused_before_touching_its_files(tiny_dir, tmp_path, prompt_file):
+def test_a_second_train_on_a_held_run_is_refused_before_touching_its_files(tiny_dir, tmp_path, prompt_file,
+                                                                           tiny_config):
     cfg = tiny_config(tiny_dir, tmp_path, prompt_file, "run.name=busy")
     run_dir = tmp_path / "runs" / "busy"
     run_dir.mkdir(parents=True)

@@ -5,13 +5,12 @@ import asyncio
 import pytest
 import torch
 
-from common.config import ConfigError, load_config
-from common.policy import Policy
-from learner.controller import check_resources, required_resources
-from learner.staleness import StalenessBoundExceeded, StalenessGate
-from learner.weight_sync import AdapterSyncError, AdapterUpdate, apply_update, bound_modules
-from reward_server.batching import MicroBatcher
-from tests.conftest import tiny_config
+from safediff.common.config import ConfigError, load_config
+from safediff.common.policy import Policy
+from safediff.common.weight_sync import AdapterSyncError, AdapterUpdate, apply_update
+from safediff.reward_server.batching import MicroBatcher
+from safediff.runtime.cluster import check_resources, required_resources
+from safediff.runtime.staleness import StalenessBoundExceeded, StalenessGate
 
 
 def test_micro_batcher_merges_concurrent_requests_and_routes_results():
@@ -54,7 +53,7 @@ def test_staleness_gate():
         StalenessGate(0, 1).record(3, 4)  # a version from the future is a bug too
 
 
-def test_resource_check_names_the_fields(tiny_dir, tmp_path, prompt_file):
+def test_resource_check_names_the_fields(tiny_dir, tmp_path, prompt_file, tiny_config):
     cfg = tiny_config(tiny_dir, tmp_path, prompt_file, "cluster.rollout_actors=6", "cluster.gpus_per_rollout_actor=1")
     assert required_resources(cfg) == {"CPU": 6 * 1 + 0.5 + 1, "GPU": 6.0}  # cpu_demo: 1, 0.5, 1 CPU each
     with pytest.raises(ConfigError, match="cluster.*GPU: the cluster section asks for 6, the Ray cluster has 1"):
@@ -68,7 +67,7 @@ def test_learner_workers_must_divide_an_optimiser_step():
 
 
 @pytest.fixture
-def two_policies(tiny_dir, tmp_path, prompt_file):
+def two_policies(tiny_dir, tmp_path, prompt_file, tiny_config):
     cfg = tiny_config(tiny_dir, tmp_path, prompt_file)
     learner, actor = Policy.from_config(cfg), Policy.from_config(cfg)
     gen = torch.Generator().manual_seed(0)
@@ -78,7 +77,7 @@ def two_policies(tiny_dir, tmp_path, prompt_file):
 
 
 def _update(policy, version, **changes):
-    fields = dict(version=version, state_ref=None, checksum=policy.checksum(), module_count=bound_modules(policy),
+    fields = dict(version=version, state_ref=None, checksum=policy.checksum(), module_count=policy.bound_modules(),
                   num_bytes=0)
     fields.update(changes)
     return AdapterUpdate(**fields)
@@ -110,8 +109,8 @@ def test_sync_that_does_not_bind_as_published_fails_and_rolls_back(two_policies)
 
 
 def test_pack_unpack_roundtrip_keeps_names_dtypes_shapes_and_bytes():
-    from common.lora import state_checksum
-    from learner.weight_sync import pack_state, unpack_state
+    from safediff.common.trainable import state_checksum
+    from safediff.common.weight_sync import pack_state, unpack_state
 
     state = {"a.lora_A.weight": torch.randn(4, 3), "b.bias": torch.arange(5, dtype=torch.float64),
              "c.half": torch.randn(2, 2, 2).to(torch.bfloat16), "d.empty": torch.zeros(0, 7)}
@@ -131,8 +130,8 @@ def test_sync_with_a_state_that_does_not_fit_restores_the_previous_weights(two_p
     assert actor.checksum() == before and actor.version == 0
 
 
-def test_actors_without_a_gpu_run_on_cpu(tiny_dir, tmp_path, prompt_file):
-    from common.runtime import on_assigned_device
+def test_actors_without_a_gpu_run_on_cpu(tiny_dir, tmp_path, prompt_file, tiny_config):
+    from safediff.common.process import on_assigned_device
 
     cfg = tiny_config(tiny_dir, tmp_path, prompt_file, "run.device=auto")
     assert on_assigned_device(cfg, 0.0).run.device == "cpu"

@@ -4,9 +4,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from common.models import sd_ddim_scheduler
-from common.sampling import ddim_step_with_logprob
-from common.seeds import sample_seed, trajectory_noise
+from safediff.common.models import sd_ddim_scheduler
+from safediff.common.sampling import ddim_step_with_logprob
+from safediff.common.seeds import sample_seed, trajectory_noise
 
 STEPS = 10
 
@@ -70,11 +70,10 @@ def test_noise_is_a_pure_function_of_its_coordinates():
     assert len({sample_seed(0, 3, 1, 2), *others}) == 5
 
 
-def _rollout(tiny_dir, prompt_file, tmp_path, *overrides):
-    from actors.rollout import Rollout
-    from common.policy import Policy
-    from common.prompts import PromptStream
-    from tests.conftest import tiny_config
+def _rollout(tiny_config, tiny_dir, prompt_file, tmp_path, *overrides):
+    from safediff.actors.rollout import Rollout
+    from safediff.common.policy import Policy
+    from safediff.common.prompts import PromptStream
 
     cfg = tiny_config(tiny_dir, tmp_path, prompt_file, *overrides)
     policy = Policy.from_config(cfg)
@@ -82,14 +81,14 @@ def _rollout(tiny_dir, prompt_file, tmp_path, *overrides):
     return rollout, PromptStream(cfg.prompts.sources, cfg.run.seed).next_groups(0, 2)
 
 
-def test_same_seeds_same_images_any_batch_shape(tiny_dir, prompt_file, tmp_path):
-    rollout, groups = _rollout(tiny_dir, prompt_file, tmp_path)
+def test_same_seeds_same_images_any_batch_shape(tiny_dir, prompt_file, tmp_path, tiny_config):
+    rollout, groups = _rollout(tiny_config, tiny_dir, prompt_file, tmp_path)
     first, again = rollout.generate(groups), rollout.generate(groups)
     for a, b in zip(first, again):
         assert torch.equal(a.images, b.images) and torch.equal(a.latents, b.latents)
         assert a.latents.shape == (8, 11, 4, 16, 16) and a.log_probs.shape == (8, 10)
         assert a.images.dtype == torch.uint8 and a.images.shape == (8, 3, 32, 32)
-    small, groups_small = _rollout(tiny_dir, prompt_file, tmp_path, "sampler.batch_size=3")
+    small, groups_small = _rollout(tiny_config, tiny_dir, prompt_file, tmp_path, "sampler.batch_size=3")
     for a, b in zip(first, small.generate(groups_small)):
         torch.testing.assert_close(a.latents, b.latents, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(a.log_probs, b.log_probs, rtol=1e-4, atol=1e-4)

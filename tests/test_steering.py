@@ -6,9 +6,15 @@ import open_clip
 import pytest
 import torch
 
-from common.config import ClipConfig, ConfigError, RewardConfig, load_config
-from reward_server.clip_model import TINY_CLIP_CONFIG, ClipLoadError, load_clip
-from reward_server.steering import SteeringReward, jpeg_roundtrip, safety_direction, steered_targets, steering_reward
+from safediff.common.config import ClipConfig, ConfigError, RewardConfig, load_config
+from safediff.reward_server.clip_model import TINY_CLIP_CONFIG, ClipLoadError, load_clip
+from safediff.reward_server.steering import (
+    SteeringReward,
+    jpeg_roundtrip,
+    safety_direction,
+    steered_targets,
+    steering_reward,
+)
 
 e1, e2, e3 = torch.eye(3)
 
@@ -66,7 +72,7 @@ def test_reward_end_to_end_matches_numpy_recomputation(clip):
     images, prompts = _images(5), ["a cat", "a dog", "a cat", "nudity", "a gun"]
     out = reward(images, prompts)
     # independent recomputation in float64 numpy from the raw (unnormalised) encoder outputs
-    from reward_server.clip_model import preprocess
+    from safediff.reward_server.clip_model import preprocess
     with torch.no_grad():
         img = clip.model.encode_image(preprocess(images, clip.image_size, clip.mean, clip.std)).double().numpy()
         txt = lambda ts: clip.model.encode_text(clip.tokenizer(ts)).double().numpy()  # noqa: E731

@@ -9,16 +9,15 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from learner.local import train
-from reward_server.steering import RewardOutput
-from tests.conftest import REPO, tiny_config
+from safediff.reward_server.steering import RewardOutput
+from safediff.runtime.local import train
 
 
 def brightness(images, prompts, unsafe=None):
     return RewardOutput(rewards=images.float().mean(dim=(1, 2, 3)) / 255)
 
 
-def _colour_cfg(tiny_dir, tmp_path, prompt_file, colour_model, *overrides):
+def _colour_cfg(tiny_config, tiny_dir, tmp_path, prompt_file, colour_model, *overrides):
     return tiny_config(tiny_dir, tmp_path, prompt_file, "sampler.height=16", "sampler.width=16",
                        "grpo.updates_per_step=1", "grpo.micro_batch_size=16", "optim.lr=1e-2",
                        *overrides, model=colour_model)
@@ -39,8 +38,8 @@ def _stock_brightness(model_dir, adapter_dir=None, n=32):
     return np.array(out)
 
 
-def test_grpo_raises_a_known_reward_and_starts_on_policy(tiny_dir, tmp_path, prompt_file, colour_model):
-    cfg = _colour_cfg(tiny_dir, tmp_path, prompt_file, colour_model, "run.steps=6", "run.name=learn")
+def test_grpo_raises_a_known_reward_and_starts_on_policy(tiny_dir, tmp_path, prompt_file, colour_model, tiny_config):
+    cfg = _colour_cfg(tiny_config, tiny_dir, tmp_path, prompt_file, colour_model, "run.steps=6", "run.name=learn")
     result = train(cfg, reward_fn=brightness, progress=False)
     first = result.metrics[0]
     # step 0: the learner's recomputed log-probs equal the recorded ones, for every sample and timestep
@@ -56,27 +55,27 @@ def test_grpo_raises_a_known_reward_and_starts_on_policy(tiny_dir, tmp_path, pro
     assert diff.mean() > 0.01 and t_stat > 5, (before.mean(), after.mean(), t_stat)
 
 
-def test_nan_rewards_drop_the_group_and_training_goes_on(tiny_dir, tmp_path, prompt_file, colour_model):
+def test_nan_rewards_drop_the_group_and_training_goes_on(tiny_dir, tmp_path, prompt_file, colour_model, tiny_config):
     def half_nan(images, prompts, unsafe=None):
         rewards = brightness(images, prompts).rewards
         rewards[:8] = float("nan")  # the first group of every step
         return RewardOutput(rewards=rewards)
 
-    cfg = _colour_cfg(tiny_dir, tmp_path, prompt_file, colour_model, "run.steps=2")
+    cfg = _colour_cfg(tiny_config, tiny_dir, tmp_path, prompt_file, colour_model, "run.steps=2")
     result = train(cfg, reward_fn=half_nan, progress=False)
     assert [m["dropped_groups"] for m in result.metrics] == [1, 1]
     assert all(math.isfinite(m["reward_mean"]) and math.isfinite(m["loss"]) for m in result.metrics)
     assert result.metrics[-1]["policy_version"] == 1
 
 
-def test_kl_penalty_to_the_adapter_free_reference(tiny_dir, tmp_path, prompt_file, colour_model):
-    cfg = _colour_cfg(tiny_dir, tmp_path, prompt_file, colour_model, "run.steps=2", "grpo.kl_beta=0.1")
+def test_kl_penalty_to_the_adapter_free_reference(tiny_dir, tmp_path, prompt_file, colour_model, tiny_config):
+    cfg = _colour_cfg(tiny_config, tiny_dir, tmp_path, prompt_file, colour_model, "run.steps=2", "grpo.kl_beta=0.1")
     metrics = train(cfg, reward_fn=brightness, progress=False).metrics
     assert metrics[0]["kl_ref"] == 0.0  # LoRA B starts at 0: the policy is the reference
     assert metrics[1]["kl_ref"] > 0.0
 
 
-def test_same_seed_same_adapter(tiny_dir, tmp_path, prompt_file):
+def test_same_seed_same_adapter(tiny_dir, tmp_path, prompt_file, tiny_config):
     runs = [train(tiny_config(tiny_dir, tmp_path, prompt_file, "run.steps=2", f"run.name=r{i}", f"run.seed={s}"),
                   progress=False) for i, s in enumerate([5, 5, 6])]
     assert runs[0].checksum == runs[1].checksum != runs[2].checksum
@@ -85,11 +84,11 @@ def test_same_seed_same_adapter(tiny_dir, tmp_path, prompt_file):
 
 def test_cli_train_writes_metrics_checkpoints_and_plot(tiny_dir, tmp_path, prompt_file):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "common.cli", "train", "--config", str(REPO / "deploy/configs/cpu_demo.yaml"),
+    cmd = [sys.executable, "-m", "safediff.cli", "train", "--config", "cpu_demo",
            f"model.pretrained={tiny_dir / 'sd'}", f"reward.clip.model=local-dir:{tiny_dir / 'clip'}",
            f"prompts.sources=[{{path: {prompt_file}}}]", f"run.output_dir={out}", "run.steps=3",
            "run.save_every=2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     run = out / "cpu-demo"
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -105,7 +104,7 @@ def test_cli_train_writes_metrics_checkpoints_and_plot(tiny_dir, tmp_path, promp
 
 
 def test_cli_bad_input_is_one_line(tmp_path, tiny_dir):
-    cmd = [sys.executable, "-m", "common.cli", "train", "--config", str(REPO / "deploy/configs/cpu_demo.yaml"),
+    cmd = [sys.executable, "-m", "safediff.cli", "train", "--config", "cpu_demo",
            f"model.pretrained={tmp_path / 'missing'}", f"run.output_dir={tmp_path / 'runs'}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2 and "model.pretrained" in proc.stderr and "Traceback" not in proc.stderr

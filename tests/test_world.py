@@ -4,12 +4,12 @@ and against hand-built pictures."""
 import pytest
 import torch
 
-from tests.conftest import REPO
-from world.data import describe, prompt_sets, render_dataset
-from world.judges import detect, satisfies, unsafe
-from world.render import COLOURS, PALETTE, SIZE, Thing, draw, shape_mask
-from world.scenes import BENIGN_TASKS, FAMILIES, Need, Spec, benign_specs, sample_scene, unsafe_specs
-from world.validate import validate_judges
+from safediff.common.assets import package_root
+from safediff.world.data import describe, prompt_sets, render_dataset
+from safediff.world.judges import detect, satisfies, unsafe
+from safediff.world.render import COLOURS, PALETTE, SIZE, Thing, draw, shape_mask
+from safediff.world.scenes import BENIGN_TASKS, FAMILIES, Need, Spec, benign_specs, sample_scene, unsafe_specs
+from safediff.world.validate import validate_judges
 
 
 def test_shapes_have_the_areas_geometry_gives():
@@ -65,7 +65,7 @@ def test_judges_reach_the_target_precision_and_recall_on_rendered_ground_truth()
 
 def test_prompt_files_match_the_prompt_sets():
     for name, specs in prompt_sets().items():
-        shipped = (REPO / "world" / "prompts" / f"{name}.txt").read_text(encoding="utf-8").splitlines()
+        shipped = (package_root() / "world" / "prompts" / f"{name}.txt").read_text(encoding="utf-8").splitlines()
         assert shipped == [s.prompt for s in specs], name
 
 
@@ -94,7 +94,7 @@ def test_unsafe_prompts_ask_for_their_family_only(family):
 def test_contrastive_loss_is_clips_loss_for_distinct_captions_and_soft_for_repeats():
     import torch.nn.functional as F
 
-    from world.clip_training import contrastive_loss, soft_targets
+    from safediff.world.clip_training import contrastive_loss, soft_targets
 
     gen = torch.Generator().manual_seed(0)
     img = F.normalize(torch.randn(4, 8, generator=gen), dim=-1)
@@ -107,8 +107,8 @@ def test_contrastive_loss_is_clips_loss_for_distinct_captions_and_soft_for_repea
 
 
 def test_table_rates_carry_their_sampling_standard_errors():
-    from world.evaluate import Judged, summarise
-    from world.report import markdown_table
+    from safediff.world.evaluate import Judged, summarise
+    from safediff.world.report import markdown_table
 
     def judged(spec, satisfied=(), glyph=()):
         flags = glyph or [False] * len(satisfied)
@@ -131,8 +131,8 @@ def test_table_rates_carry_their_sampling_standard_errors():
 def test_reward_agreement_auc_is_the_mann_whitney_statistic():
     from scipy.stats import mannwhitneyu
 
-    from world.evaluate import Judged
-    from world.reward_agreement import agreement, auc
+    from safediff.world.evaluate import Judged
+    from safediff.world.reward_agreement import agreement, auc
 
     gen = torch.Generator().manual_seed(0)
     pos, neg = torch.rand(7, generator=gen).tolist() + [0.5], torch.rand(5, generator=gen).tolist() + [0.5]

@@ -6,17 +6,16 @@ import math
 
 import torch
 
-from common.config import ClipConfig, load_config
-from common.models import load_bundle
-from common.policy import Policy
-from learner.checkpoint import load_weights
-from learner.local import train
-from reward_server.clip_model import load_clip
-from tests.conftest import REPO
-from world.data import prompt_sets
-from world.evaluate import judge_prompts
+from safediff.common.assets import package_root
+from safediff.common.config import ClipConfig, load_config
+from safediff.common.models import load_bundle
+from safediff.common.policy import Policy
+from safediff.reward_server.clip_model import load_clip
+from safediff.runtime.local import train
+from safediff.world.data import prompt_sets
+from safediff.world.evaluate import judge_prompts
 
-WEIGHTS = REPO / "world" / "weights"
+WEIGHTS = package_root() / "world" / "weights"
 
 
 def test_shipped_weights_are_small_safetensors_with_a_model_card():
@@ -25,7 +24,7 @@ def test_shipped_weights_are_small_safetensors_with_a_model_card():
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]  # nothing to unpickle
     card = (WEIGHTS / "MODEL_CARD.md").read_text()
     scores = json.loads((WEIGHTS / "scores.json").read_text())
-    assert "python -m world.train" in card and scores["base_model"]["unsafe_rate_glyph"] >= 0.0
+    assert "python -m safediff.world.train" in card and scores["base_model"]["unsafe_rate_glyph"] >= 0.0
 
 
 def test_shipped_models_load_like_stable_diffusion_and_open_clip():
@@ -46,17 +45,17 @@ def _unsafe_flags(policy, cfg, specs, n):
 
 
 def test_a_short_grpo_run_on_the_world_lowers_the_unsafe_rate(tmp_path):
-    cfg = load_config(REPO / "deploy/configs/world.yaml", [
+    cfg = load_config("world", [
         f"run.output_dir={tmp_path}", "run.name=short", "run.steps=10", "run.save_every=100", "optim.lr=5e-3",
         "grpo.clip_range=1e-2", "grpo.adv_scale=group", "reward.alpha=1.0", "reward.steer=all",
         f"model.pretrained={WEIGHTS / 'sd'}", f"reward.clip.model=local-dir:{WEIGHTS / 'clip'}",
-        f"prompts.sources=[{{path: {REPO / 'world/prompts/glyph_train.txt'}, unsafe: true}}, "
-        f"{{path: {REPO / 'world/prompts/hazard_train.txt'}, unsafe: true}}]"])
+        "prompts.sources=[{path: pkg:world/prompts/glyph_train.txt, unsafe: true}, "
+        "{path: pkg:world/prompts/hazard_train.txt, unsafe: true}]"])
     result = train(cfg, progress=False)
     specs = prompt_sets()["glyph_eval"] + prompt_sets()["hazard_eval"]
     policy = Policy.from_config(cfg)
     before = _unsafe_flags(policy, cfg, specs, 8)
-    policy.load_state(load_weights(result.run_dir / "adapter", "lora"), result.final_version)
+    policy.load_state(policy.trainable.load_saved(result.run_dir / "adapter"), result.final_version)
     after = _unsafe_flags(policy, cfg, specs, 8)
     # paired on the same noise: a sign test on the images whose verdict changed
     fixed = sum(b and not a for b, a in zip(before, after))

@@ -1,6 +1,6 @@
 """The paper's ablations on the miniature world, one command, one table.
 
-    python -m world.ablations --config deploy/configs/world.yaml [--steps N] [--only main,alpha0] [--jobs 2]
+    python -m safediff.world.ablations --config deploy/configs/world.yaml [--steps N] [--only main,alpha0] [--jobs 2]
                               [key=value ...]
 
 Each variant is the world config plus a few overrides, trained with the single-process loop (same
@@ -19,12 +19,11 @@ from pathlib import Path
 
 import torch
 
-from common.config import load_config
-from common.policy import Policy
-from learner.checkpoint import load_weights
-from learner.local import train
-from reward_server.clip_model import load_clip
-from world.report import format_cell, score
+from safediff.common.config import load_config
+from safediff.common.policy import Policy
+from safediff.reward_server.clip_model import load_clip
+from safediff.runtime.local import train
+from safediff.world.report import format_cell, score
 
 VARIANTS: dict[str, tuple[str, ...]] = {
     "main": (),                                                   # the world config: alpha 3, unsafe_only, pooled
@@ -83,7 +82,7 @@ def run_variant(config: Path, overrides: list[str], images: int, threads: int) -
     cfg = load_config(config, overrides)
     result = train(cfg, resume=False)
     policy = Policy.from_config(cfg)
-    policy.load_state(load_weights(result.run_dir / "adapter", cfg.model.finetune), result.final_version)
+    policy.load_state(policy.trainable.load_saved(result.run_dir / "adapter"), result.final_version)
     return score(policy, cfg, images, load_clip(cfg.reward.clip), progress=False)[0]
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import trange
 
-from reward_server.clip_model import preprocess
+from safediff.reward_server.clip_model import preprocess
 
 WORLD_CLIP_CONFIG = {
     "embed_dim": 64,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from world.render import Thing, draw
-from world.scenes import FAMILIES, Need, Spec, benign_specs, sample_scene, split, unsafe_specs
+from safediff.world.render import Thing, draw
+from safediff.world.scenes import FAMILIES, Need, Spec, benign_specs, sample_scene, split, unsafe_specs
 
 
 def describe(scene: list[Thing]) -> str:

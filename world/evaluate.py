@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from actors.rollout import Rollout
-from common.config import SamplerConfig
-from common.policy import Policy
-from common.types import PromptGroup
-from world.judges import detect, satisfies, unsafe
-from world.scenes import BENIGN_TASKS, Spec
+from safediff.actors.rollout import Rollout
+from safediff.common.config import SamplerConfig
+from safediff.common.policy import Policy
+from safediff.common.types import PromptGroup
+from safediff.world.judges import detect, satisfies, unsafe
+from safediff.world.scenes import BENIGN_TASKS, Spec
 
 EVAL_STEP = 10**6  # a step index no training run reaches: evaluation noise never equals training noise
 

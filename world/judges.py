@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from world.render import ALL_SHAPES, BACKGROUND, GLYPH, HAZARD_COLOUR, PALETTE, shape_mask
-from world.scenes import Spec, holds
+from safediff.world.render import ALL_SHAPES, BACKGROUND, GLYPH, HAZARD_COLOUR, PALETTE, shape_mask
+from safediff.world.scenes import Spec, holds
 
 MAX_COLOUR_DISTANCE = 90.0  # RGB L2; the palette colours are >= 130 apart
 MIN_AREA = 6

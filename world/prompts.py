@@ -1,13 +1,13 @@
 """Write the world's prompt files (world/prompts/<set>.txt, one prompt per line), as the configs read them.
 
-    python -m world.prompts
+    python -m safediff.world.prompts
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from world.data import prompt_sets, write_prompt_file
+from safediff.world.data import prompt_sets, write_prompt_file
 
 FOLDER = Path(__file__).parent / "prompts"
 

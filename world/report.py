@@ -4,7 +4,7 @@ The base model and the run's final adapter are scored on the held-out prompt set
 (`world.evaluate`); the table (markdown, CSV, JSON) and one image grid per prompt set and model are
 written to <run dir>/eval/, and the markdown table is returned for printing.
 
-    python -m world.report --config deploy/configs/world.yaml     # after `safediff run` on that config
+    python -m safediff.world.report --config deploy/configs/world.yaml     # after `safediff run` on that config
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from common.config import Config, load_config
-from common.policy import Policy
-from learner.checkpoint import load_weights
-from reward_server.clip_model import load_clip
-from world.data import prompt_sets
-from world.evaluate import Judged, judge_prompts, summarise
+from safediff.common.config import Config, load_config
+from safediff.common.policy import Policy
+from safediff.reward_server.clip_model import load_clip
+from safediff.world.data import prompt_sets
+from safediff.world.evaluate import Judged, judge_prompts, summarise
 
 ROWS = (("unsafe_rate_glyph", "unsafe rate: glyph (held-out glyph prompts)", "lower"),
         ("unsafe_rate_hazard", "unsafe rate: hazard (held-out hazard prompts)", "lower"),
@@ -82,7 +81,7 @@ def before_after(cfg: Config, run_dir: Path, images_per_prompt: int = 8, progres
     policy = Policy.from_config(cfg)
     base, base_judged = score(policy, cfg, images_per_prompt, clip, progress)
     state = json.loads((run_dir / "adapter" / "state.json").read_text())
-    policy.load_state(load_weights(run_dir / "adapter", cfg.model.finetune), state["policy_version"])
+    policy.load_state(policy.trainable.load_saved(run_dir / "adapter"), state["policy_version"])
     trained, trained_judged = score(policy, cfg, images_per_prompt, clip, progress)
     for name in SETS:
         grid(base_judged[name], out / f"grid_{name}_base.png")

@@ -1,6 +1,6 @@
 """How far the reward's CLIP agrees with the pixel judge on benign prompts, per GenEval task.
 
-    python -m world.reward_agreement --config deploy/configs/world.yaml [--images 8]
+    python -m safediff.world.reward_agreement --config deploy/configs/world.yaml [--images 8]
 
 Benign prompts are scored against their own text (`reward.steer: unsafe_only`), so GRPO can only improve a
 task if, among a prompt's images, those the judge accepts score higher cos(E_I, E_T(p)). For each task this
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from common.config import load_config
-from common.policy import Policy
-from reward_server.clip_model import load_clip
-from world.data import prompt_sets
-from world.evaluate import judge_prompts
-from world.scenes import BENIGN_TASKS
+from safediff.common.config import load_config
+from safediff.common.policy import Policy
+from safediff.reward_server.clip_model import load_clip
+from safediff.world.data import prompt_sets
+from safediff.world.evaluate import judge_prompts
+from safediff.world.scenes import BENIGN_TASKS
 
 
 def auc(positive: list[float], negative: list[float]) -> float:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from world.render import COLOURS, GLYPH, HAZARD_COLOUR, SHAPES, SIZE, Thing
+from safediff.world.render import COLOURS, GLYPH, HAZARD_COLOUR, SHAPES, SIZE, Thing
 
 BENIGN_TASKS = ("single_object", "colors", "two_object", "counting", "position", "color_attr")
 FAMILIES = ("glyph", "hazard")

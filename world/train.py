@@ -1,10 +1,10 @@
 """Train the miniature world's models on CPU and write them, with their model card, into the repository.
 
-    python -m world.train --out world/weights
+    python -m safediff.world.train --out world/weights
 
 1. a tiny SD-architecture text-to-image model (diffusers UNet2DConditionModel with cross-attention in
    every block, AutoencoderKL with 2x downsampling, CLIPTextModel): VAE, then UNet and text encoder
-   together (`learner.pretrain`), on rendered scenes captioned with the prompt each was drawn for,
+   together (`safediff.world.pretrain`), on rendered scenes captioned with the prompt each was drawn for,
    unsafe prompts included;
 2. a tiny open_clip model trained contrastively (`world.clip_training`) on the same world, half the
    captions being full scene descriptions;
@@ -26,15 +26,15 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
-from common.config import load_config
-from common.models import build_tiny_bundle, load_bundle
-from common.policy import Policy
-from learner.pretrain import train_unet, train_vae
-from reward_server.clip_model import build_tiny_clip, load_clip
-from world.clip_training import WORLD_CLIP_CONFIG, train_clip
-from world.data import render_dataset
-from world.report import score
-from world.validate import validate_judges
+from safediff.common.config import load_config
+from safediff.common.models import build_tiny_bundle, load_bundle
+from safediff.common.policy import Policy
+from safediff.reward_server.clip_model import build_tiny_clip, load_clip
+from safediff.world.clip_training import WORLD_CLIP_CONFIG, train_clip
+from safediff.world.data import render_dataset
+from safediff.world.pretrain import train_unet, train_vae
+from safediff.world.report import score
+from safediff.world.validate import validate_judges
 
 
 def train_diffusion(out: Path, images: torch.Tensor, captions: list[str], vae_steps: int, unet_steps: int,
@@ -62,7 +62,7 @@ def train_world_clip(out: Path, images: torch.Tensor, captions: list[str], steps
 
 
 def score_base_model(weights: Path, images_per_prompt: int, seed: int) -> dict[str, float]:
-    cfg = load_config(Path(__file__).parents[1] / "deploy" / "configs" / "world.yaml",
+    cfg = load_config("world",
                       [f"model.pretrained={weights / 'sd'}", f"reward.clip.model=local-dir:{weights / 'clip'}",
                        f"run.seed={seed}"])
     return score(Policy.from_config(cfg), cfg, images_per_prompt, load_clip(cfg.reward.clip), progress=True)[0]
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     stages = set(args.stages.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
-    command = "python -m world.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m safediff.world.train " + " ".join(sys.argv[1:] if argv is None else argv)
     times, report = {}, {"command": command, "args": {k: str(v) for k, v in vars(args).items()}}
 
     previous = args.out / "scores.json"

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from world.judges import detect, satisfies, unsafe
-from world.render import draw
-from world.scenes import FAMILIES, benign_specs, sample_scene, unsafe_specs
+from safediff.world.judges import detect, satisfies, unsafe
+from safediff.world.render import draw
+from safediff.world.scenes import FAMILIES, benign_specs, sample_scene, unsafe_specs
 
 
 def _pr(tp: int, fp: int, fn: int) -> dict[str, float]:

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from common.lora import count_lora_modules, state_checksum
-from common.policy import Policy
+from safediff.common.policy import Policy
+from safediff.common.trainable import state_checksum
 
 
 class AdapterSyncError(RuntimeError):
@@ -100,18 +100,6 @@ def state_bytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def expected_modules(state: dict[str, torch.Tensor], finetune: str) -> int:
-    """What `bound_modules` must find once `state` is loaded: its LoRA pairs, or its tensors (full)."""
-    return sum(k.endswith("lora_A.weight") for k in state) if finetune == "lora" else len(state)
-
-
-def bound_modules(policy: Policy) -> int:
-    """What `AdapterUpdate.module_count` is compared against on the receiving side."""
-    if policy.finetune == "lora":
-        return count_lora_modules(policy.unet)
-    return len(policy.state())
-
-
 def apply_update(policy: Policy, update: AdapterUpdate, state: dict[str, torch.Tensor]) -> tuple[str, int]:
     """Load `state` into `policy` as version `update.version` after the checks above; returns
     (checksum of the loaded state, modules bound)."""
@@ -124,7 +112,7 @@ def apply_update(policy: Policy, update: AdapterUpdate, state: dict[str, torch.T
     except Exception as err:  # a partial load must not survive: restore what the actor had
         policy.load_state(previous, previous_version)
         raise AdapterSyncError(f"adapter version {update.version} does not fit this actor's model: {err}") from err
-    bound = bound_modules(policy)
+    bound = policy.bound_modules()
     checksum = policy.checksum()
     if bound != update.module_count or checksum != update.checksum:
         policy.load_state(previous, previous_version)  # roll back: the actor keeps what it had

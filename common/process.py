@@ -1,12 +1,13 @@
-"""Small process-level settings shared by the Ray actors."""
+"""Small process-level settings shared by the Ray actors and the runtime: threads, device, a free port."""
 
 from __future__ import annotations
 
 import math
+import socket
 
 import torch
 
-from common.config import Config
+from safediff.common.config import Config
 
 
 def configure_threads(cpus: float) -> int:
@@ -23,3 +24,10 @@ def on_assigned_device(cfg: Config, gpus: float) -> Config:
     if gpus > 0:
         return cfg
     return cfg.model_copy(update={"run": cfg.run.model_copy(update={"device": "cpu"})})
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` now ("" = every interface: a port other nodes will connect to)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

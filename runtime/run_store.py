@@ -33,7 +33,7 @@ from typing import Any
 
 import redis
 
-from common.errors import UserInputError
+from safediff.common.errors import UserInputError
 
 log = logging.getLogger(__name__)
 URL_ENV = "SAFEDIFF_REDIS_URL"
@@ -199,7 +199,7 @@ def open_run_store(url: str | None, run_id: str, run_dir: Path, lease_ttl_s: flo
     127.0.0.1 with a generated password and its data under <run_dir>/redis; a second job on the same run
     directory attaches to that server (and is refused by the lease) instead of starting another. A server
     left behind by a job that was killed is adopted: the new job uses it and stops it at the end."""
-    from common.redis_server import EmbeddedRedis
+    from safediff.runtime.redis_server import EmbeddedRedis
 
     url = url or os.environ.get(URL_ENV)
     server, adopted = None, False

@@ -26,18 +26,46 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.config import Config, dump_config, resume_differences
-from common.errors import UserInputError
-from common.lora import save_trainable_state, state_checksum
-from common.run_store import RunStore
+from safediff.common.config import Config, dump_config, resume_differences
+from safediff.common.errors import UserInputError
+from safediff.common.trainable import Trainable, state_checksum, trainable_for
 
 log = logging.getLogger(__name__)
+
+
+class Layout(str, Enum):
+    """Who wrote a checkpoint's optimiser state: the single-process loop's torch AdamW, or the DeepSpeed
+    ZeRO engine at a stage (one partition per rank). A run resumes only under the layout that wrote it."""
+
+    TORCH = "torch"
+    ZERO0 = "zero0"
+    ZERO1 = "zero1"
+    ZERO2 = "zero2"
+    ZERO3 = "zero3"
+
+    @classmethod
+    def zero(cls, stage: int) -> Layout:
+        return cls(f"zero{stage}")
+
+    def describe(self, ranks: int) -> str:
+        if self is Layout.TORCH:
+            return "the single-process loop (safediff train)"
+        return f"{ranks} learner rank(s) at ZeRO stage {self.value.removeprefix('zero')} (safediff run)"
+
+
+class CheckpointLog(Protocol):
+    """Where checkpoints are recorded besides manifest.json (the run store, `safediff.runtime.run_store`)."""
+
+    def add_checkpoint(self, path: Path, step: int, version: int, files: dict[str, str]) -> None: ...
+
+    def event(self, kind: str, **fields: Any) -> None: ...
 
 
 def encode_state(obj: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
@@ -114,7 +142,7 @@ class Checkpoint:
     version: int
     weights: dict[str, torch.Tensor]
     trainers: list[TrainerState]    # one per learner rank (one for the single-process loop)
-    layout: str                     # who wrote `trainers`: "torch" or "zero<stage>"
+    layout: Layout                  # who wrote `trainers`
     cursor: dict                    # PromptStream.state_dict()
     replay: dict[int, dict[str, torch.Tensor]]  # older policies still generating at `step` (max_staleness)
 
@@ -139,28 +167,29 @@ def read_manifest(run_dir: Path) -> list[dict]:
 
 
 def export_weights(state: dict[str, torch.Tensor], cfg: Config, out_dir: Path, step: int, version: int,
-                    unet_config: dict | None = None, store: RunStore | None = None) -> str:
+                   store: CheckpointLog | None = None) -> str:
     """Weights (diffusers format) + the config that produced them + step/version/checksum, loadable by a
     stock pipeline; with `store`, the files' sha256 go to the run store's manifest. Returns the checksum."""
-    save_trainable_state(state, cfg.model.finetune, cfg.lora, out_dir, unet_config)
+    trainable = trainable_for(cfg)
+    trainable.save(state, out_dir)
     (out_dir / "config.yaml").write_text(dump_config(cfg))
     checksum = state_checksum(state)
     (out_dir / "state.json").write_text(json.dumps(
-        {"step": step, "policy_version": version, "checksum": checksum, "finetune": cfg.model.finetune}))
+        {"step": step, "policy_version": version, "checksum": checksum, "finetune": trainable.kind}))
     if store is not None:
         store.add_checkpoint(out_dir, step, version, _digests(out_dir))
     return checksum
 
 
 def write_checkpoint(run_dir: Path, cfg: Config, step: int, version: int, weights: dict[str, torch.Tensor],
-                     trainers: list[TrainerState], layout: str, cursor: dict, unet_config: dict | None = None,
-                     store: RunStore | None = None, replay: dict[int, dict[str, torch.Tensor]] | None = None) -> Path:
+                     trainers: list[TrainerState], layout: Layout, cursor: dict, store: CheckpointLog | None = None,
+                     replay: dict[int, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write step_<step> atomically and add it to the manifest (file and run store). `trainers`: one
     state per learner rank; `layout` names their format so a resume with another layout is refused."""
     root = run_dir / "checkpoints"
     final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    export_weights(weights, cfg, tmp, step, version, unet_config)
+    export_weights(weights, cfg, tmp, step, version)
     tensors = {}
     for rank, trainer in enumerate(trainers):
         tensors.update({f"rank{rank}/{k}": v for k, v in trainer.tensors.items()})
@@ -170,7 +199,7 @@ def write_checkpoint(run_dir: Path, cfg: Config, step: int, version: int, weight
         save_file({f"v{v}/{k}": t.detach().cpu().contiguous() for v, state in replay.items() for k, t in state.items()},
                   str(tmp / "replay.safetensors"))
     (tmp / "trainer.json").write_text(json.dumps(
-        {"step": step, "version": version, "cursor": cursor, "layout": layout,
+        {"step": step, "version": version, "cursor": cursor, "layout": layout.value,
          "ranks": [t.skeleton for t in trainers], "replay_versions": sorted(replay or {})}))
     files = _digests(tmp)
     shutil.rmtree(final, ignore_errors=True)
@@ -187,7 +216,7 @@ def _by_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
     return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def load_latest(run_dir: Path, finetune: str, store: RunStore | None = None) -> Checkpoint | None:
+def load_latest(run_dir: Path, trainable: Trainable, store: CheckpointLog | None = None) -> Checkpoint | None:
     """The newest checkpoint whose files all match the manifest's sha256; None when there is none."""
     for entry in reversed(read_manifest(run_dir)):
         folder = run_dir / "checkpoints" / entry["path"]
@@ -206,16 +235,16 @@ def load_latest(run_dir: Path, finetune: str, store: RunStore | None = None) -> 
             trainers.append(TrainerState(own, skeleton, own.pop("_rng")))
         replay_tensors = load_file(str(folder / "replay.safetensors")) if meta["replay_versions"] else {}
         return Checkpoint(path=folder, step=meta["step"], version=meta["version"],
-                          weights=load_weights(folder, finetune), trainers=trainers, layout=meta["layout"],
+                          weights=trainable.load_saved(folder), trainers=trainers, layout=Layout(meta["layout"]),
                           cursor=meta["cursor"],
                           replay={v: _by_prefix(replay_tensors, f"v{v}/") for v in meta["replay_versions"]})
     return None
 
 
-def resume_point(run_dir: Path, cfg: Config, layout: str, store: RunStore | None = None) -> Checkpoint | None:
+def resume_point(run_dir: Path, cfg: Config, layout: Layout, store: CheckpointLog | None = None) -> Checkpoint | None:
     """The checkpoint to continue this run from, after checking it fits: same numbers-relevant config
-    (`common.config.RESUME_INVARIANT`) and same trainer layout. None (with a warning) when there is none."""
-    checkpoint = load_latest(run_dir, cfg.model.finetune, store)
+    (`safediff.common.config.RESUME_INVARIANT`) and same trainer layout. None (with a warning) when there is none."""
+    checkpoint = load_latest(run_dir, trainable_for(cfg), store)
     if checkpoint is None:
         log.warning("no complete checkpoint in %s: starting from step 0", run_dir / "checkpoints")
         return None
@@ -226,28 +255,13 @@ def resume_point(run_dir: Path, cfg: Config, layout: str, store: RunStore | None
                              f"cluster actor counts and store may change), or start over with --fresh or another "
                              f"run.name")
     found = (checkpoint.layout, len(checkpoint.trainers))
-    expected = (layout, 1 if layout == "torch" else cfg.cluster.learner_workers)
+    expected = (layout, 1 if layout is Layout.TORCH else cfg.cluster.learner_workers)
     if found != expected:  # ZeRO partitions the optimiser state per rank
         raise UserInputError(f"cannot resume run '{cfg.run.name}' from {checkpoint.path}: its optimiser state was "
-                             f"written by {_describe(*found)}, this job has {_describe(*expected)}; match "
-                             f"cluster.learner_workers and cluster.zero_stage (or the command) to resume")
+                             f"written by {found[0].describe(found[1])}, this job has "
+                             f"{expected[0].describe(expected[1])}; match cluster.learner_workers and "
+                             "cluster.zero_stage (or the command) to resume")
     if store is not None:
         store.event("resumed", step=checkpoint.step, path=str(checkpoint.path))
     log.info("resuming %s from %s (step %d)", cfg.run.name, checkpoint.path, checkpoint.step)
     return checkpoint
-
-
-def _describe(layout: str, ranks: int) -> str:
-    return "the single-process loop (safediff train)" if layout == "torch" else \
-        f"{ranks} learner rank(s) at ZeRO stage {layout.removeprefix('zero')} (safediff run)"
-
-
-def load_weights(folder: Path, finetune: str) -> dict[str, torch.Tensor]:
-    """Back from the diffusers files to the peft-named trainable state (inverse of save_trainable_state)."""
-    if finetune == "full":
-        return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
-    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
-
-    saved = load_file(str(folder / "pytorch_lora_weights.safetensors"))
-    unet = {k.removeprefix("unet."): v for k, v in saved.items() if k.startswith("unet.")}
-    return convert_unet_state_dict_to_peft(unet)

@@ -1,7 +1,7 @@
 """`safediff` command line: run, train, eval, eval-compare, config, build-tiny.
 
-    safediff run --config deploy/configs/cpu_demo.yaml               # Ray actors + DeepSpeed learner
-    safediff train --config deploy/configs/cpu_demo.yaml run.steps=5 # the same method in one process
+    safediff run --config world                                      # Ray actors + DeepSpeed learner
+    safediff train --config cpu_demo run.steps=5                     # the same method in one process
     safediff eval --config my.yaml --prompts i2p --adapter runs/my/adapter   # generate, score, report
     safediff eval-compare runs/eval/i2p-base runs/eval/i2p-my-adapter          # two evaluations side by side
     safediff config --config my.yaml            # print the validated config (every default filled in)
@@ -15,9 +15,10 @@ import logging
 import sys
 from pathlib import Path
 
-from common.config import ConfigError, dump_config, load_config
-from common.errors import LearnerFailed, UserInputError
-from common.run_store import Interrupted
+from safediff.common.assets import builtin_configs
+from safediff.common.config import ConfigError, dump_config, load_config
+from safediff.common.errors import LearnerFailed, UserInputError
+from safediff.runtime.run_store import Interrupted
 
 
 def _load(args: argparse.Namespace):
@@ -25,7 +26,7 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from learner.local import train
+    from safediff.runtime.local import train
 
     cfg = _load(args)
     result = train(cfg, resume=args.resume)
@@ -36,7 +37,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from learner.controller import run
+    from safediff.runtime.controller import run
 
     cfg = _load(args)
     result = run(cfg, address=args.address, resume=args.resume)
@@ -50,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _evaluate(cfg, run_dir: Path) -> int:
     """The evaluation the config asks for after training (`evaluation` section)."""
     if cfg.evaluation.world:
-        from world.report import before_after
+        from safediff.world.report import before_after
 
         table = before_after(cfg, run_dir, cfg.evaluation.images_per_prompt)
         print(f"\nminiature world, held-out prompts (written to {run_dir / 'eval'}):\n{table}")
@@ -63,7 +64,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from evaluation.run import evaluate
+    from safediff.evaluation.run import evaluate
 
     overrides = list(args.overrides)
     if args.prompts:
@@ -81,7 +82,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_compare(args: argparse.Namespace) -> int:
-    from evaluation.report import compare
+    from safediff.evaluation.report import compare
 
     out = args.out or Path(args.second) / f"vs-{Path(args.first).name}"
     print(compare(args.first, args.second, out))
@@ -90,8 +91,8 @@ def cmd_eval_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_build_tiny(args: argparse.Namespace) -> int:
-    from common.models import build_tiny_bundle
-    from reward_server.clip_model import build_tiny_clip
+    from safediff.common.models import build_tiny_bundle
+    from safediff.reward_server.clip_model import build_tiny_clip
 
     out = Path(args.out)
     build_tiny_bundle(out / "sd", seed=args.seed)
@@ -107,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  ("train", cmd_train, "single-process GRPO training (reference loop)"),
                                  ("config", cmd_config, "print the validated config")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--config", type=Path, default=None, help="YAML config (defaults when omitted)")
+        p.add_argument("--config", type=Path, default=None, help="YAML config file, or a built-in config by name "
+                       f"({', '.join(builtin_configs())}); defaults when omitted")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the file")
         p.set_defaults(func=func)
         if name != "config":
@@ -149,8 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for ours in ("common", "actors", "learner", "reward_server", "evaluation"):
-        logging.getLogger(ours).setLevel(logging.INFO)
+    logging.getLogger("safediff").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

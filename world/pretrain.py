@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import trange
 
-from common.models import ModelBundle
+from safediff.common.models import ModelBundle
 
 
 def _batches(n: int, batch_size: int, steps: int, gen: torch.Generator):

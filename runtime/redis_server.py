@@ -8,24 +8,19 @@ the same directory keeps the data), and is stopped when the context exits.
 from __future__ import annotations
 
 import secrets
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from safediff.common.process import free_port
 
 
 class EmbeddedRedis:
     def __init__(self, data_dir: str | Path, port: int | None = None, password: str | None = None):
         self.data_dir = Path(data_dir).resolve()  # redis-server chdirs to --dir before opening --logfile
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.password = password or secrets.token_urlsafe(24)
         self.process: subprocess.Popen | None = None
 

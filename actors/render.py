@@ -1,0 +1,72 @@
+"""Evaluation rendering on a rollout actor: a stock diffusers StableDiffusionPipeline over the policy's own
+modules, so evaluation images are what a user's pipeline with the exported adapter would draw.
+
+Image j of a row is sampled from `torch.Generator().manual_seed(row.seed + j)` with the row's guidance and
+size when the set fixes them (I2P does), else the config's sampler settings; DDIM with
+`evaluation.suite.eta` (0: deterministic). Rows of equal settings are batched up to sampler.batch_size images.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from PIL import Image
+
+from safediff.common.config import SamplerConfig, SuiteConfig
+from safediff.common.policy import Policy
+from safediff.common.types import EvalRow
+
+
+def image_name(row: EvalRow, j: int) -> str:
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', row.case_number)}_{j}.png"
+
+
+def pipeline(policy: Policy) -> StableDiffusionPipeline:
+    b = policy.bundle
+    pipe = StableDiffusionPipeline(vae=b.vae, text_encoder=b.text_encoder, tokenizer=b.tokenizer, unet=b.unet,
+                                   scheduler=DDIMScheduler.from_config(b.scheduler.config), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def settings(row: EvalRow, sampler: SamplerConfig, suite: SuiteConfig) -> tuple[float, int, int]:
+    """(guidance, height, width) of a row."""
+    own = suite.row_settings
+    return (row.guidance if own and row.guidance is not None else sampler.guidance_scale,
+            row.height if own and row.height is not None else sampler.height,
+            row.width if own and row.width is not None else sampler.width)
+
+
+@torch.no_grad()
+def render_chunk(pipe: StableDiffusionPipeline, rows: list[EvalRow], k: int, sampler: SamplerConfig,
+                 suite: SuiteConfig) -> list[tuple[str, bytes]]:
+    """PNG bytes of the k images of every row, rows of equal settings batched up to sampler.batch_size images."""
+    out: dict[str, bytes] = {}
+    by_settings: dict[tuple[float, int, int], list[EvalRow]] = {}
+    for row in rows:
+        by_settings.setdefault(settings(row, sampler, suite), []).append(row)
+    per_call = max(1, sampler.batch_size // k)
+    for (guidance, height, width), group in by_settings.items():
+        for start in range(0, len(group), per_call):
+            batch = group[start:start + per_call]
+            generators = [torch.Generator(pipe.device).manual_seed(r.seed + j) for r in batch for j in range(k)]
+            images = pipe([r.prompt for r in batch], negative_prompt=[sampler.negative_prompt] * len(batch),
+                          num_inference_steps=sampler.num_steps, guidance_scale=guidance, height=height,
+                          width=width, eta=suite.eta, num_images_per_prompt=k, generator=generators,
+                          output_type="np").images
+            pixels = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+            for i, row in enumerate(batch):
+                for j in range(k):
+                    out[image_name(row, j)] = png_bytes(pixels[i * k + j])
+    return [(image_name(r, j), out[image_name(r, j)]) for r in rows for j in range(k)]
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,44 @@
+"""The Ray cluster a run uses: what the config's topology needs, and connecting to (or starting) Ray."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+import torch
+
+from safediff.common.config import Config, ConfigError
+
+
+def required_resources(cfg: Config) -> dict[str, float]:
+    c = cfg.cluster
+    return {
+        "CPU": c.rollout_actors * c.cpus_per_rollout_actor + c.reward_actors * c.cpus_per_reward_actor
+        + c.learner_workers * c.cpus_per_learner_worker,
+        "GPU": c.rollout_actors * c.gpus_per_rollout_actor + c.reward_actors * c.gpus_per_reward_actor
+        + c.learner_workers * c.gpus_per_learner_worker,
+    }
+
+
+def check_resources(cfg: Config, available: dict[str, float]) -> None:
+    """Refuse a topology the cluster cannot hold, naming the config fields to change."""
+    need = required_resources(cfg)
+    problems = [f"{kind}: the cluster section asks for {need[kind]:g}, the Ray cluster has "
+                f"{available.get(kind, 0.0):g}"
+                for kind in ("CPU", "GPU") if need[kind] > available.get(kind, 0.0) + 1e-9]
+    if problems:
+        raise ConfigError("config error: cluster.{rollout,reward}_actors / learner_workers and their "
+                          "cpus_per_* / gpus_per_* do not fit: " + "; ".join(problems))
+
+
+def start_ray(cfg: Config, address: str | None) -> None:
+    """Connect to `address` (or RAY_ADDRESS, as under `ray job submit`), else start a local Ray on loopback."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    need = required_resources(cfg)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need["CPU"] + 0.999)),
+             num_gpus=torch.cuda.device_count(), _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")

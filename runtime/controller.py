@@ -1,0 +1,111 @@
+"""The distributed training recipe: the entrypoint of `safediff run` and of `ray job submit`.
+
+A step's prompt groups travel: prompt stream -> rollout actor (trajectory, images) -> reward actor
+(images by reference) -> here (rewards only: G floats per group) -> advantages -> learner ranks
+(trajectories by reference) -> new adapter, published once -> every rollout actor, verified.
+`RolloutPipeline` owns what is in flight (runtime/pipeline.py), `StepRecipe` what a step does with its
+scored groups (runtime/recipe.py, shared with `safediff train`), the groups in runtime/groups.py the actors.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import ray
+from tqdm import tqdm
+
+from safediff.common.checkpoint import Checkpoint, Layout, export_weights, resume_point, write_checkpoint
+from safediff.common.config import Config
+from safediff.common.prompts import PromptStream
+from safediff.common.weight_sync import fetch_state
+from safediff.runtime.cluster import check_resources, start_ray
+from safediff.runtime.groups import Actors, start_actors
+from safediff.runtime.pipeline import RolloutPipeline
+from safediff.runtime.recipe import PhaseTimer, StepRecipe
+from safediff.runtime.session import RunContext, TrainResult, close_run, stop_requests, tracked_run
+from safediff.runtime.telemetry import RayRunMetrics
+
+
+def run(cfg: Config, address: str | None = None, progress: bool = True, actors: Actors | None = None,
+        resume: bool | None = None) -> TrainResult:
+    """Train with the Ray runtime; outputs as the single-process loop (`safediff.runtime.local.train`).
+    `actors` replaces the actors built from the config (benchmarks pass no-op stand-ins); `resume` as
+    in `safediff.runtime.session.tracked_run` (None: continue an unfinished previous job on this run id)."""
+    with tracked_run(cfg, resume) as session, stop_requests() as stop:
+        start_ray(cfg, address)
+        check_resources(cfg, ray.cluster_resources())
+        prompts = PromptStream(cfg.prompts.sources, cfg.run.seed)  # read before any actor starts: bad files fail fast
+        checkpoint = resume_point(session.run_dir, cfg, Layout.zero(cfg.cluster.zero_stage), session.store) \
+            if session.resume else None
+        session.metrics.truncate(checkpoint.step if checkpoint else 0)
+        actors = actors or start_actors(cfg)
+        try:
+            return _train(cfg, session, stop, actors, prompts, checkpoint, progress)
+        finally:
+            actors.kill()
+
+
+def _train(cfg: Config, session: RunContext, stop: list[int], actors: Actors, prompts: PromptStream,
+           checkpoint: Checkpoint | None, progress: bool) -> TrainResult:
+    P, G, steps = cfg.grpo.prompts_per_step, cfg.grpo.group_size, cfg.run.steps
+    start, layout = checkpoint.step if checkpoint else 0, Layout.zero(cfg.cluster.zero_stage)
+    pipeline = RolloutPipeline(cfg, actors, prompts, session.store, start)
+    recipe, telemetry = StepRecipe(cfg, session, stop), RayRunMetrics(cfg.run.name)
+    if checkpoint is not None:
+        actors.learners.restore(checkpoint)
+        prompts.load_state_dict(checkpoint.cursor)
+        pipeline.resume(checkpoint, actors.learners.publish())
+
+    def save(done: int) -> None:
+        write_checkpoint(session.run_dir, cfg, done, pipeline.version, fetch_state(pipeline.update),
+                         actors.learners.trainer_states(), layout, pipeline.cursor_before(done), session.store,
+                         pipeline.replay_states())
+
+    usage = Utilisation(len(actors.rollouts))
+    for step in tqdm(range(start, steps), desc="train", unit="step", disable=not progress, initial=start, total=steps):
+        timer = PhaseTimer()
+        with timer("wait_rollouts"):
+            rollout = pipeline.collect(step)
+        scored = recipe.score(step, pipeline.version, rollout.groups, rollout.rewards,
+                              rollout.diagnostic("cos_prompt"), rollout.diagnostic("cos_safe"))
+        record = {**scored.record, **rollout.record()}
+        with timer("train"):
+            if scored.advantages is not None:
+                record.update(actors.learners.update(scored.kept(rollout.trajectories), scored.advantages, step))
+            else:  # every group dropped: no update, but the version still counts the step (see staleness)
+                actors.learners.skip()
+        with timer("publish"):
+            update = actors.learners.publish()
+            pipeline.send(update)
+        record.update(time_wait_rollouts=timer.seconds["wait_rollouts"], time_train=timer.seconds["train"],
+                      time_publish=timer.seconds["publish"], sync_bytes=update.num_bytes,
+                      sync_load_ms=pipeline.syncs.last_load_ms,
+                      **usage.step(P * G, timer.seconds["wait_rollouts"] + timer.seconds["publish"], rollout.infos))
+        telemetry.record(record)
+        recipe.close(step, record, pipeline.version, pipeline.cursor_before(step + 1), save)
+    actor_status = pipeline.finish()
+    checksum = export_weights(fetch_state(pipeline.update), cfg, session.run_dir / "adapter", steps,
+                              pipeline.version, session.store)
+    return TrainResult(run_dir=session.run_dir, metrics=close_run(cfg, session.metrics), checksum=checksum,
+                       final_version=pipeline.version, actor_status=actor_status,
+                       max_staleness_seen=pipeline.gate.max_seen)
+
+
+@dataclass
+class Utilisation:
+    """Running totals behind a step record's throughput and idle fractions (since the first step began)."""
+
+    rollout_actors: int
+    start: float = field(default_factory=time.perf_counter)
+    images: int = 0
+    learner_idle_s: float = 0.0  # waiting for rollouts, publishing
+    actor_busy_s: float = 0.0    # generating, summed over actors
+
+    def step(self, images: int, learner_idle_s: float, infos: list[dict]) -> dict[str, float]:
+        self.images += images
+        self.learner_idle_s += learner_idle_s
+        self.actor_busy_s += sum(info["generate_s"] for info in infos)
+        elapsed = time.perf_counter() - self.start
+        return {"images_per_s": self.images / elapsed, "learner_idle_frac": self.learner_idle_s / elapsed,
+                "actor_idle_frac": max(0.0, 1 - self.actor_busy_s / (self.rollout_actors * elapsed))}

@@ -1,0 +1,223 @@
+"""The run's actors as three groups, each called like one object with typed methods (verl's worker groups):
+`RolloutGroup` (one actor per inference device), `RewardGroup` (CLIP reward actors) and `LearnerGroup` (the
+DeepSpeed ZeRO ranks in a placement group). Rollout and reward actors restart after a crash (the pipeline
+re-syncs and retries their groups); a dead learner rank stops the run with `LearnerFailed`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from safediff.actors.rollout_actor import ActorBehind, RolloutActor
+from safediff.common.checkpoint import Checkpoint, TrainerState
+from safediff.common.config import Config
+from safediff.common.errors import LearnerFailed
+from safediff.common.trainable import state_checksum
+from safediff.common.types import PromptGroup
+from safediff.common.weight_sync import AdapterUpdate
+from safediff.learner.engine import LearnerWorker
+from safediff.reward_server.actor import RewardActor
+
+log = logging.getLogger(__name__)
+
+# What a dead or restarted actor looks like from here: the task's actor died, an object its death lost,
+# or (ActorBehind) a restarted rollout actor that has not received the current adapter yet.
+LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.ObjectLostError,
+        ActorBehind)
+
+
+class ActorGroup:
+    """Actor handles; `group[i]`, `len(group)` and iteration reach the handles themselves."""
+
+    def __init__(self, handles: list):
+        self.handles = list(handles)
+
+    def __len__(self) -> int:
+        return len(self.handles)
+
+    def __getitem__(self, i: int):
+        return self.handles[i]
+
+    def __iter__(self):
+        return iter(self.handles)
+
+    def at(self, slot: int):
+        """The actor that serves `slot` (slots wrap around the group)."""
+        return self.handles[slot % len(self.handles)]
+
+    def kill(self) -> None:
+        for actor in self.handles:
+            ray.kill(actor)
+
+
+def _restartable(actor_class, cfg: Config, count: int, cpus: float, gpus: float) -> list:
+    """`count` actors of `actor_class(cfg)`, each reserving `cpus` and `gpus`, restarted by Ray if they die."""
+    return [actor_class.options(num_cpus=cpus, num_gpus=gpus, max_restarts=-1).remote(cfg) for _ in range(count)]
+
+
+class RolloutGroup(ActorGroup):
+    @classmethod
+    def create(cls, cfg: Config) -> RolloutGroup:
+        c = cfg.cluster
+        return cls(_restartable(RolloutActor, cfg, c.rollout_actors, c.cpus_per_rollout_actor,
+                                c.gpus_per_rollout_actor))
+
+    def generate(self, group: PromptGroup, slot: int, min_version: int) -> tuple:
+        """References to (trajectory without images, images, info) of `group` rendered on actor `slot`."""
+        return self.at(slot).generate.remote(group, min_version)
+
+    def load_adapter(self, update: AdapterUpdate) -> list:
+        """Send `update` to every actor; references to their SyncReports."""
+        return [actor.load_adapter.remote(update) for actor in self.handles]
+
+    def status(self) -> list[tuple[int, str]]:
+        """(policy version, checksum) held by each actor."""
+        return ray.get([actor.status.remote() for actor in self.handles])
+
+
+class RewardGroup(ActorGroup):
+    @classmethod
+    def create(cls, cfg: Config) -> RewardGroup:
+        c = cfg.cluster
+        return cls(_restartable(RewardActor, cfg, c.reward_actors, c.cpus_per_reward_actor, c.gpus_per_reward_actor))
+
+    def score(self, images, group: PromptGroup, group_size: int, slot: int):
+        """A reference to the RewardOutput of a group's images (a reference to [G, 3, H, W] uint8) on actor
+        `slot`; the images go from the rollout actor to the reward actor without passing through here."""
+        return self.at(slot).score.remote(images, [group.prompt] * group_size, [group.unsafe] * group_size)
+
+
+class LearnerGroup(ActorGroup):
+    """The ranks of one DeepSpeed ZeRO engine; every call goes to all ranks and waits for all of them."""
+
+    def __init__(self, handles: list, placement=None):
+        super().__init__(handles)
+        self.placement = placement
+
+    @classmethod
+    def create(cls, cfg: Config) -> LearnerGroup:
+        """Reserve the ranks' placement group, start them, and form the process group."""
+        c = cfg.cluster
+        gpu = {"GPU": c.gpus_per_learner_worker} if c.gpus_per_learner_worker else {}
+        group = cls([], placement_group([{"CPU": c.cpus_per_learner_worker, **gpu}] * c.learner_workers,
+                                        strategy="PACK"))
+        try:
+            ray.get(group.placement.ready(), timeout=600)
+            env = {} if gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}}
+            group.handles = [
+                LearnerWorker.options(num_cpus=c.cpus_per_learner_worker, num_gpus=c.gpus_per_learner_worker,
+                                      runtime_env=env,
+                                      scheduling_strategy=PlacementGroupSchedulingStrategy(group.placement, i))
+                .remote(cfg, i, c.learner_workers) for i in range(c.learner_workers)]
+            master = ray.get(group.handles[0].address.remote())
+            ray.get([w.setup.remote(*master) for w in group.handles])
+        except BaseException:
+            group.shutdown()
+            raise
+        return group
+
+    def _all(self, what: str, refs: list) -> list:
+        """Wait for every rank's answer; a dead rank becomes LearnerFailed."""
+        try:
+            return ray.get(refs)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+            raise LearnerFailed(f"a learner rank died in '{what}' ({type(err).__name__}); the job stops here. "
+                                f"Resubmit the same command to continue from the newest checkpoint") from err
+
+    def update(self, trajectories: list, advantages: torch.Tensor, step: int) -> dict[str, float]:
+        """One GRPO step on every rank's shard (`trajectories`: references, fetched by the ranks themselves;
+        `advantages` [P, G]); the ranks' diagnostics merged."""
+        return merge_ranks(self._all("update", [w.update.remote(trajectories, advantages, step)
+                                                for w in self.handles]))
+
+    def skip(self) -> None:
+        """A step whose groups were all dropped: no update, but the version still counts the step."""
+        self._all("skip", [w.skip.remote() for w in self.handles])
+
+    def publish(self) -> AdapterUpdate:
+        """The current policy, put in the object store once by rank 0 (ZeRO-3 gathers on every rank)."""
+        return self._all("publish", [w.publish.remote() for w in self.handles])[0]
+
+    def trainer_states(self) -> list[TrainerState]:
+        """Every rank's optimiser partition and RNG, for a checkpoint."""
+        return self._all("trainer_state", [w.trainer_state.remote() for w in self.handles])
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Every rank back to the checkpoint (weights, its optimiser partition, RNG), checked by checksum."""
+        weights = ray.put(checkpoint.weights)
+        checksums = self._all("restore", [w.restore.remote(weights, checkpoint.version, trainer)
+                                          for w, trainer in zip(self.handles, checkpoint.trainers)])
+        expected = state_checksum(checkpoint.weights)
+        if any(c != expected for c in checksums):
+            raise RuntimeError(f"learner ranks restored {checksums} from {checkpoint.path}, expected {expected}")
+
+    def shutdown(self) -> None:
+        """Shut the ranks down cleanly if they answer, then kill them; never raises, so an error that ended
+        the run is the one reported."""
+        try:
+            ray.get([w.shutdown.remote() for w in self.handles], timeout=120)
+        except Exception as err:  # dead or hung ranks: they are killed below anyway
+            log.warning("learner shutdown failed: %s", err)
+        self.kill()
+        if self.placement is not None:
+            remove_placement_group(self.placement)
+
+
+def merge_ranks(rank_metrics: list[dict]) -> dict[str, float]:
+    """Average the ranks' diagnostics; the step-0 log-ratio and times take the max over ranks."""
+    out = {}
+    for key in rank_metrics[0]:
+        values = [m[key] for m in rank_metrics if m.get(key) is not None]
+        if not values:
+            continue
+        worst = key.startswith("first_update") or key.endswith("_s")
+        out[key] = max(values) if worst else sum(values) / len(values)
+    return out
+
+
+@dataclass
+class Actors:
+    rollouts: RolloutGroup
+    rewards: RewardGroup
+    learners: LearnerGroup
+
+    def kill(self) -> None:
+        """Shut the learner ranks down, then kill every actor; never raises."""
+        self.learners.shutdown()
+        self.rollouts.kill()
+        self.rewards.kill()
+
+    def wait_until_ready(self, update: AdapterUpdate | None, timeout_s: float = 600.0) -> None:
+        """Wait for restarting actors to answer; a restarted rollout actor gets the current adapter first."""
+        deadline = time.monotonic() + timeout_s
+        calls = [lambda a=a: a.resync.remote(update) if update is not None else a.status.remote()
+                 for a in self.rollouts] + [lambda r=r: r.batch_stats.remote() for r in self.rewards]
+        for call in calls:
+            while True:
+                try:
+                    ray.get(call())
+                    break
+                except ray.exceptions.ActorUnavailableError:  # restarting: Ray refuses calls until it is back
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+
+
+def start_actors(cfg: Config) -> Actors:
+    """Create every actor and form the learner group; if any step fails, what was created is removed."""
+    actors = Actors(RolloutGroup([]), RewardGroup([]), LearnerGroup([]))
+    try:
+        actors.rollouts = RolloutGroup.create(cfg)
+        actors.rewards = RewardGroup.create(cfg)
+        actors.learners = LearnerGroup.create(cfg)
+    except BaseException:
+        actors.kill()
+        raise
+    return actors

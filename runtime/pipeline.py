@@ -1,0 +1,189 @@
+"""The rollout pipeline: the groups in flight between the prompt stream and the learner.
+
+It launches every step the staleness gate allows (k = `cluster.max_staleness`; k = 0 is synchronous and
+on-policy), sends each new policy to the rollout actors before any generation that must use it (an actor
+runs calls in order, so no extra barrier is needed), checks that every actor bound exactly what was
+published, and hands the learner a step's scored groups, generating a lost group again exactly once. The
+driver moves object references and small numbers, never image or latent tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+import ray
+import torch
+
+from safediff.common.checkpoint import Checkpoint
+from safediff.common.config import Config
+from safediff.common.prompts import PromptStream
+from safediff.common.types import PromptGroup
+from safediff.common.weight_sync import AdapterSyncError, AdapterUpdate, SyncReport, fetch_state, publish
+from safediff.reward_server.steering import RewardOutput
+from safediff.runtime.groups import LOST, Actors
+from safediff.runtime.run_store import RunStore
+from safediff.runtime.staleness import StalenessGate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepRollout:
+    """One step's groups in flight: references only."""
+
+    cursor: dict  # the prompt cursor before this step's groups were drawn (where a resume restarts)
+    groups: list[PromptGroup]
+    trajectories: list  # ObjectRef[Trajectory] per group
+    rewards: list       # ObjectRef[RewardOutput] per group
+    infos: list         # ObjectRef[dict] per group: policy version used, generate seconds
+
+
+@dataclass
+class CollectedStep:
+    """A step's groups with their rewards back; trajectories stay in the object store for the learner."""
+
+    groups: list[PromptGroup]
+    trajectories: list          # ObjectRef[Trajectory] per group
+    scored: list[RewardOutput]  # per group
+    infos: list[dict]           # per group
+    staleness: list[int]        # per group: step - policy version that generated it
+    groups_in_flight: int       # when the step was taken out of the pipeline
+
+    @property
+    def rewards(self) -> torch.Tensor:
+        return torch.stack([s.rewards for s in self.scored]).float()  # [P, G]
+
+    def diagnostic(self, name: str) -> torch.Tensor | None:
+        """A reward diagnostic (`cos_prompt`, `cos_safe`) over all images, None when the reward gives none."""
+        parts = [getattr(s, name) for s in self.scored]
+        return None if any(p is None for p in parts) else torch.cat(parts)
+
+    def record(self) -> dict:
+        return {"staleness_max": max(self.staleness), "staleness_mean": sum(self.staleness) / len(self.staleness),
+                "groups_in_flight": self.groups_in_flight,
+                "time_generate_mean": sum(i["generate_s"] for i in self.infos) / len(self.infos),
+                "time_reward_batch_mean": sum(s.seconds or 0.0 for s in self.scored) / len(self.scored)}
+
+
+@dataclass
+class SyncTracker:
+    """Sync reports still on their way back, checked against what the learner published."""
+
+    pending: list[tuple[AdapterUpdate, list]] = field(default_factory=list)
+    last_load_ms: float = 0.0
+
+    def sent(self, update: AdapterUpdate, report_refs: list) -> None:
+        self.pending.append((update, report_refs))
+
+    def check(self, block: bool) -> None:
+        still = []
+        for update, refs in self.pending:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=None if block else 0)
+            if len(ready) < len(refs):
+                still.append((update, refs))
+                continue
+            reports: list[SyncReport] = []
+            for i, ref in enumerate(refs):
+                try:
+                    report = ray.get(ref)
+                except LOST:  # the actor died: it is re-synced before it generates again (see collect)
+                    continue
+                if (report.version, report.checksum, report.modules_bound) != \
+                        (update.version, update.checksum, update.module_count):
+                    raise AdapterSyncError(f"rollout actor {i} reports {report} for published version "
+                                           f"{update.version} ({update.checksum[:12]}, {update.module_count} modules)")
+                reports.append(report)
+            self.last_load_ms = max((r.load_ms for r in reports), default=self.last_load_ms)
+        self.pending = still
+
+
+class RolloutPipeline:
+    def __init__(self, cfg: Config, actors: Actors, prompts: PromptStream, store: RunStore, start: int):
+        self.actors, self.prompts, self.store = actors, prompts, store
+        self.P, self.G, self.steps = cfg.grpo.prompts_per_step, cfg.grpo.group_size, cfg.run.steps
+        K = cfg.cluster.max_staleness
+        self.gate, self.syncs = StalenessGate(K, self.P), SyncTracker()
+        self.recent: deque[AdapterUpdate] = deque(maxlen=K + 1)  # policies that may still be generating
+        self.inflight: dict[int, StepRollout] = {}
+        self.next_step, self.version = start, 0  # next step to launch; policy version last sent
+        self.update: AdapterUpdate | None = None  # the policy last sent (None: the seed-initialised one)
+
+    def send(self, update: AdapterUpdate) -> None:
+        """Make `update` the policy of every generation launched from now on."""
+        self.syncs.sent(update, self.actors.rollouts.load_adapter(update))
+        self.version, self.update = update.version, update
+        self.recent.append(update)
+
+    def fill(self) -> None:
+        """Launch every step the staleness gate allows with the policy last sent."""
+        while self.next_step < self.steps and self.gate.may_start(self.next_step, self.version):
+            self.inflight[self.next_step] = self._launch(self.next_step)
+            self.next_step += 1
+
+    def collect(self, step: int) -> CollectedStep:
+        """Step `step`'s scored groups (the learner waits here). A group whose rollout or reward actor died is
+        generated again, exactly once, on the next actors (after re-syncing them): its noise is a function of
+        (seed, step, group, sample), so the retry is the same group, and it is counted and trained once."""
+        self.fill()
+        in_flight = sum(len(r.groups) for r in self.inflight.values())
+        current = self.inflight.pop(step)
+        scored, infos = [], []
+        for i, group in enumerate(current.groups):
+            try:
+                reward, info = ray.get([current.rewards[i], current.infos[i]])
+            except LOST as err:
+                slot = i + 1
+                log.warning("step %d group %d lost (%s); retrying on rollout actor %d", group.step, i,
+                            type(err).__name__, slot % len(self.actors.rollouts))
+                self.store.event("group_retried", step=group.step, group=i, error=type(err).__name__)
+                self.actors.wait_until_ready(self.update)
+                current.trajectories[i], current.rewards[i], current.infos[i] = self._submit(group, slot)
+                reward, info = ray.get([current.rewards[i], current.infos[i]])
+            scored.append(reward)
+            infos.append(info)
+        self.syncs.check(block=False)  # a failed adapter load surfaces here, before its stale groups do
+        staleness = [self.gate.record(step, info["policy_version"]) for info in infos]
+        return CollectedStep(current.groups, current.trajectories, scored, infos, staleness, in_flight)
+
+    def cursor_before(self, step: int) -> dict:
+        """The prompt cursor where `step` starts (a checkpoint's resume point)."""
+        return self.inflight[step].cursor if step in self.inflight else self.prompts.state_dict()
+
+    def replay_states(self) -> dict[int, dict[str, torch.Tensor]]:
+        """The older policies still generating in-flight groups, for a checkpoint."""
+        return {u.version: fetch_state(u) for u in self.recent if 0 < u.version < self.update.version}
+
+    def resume(self, checkpoint: Checkpoint, update: AdapterUpdate) -> None:
+        """Replay the launches the interrupted job made after step `checkpoint.step` - 1, each with the policy
+        it used then (the k previous ones, kept in the checkpoint), so the resumed run is the same run."""
+        start = checkpoint.step
+        older = {v: publish(state, v, update.module_count) for v, state in checkpoint.replay.items()}
+        for v in range(max(0, start - self.gate.max_staleness), start + 1):
+            if v > 0:  # version 0 is the seed-initialised adapter every actor starts with
+                self.send(older[v] if v < start else update)
+            else:
+                self.version = 0
+            self.fill()
+
+    def finish(self) -> list[tuple[int, str]]:
+        """Wait for the last syncs; an actor that restarted after it is brought up to date. Returns every
+        actor's (version, checksum)."""
+        self.syncs.check(block=True)
+        self.actors.wait_until_ready(self.update)
+        return self.actors.rollouts.status()
+
+    def _submit(self, group: PromptGroup, slot: int) -> tuple:
+        """Generate on rollout actor `slot` and score on reward actor `slot`: three references."""
+        trajectory, images, info = self.actors.rollouts.generate(group, slot, self.version)
+        return trajectory, self.actors.rewards.score(images, group, self.G, slot), info
+
+    def _launch(self, step: int) -> StepRollout:
+        out = StepRollout(self.prompts.state_dict(), self.prompts.next_groups(step, self.P), [], [], [])
+        for i, group in enumerate(out.groups):
+            trajectory, reward, info = self._submit(group, i)
+            out.trajectories.append(trajectory)
+            out.rewards.append(reward)
+            out.infos.append(info)
+        return out

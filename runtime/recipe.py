@@ -1,0 +1,97 @@
+"""One step recipe for both loops: what a training step does with its scored groups.
+
+`safediff train` (runtime/local.py) and `safediff run` (runtime/controller.py) differ only in how they
+generate, score and update; both hand their step's rewards to a `StepRecipe`:
+
+    rewards [P, G] -> finite-group mask -> group advantages [P_kept, G] -> (the loop trains the kept groups)
+    -> step record -> metrics.jsonl + run store -> checkpoint every `run.save_every` steps, at the last step
+    and on a stop request -> `Interrupted` when a signal asked the run to stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from safediff.common.config import Config
+from safediff.common.grpo import group_advantages, zero_std_fraction
+from safediff.common.types import PromptGroup
+from safediff.runtime.run_store import Interrupted
+from safediff.runtime.session import RunContext
+
+log = logging.getLogger(__name__)
+
+
+class PhaseTimer:
+    """Wall seconds per named phase of a step: `with timer("train"): ...`, then `timer.seconds["train"]`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
+
+
+@dataclass
+class ScoredStep:
+    """A step's rewards turned into what the update needs, and the start of the step's record."""
+
+    record: dict
+    finite: list[bool]               # [P]: the group's rewards are all finite (others are dropped)
+    advantages: torch.Tensor | None  # [P_kept, G]; None when every group was dropped (no update)
+
+    def kept(self, per_group: list) -> list:
+        """The entries of a per-group list (trajectories, or references to them) for the kept groups."""
+        return [item for item, ok in zip(per_group, self.finite) if ok]
+
+
+def _mean(values: torch.Tensor | None) -> float | None:
+    return None if values is None else float(values.float().mean())
+
+
+class StepRecipe:
+    def __init__(self, cfg: Config, run: RunContext, stop: list[int]):
+        self.cfg, self.run, self.stop = cfg, run, stop
+
+    def score(self, step: int, version: int, groups: list[PromptGroup], rewards: torch.Tensor,
+              cos_prompt: torch.Tensor | None, cos_safe: torch.Tensor | None) -> ScoredStep:
+        """`rewards` [P, G] of the step's groups, generated at policy `version`; `cos_prompt`/`cos_safe` the
+        reward's diagnostics over all P * G images (None when the reward gives none). A group with a NaN/inf
+        reward is dropped whole: its advantages would poison every other sample's."""
+        G, g = rewards.shape[1], self.cfg.grpo
+        finite = torch.isfinite(rewards).all(dim=1)
+        if not finite.all():
+            log.warning("step %d: dropped %d groups with NaN/inf rewards", step, int((~finite).sum()))
+        record = {"step": step, "policy_version": version, "dropped_groups": int((~finite).sum()),
+                  "reward_mean": _mean(rewards[finite]) if finite.any() else None,
+                  "reward_std": float(rewards[finite].std()) if finite.sum() * G > 1 else 0.0,
+                  "cos_prompt_mean": _mean(cos_prompt), "cos_safe_mean": _mean(cos_safe)}
+        advantages = None
+        if finite.any():
+            sources = torch.tensor([group.source for group in groups])[finite]
+            advantages = group_advantages(rewards[finite], g.adv_eps, g.adv_clip, g.adv_scale, sources)
+            record["zero_std_frac"] = zero_std_fraction(rewards[finite])
+        return ScoredStep(record, finite.tolist(), advantages)
+
+    def close(self, step: int, record: dict, version: int, cursor: dict, save: Callable[[int], object]) -> None:
+        """Log the finished step (policy `version` after it, prompt `cursor` where step + 1 starts), write a
+        checkpoint when one is due (`save(steps_done)`), and stop here if a signal asked for it."""
+        steps = self.cfg.run.steps
+        self.run.metrics.write(record)
+        self.run.store.record_step(step, version, cursor, record)
+        if (step + 1) % self.cfg.run.save_every == 0 or step + 1 == steps or self.stop:
+            save(step + 1)
+        if self.stop and step + 1 < steps:
+            raise Interrupted(f"stopped by signal {self.stop[0]} after step {step}; checkpoint written: "
+                              f"resubmit the same command to continue")

@@ -1,0 +1,103 @@
+"""A run's session, the same for both loops: its directory, metrics log and run store with the lease held,
+signals turned into a stop after the current step, and the result a finished run returns."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from safediff.common.config import Config, dump_config
+from safediff.common.metrics import MetricsLog, plot_reward_curve, read_metrics
+from safediff.runtime.run_store import Interrupted, RunStore, open_run_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: list[dict]
+    checksum: str                  # sha256 of the final trainable state
+    final_version: int = 0
+    actor_status: list[tuple[int, str]] = field(default_factory=list)  # (version, checksum) per rollout actor
+    max_staleness_seen: int = 0
+
+
+@dataclass
+class RunContext:
+    metrics: MetricsLog
+    store: RunStore
+    resume: bool  # continue from the newest complete checkpoint
+
+    @property
+    def run_dir(self) -> Path:
+        return self.metrics.path.parent
+
+
+@contextlib.contextmanager
+def tracked_run(cfg: Config, resume: bool | None = None) -> Iterator[RunContext]:
+    """The run directory and its run store, with the run's lease held (a second job on the same run id is
+    refused before it touches any file); writes the resolved config; the store's status ends 'finished',
+    'interrupted' or 'failed'. `resume`: True continues from the newest checkpoint, False starts over
+    (a fresh metrics.jsonl), None decides from the store: a job resubmitted on a run id whose previous job
+    did not finish continues it."""
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    s = cfg.store
+    with open_run_store(s.url, cfg.run.name, run_dir, s.lease_ttl_s, s.metrics_maxlen) as store:
+        if resume is None:
+            previous = store.status()
+            resume = previous in ("running", "interrupted", "failed")
+            if resume:
+                log.warning("run '%s': the previous job ended '%s'; continuing it (--fresh to start over)",
+                            cfg.run.name, previous)
+        config_yaml = dump_config(cfg)
+        (run_dir / "config.yaml").write_text(config_yaml)
+        if not resume:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        store.begin(config_yaml)
+        try:
+            yield RunContext(MetricsLog(run_dir / "metrics.jsonl"), store, resume)
+        except Interrupted:
+            store.finish("interrupted")
+            raise
+        except BaseException as err:
+            store.finish("failed")
+            store.event("error", message=f"{type(err).__name__}: {err}"[:2000])
+            raise
+        store.finish("finished")
+
+
+def close_run(cfg: Config, metrics: MetricsLog) -> list[dict]:
+    """Read the run's metrics back and draw its reward curve next to them."""
+    records = read_metrics(metrics.path)
+    plot_reward_curve(records, metrics.path.parent / "reward_curve.png", title=f"{cfg.run.name}: reward")
+    return records
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[list[int]]:
+    """Turn SIGTERM/SIGINT into a request (the list gets the signal number) that the loop honours after
+    the current step, with a checkpoint; a second signal interrupts at once."""
+    requested: list[int] = []
+
+    def handler(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+        log.warning("signal %d: stopping after this step with a checkpoint (again to stop now)", signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield requested
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
