@@ -71,6 +71,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         key = "path" if Path(args.prompts).suffix in (".csv", ".jsonl", ".txt") else "name"
         overrides += [f"evaluation.suite.prompts.{key}={args.prompts}",
                       f"evaluation.suite.prompts.{'name' if key == 'path' else 'path'}=null"]
+    if args.allow_missing_scorers:
+        overrides.append("evaluation.suite.allow_missing_scorers=true")
     cfg = load_config(args.config, overrides)
     adapter = args.adapter
     if args.run is not None:
@@ -136,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="render on the Ray rollout actors of this cluster (default: "
                    "RAY_ADDRESS if set, else locally in this process)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the file")
+    p.add_argument("--allow-missing-scorers", action="store_true", help="run without a scorer whose weights or "
+                   "inputs are missing (the report marks it disabled); default: such a scorer is an error before "
+                   "any image is generated")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("eval-compare", help="two evaluations of one prompt set side by side, with deltas")
     p.add_argument("first", type=Path)

@@ -13,16 +13,25 @@ The task score is the share of correct images; GenEval's overall score is the me
 Detectors: `WorldDetector` (the miniature world's pixel judges, colours read from pixels) and
 `Mask2FormerDetector` (a transformers Mask2Former COCO instance-segmentation checkpoint from a path),
 whose objects get their colour from `ClipColourNamer` (CLIP zero-shot over GenEval's ten colours).
+
+The official code is the specification (djghosh13/geneval `evaluation/evaluate_images.py`; its detector is
+mmdetection 2.x's `mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco`): instances come from mmdetection's
+Mask2Former instance post-processing (`maskformer_fusion_head.instance_postprocess`, reimplemented in
+`instances`), each with its own binary mask and a box from that mask, at the (1333, 800) keep-ratio test
+scale; a colour is read from the object's mask pasted over a #999 grey background and cropped to its box.
+What differs: the transformers port of the checkpoint instead of mmdetection's, PIL-bilinear input resize
+(mmdetection: cv2 bilinear), and CLIP preprocessing by torch bicubic resize (open_clip: PIL).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from safediff.common.config import GenEvalConfig
 from safediff.common.errors import UserInputError
@@ -33,6 +42,7 @@ COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown"
 COLOUR_TEMPLATES = ("a photo of a {c} {o}", "a photo of a {c}-colored {o}", "a photo of a {c} object")
 # COCO class names that GenEval's object list (evaluation/data/object_names.txt) spells differently
 COCO_TO_GENEVAL = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
+GREY = 0x99  # GenEval's colour-crop background, #999
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,42 @@ class Detected:
     score: float
     box: tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels, y down
     colour: str | None = None              # when the detector knows it; else the colour namer is asked
+    mask: torch.Tensor | None = field(default=None, compare=False, repr=False)  # bool [H, W]: this instance
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Each mask's box [K, 4] = (x_min, y_min, x_max + 1, y_max + 1); all zeros for an empty mask
+    (mmdetection's `mask2bbox`). `masks`: bool [K, H, W]."""
+    boxes = torch.zeros(len(masks), 4)
+    for k, mask in enumerate(masks):
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        if len(xs):
+            boxes[k] = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+    return boxes
+
+
+def instances(class_logits: torch.Tensor, mask_logits: torch.Tensor, max_per_image: int = 100
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mask2Former instances as mmdetection makes them: (labels [K], scores [K], masks bool [K, H, W],
+    boxes [K, 4]) from `class_logits` [Q, C + 1] (the last column: no object) and `mask_logits` [Q, H, W]
+    at the image's resolution.
+
+        p[q, c]   = softmax(class_logits[q])[c], the no-object column dropped
+        K pairs   = the top max_per_image (query, class) pairs by p (a query may appear under two classes)
+        mask      = mask_logits[q] > 0                 (sigmoid > 0.5), each instance its own mask
+        score     = p[q, c] * mean(sigmoid(mask_logits[q]) over its mask)
+        box       = the mask's bounding box
+
+    Instances may overlap: nothing is painted into one label map, so a confident instance keeps its pixels.
+    """
+    probs = F.softmax(class_logits.float(), dim=-1)[:, :-1]
+    classes = probs.shape[1]
+    top, index = probs.flatten().topk(min(max_per_image, probs.numel()), sorted=False)
+    query, labels = index // classes, index % classes
+    logits = mask_logits[query].float()
+    masks = logits > 0
+    mask_scores = (logits.sigmoid() * masks).flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1e-6)
+    return labels, top * mask_scores, masks, mask_boxes(masks)
 
 
 class Detector(Protocol):
@@ -142,23 +188,29 @@ class ClipColourNamer:
                 self.clip.encode_text([t.format(c=c, o=label) for t in COLOUR_TEMPLATES]).mean(0), dim=-1)
                 for c in COLOURS]
             self._classifiers[label] = torch.stack(weights)
-        crops = [_crop(image, d.box) for d in objects]
+        crops = [colour_crop(image, d) for d in objects]
         embeds = torch.cat([self.clip.encode_images(c.unsqueeze(0)) for c in crops])
         return [COLOURS[i] for i in (embeds @ self._classifiers[label].T).argmax(-1).tolist()]
 
 
-def _crop(image: torch.Tensor, box: tuple[float, ...]) -> torch.Tensor:
-    x0, y0, x1, y1 = (int(round(v)) for v in box)
+def colour_crop(image: torch.Tensor, obj: Detected) -> torch.Tensor:
+    """What GenEval shows CLIP to name an object's colour: the object's own mask over a #999 grey background,
+    cropped to its box (coordinates rounded as PIL's crop rounds them). uint8 [3, H, W] -> [3, h, w]."""
+    if obj.mask is not None:
+        image = torch.where(obj.mask.to(image.device)[None], image, torch.full_like(image, GREY))
+    x0, y0, x1, y1 = (int(round(v)) for v in obj.box)
     return image[:, max(y0, 0):max(y1, y0 + 1), max(x0, 0):max(x1, x0 + 1)]
 
 
 class Mask2FormerDetector:
     """A transformers Mask2Former instance-segmentation checkpoint (e.g. facebook's COCO Swin-S release) from a
-    folder; each instance's box is its mask's bounding box and its label the checkpoint's class name in
+    folder, post-processed as mmdetection does (`instances`); labels are the checkpoint's class names in
     GenEval's spelling. GenEval's published numbers used the mmdetection release of the same model, so
     scores through this port are comparable, not bit-identical."""
 
-    def __init__(self, weights: Path | None, device: str = "cpu"):
+    def __init__(self, weights: Path | None, device: str = "cpu", test_scale: tuple[int, int] = (1333, 800),
+                 max_per_image: int = 100):
+        self.test_scale, self.max_per_image = test_scale, max_per_image
         if weights is None or not Path(weights).is_dir():
             raise UserInputError(f"evaluation.suite.geneval.weights: {weights} is not a Mask2Former checkpoint "
                                  "folder (config.json, weights, preprocessor_config.json)")
@@ -170,17 +222,22 @@ class Mask2FormerDetector:
 
     @torch.no_grad()
     def detect(self, image: torch.Tensor) -> list[Detected]:
-        inputs = self.processor(images=image.permute(1, 2, 0).numpy(), return_tensors="pt").to(self.model.device)
+        """Every instance of `instances` (any score; `keep` applies the thresholds), masks at the image's size."""
+        long_edge, short_edge = self.test_scale
+        inputs = self.processor(images=image.permute(1, 2, 0).numpy(), return_tensors="pt",
+                                size={"shortest_edge": short_edge, "longest_edge": long_edge}).to(self.model.device)
         outputs = self.model(**inputs)
-        result = self.processor.post_process_instance_segmentation(
-            outputs, threshold=0.0, target_sizes=[tuple(image.shape[1:])])[0]
+        # as mmdetection: mask logits up to the network input, its padding cut off, then to the image's size
+        valid = inputs["pixel_mask"][0]
+        height, width = int(valid.any(1).sum()), int(valid.any(0).sum())
+        logits = F.interpolate(outputs.masks_queries_logits, size=inputs["pixel_values"].shape[-2:], mode="bilinear",
+                               align_corners=False)[:, :, :height, :width]
+        logits = F.interpolate(logits, size=tuple(image.shape[1:]), mode="bilinear", align_corners=False)[0]
+        labels, scores, masks, boxes = instances(outputs.class_queries_logits[0], logits, self.max_per_image)
         found = []
-        for info in result["segments_info"]:
-            ys, xs = torch.nonzero(result["segmentation"] == info["id"], as_tuple=True)
-            if len(xs):
-                box = (float(xs.min()), float(ys.min()), float(xs.max()) + 1, float(ys.max()) + 1)
-                label = self.labels[info["label_id"]]
-                found.append(Detected(COCO_TO_GENEVAL.get(label, label), float(info["score"]), box))
+        for label_id, score, mask, box in zip(labels.tolist(), scores.tolist(), masks.cpu(), boxes.tolist()):
+            label = self.labels[label_id]
+            found.append(Detected(COCO_TO_GENEVAL.get(label, label), score, tuple(box), mask=mask))
         return found
 
 
@@ -195,7 +252,7 @@ class GenEvalScorer:
         else:
             from safediff.reward_server.clip_model import load_clip
 
-            self.detector = Mask2FormerDetector(cfg.weights, device)
+            self.detector = Mask2FormerDetector(cfg.weights, device, cfg.test_scale, cfg.max_per_image)
             clip = load_clip(cfg.colour_clip, device, field="evaluation.suite.geneval.colour_clip")
             self.namer = ClipColourNamer(clip)
 

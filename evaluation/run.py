@@ -30,7 +30,7 @@ from safediff.evaluation.generate import ImageStore, load_adapter, local_rendere
 from safediff.evaluation.metrics import join, summarise
 from safediff.evaluation.prompt_sets import load_prompt_set
 from safediff.evaluation.report import markdown, write_grids, write_results_csv
-from safediff.evaluation.scorers import run_scorers
+from safediff.evaluation.scorers import build_scorers, run_scorers
 
 log = logging.getLogger(__name__)
 RETRIES = 3
@@ -73,6 +73,8 @@ def evaluate(cfg: Config, adapter: Path | None = None, out: Path | None = None, 
     state, info = load_adapter(adapter, trainable_for(cfg)) if adapter is not None else (None, {})
     identity = identity_of(cfg, adapter, info)
     out = Path(out) if out is not None else default_out(cfg, identity)
+    device, _ = resolve_device_dtype(cfg.run)
+    scorers, disabled, loading = build_scorers(suite, device)  # before any generation: a bad scorer costs nothing
     check_identity(out, identity)
     store = ImageStore(out)
     todo = store.todo(rows, suite.images_per_prompt)
@@ -89,9 +91,8 @@ def evaluate(cfg: Config, adapter: Path | None = None, out: Path | None = None, 
                            "images": sum(len(c) for c in todo) * suite.images_per_prompt}}
     wanted = {(r.case_number, j) for r in rows for j in range(suite.images_per_prompt)}
     images = [r for r in store.rows() if (r["case_number"], r["j"]) in wanted]
-    device, _ = resolve_device_dtype(cfg.run)
-    disabled, scoring = run_scorers(suite, out, images, device, progress)
-    timing.update(scoring)
+    scoring = run_scorers(scorers, out, images, progress)
+    timing.update({name: {**loading[name], **scoring.get(name, {})} for name in scorers})
     report(out, images, identity, disabled, suite.bootstrap, suite.grid_images, timing)
     return out
 

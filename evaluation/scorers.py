@@ -2,8 +2,10 @@
 
 A per-image scorer has `name` and `score(paths, rows) -> [dict per image]` (JSON-able fields). Results
 go to <out>/scores/<name>.jsonl, one line per image keyed by case_number and j, so an interrupted run
-scores only the images still missing. A scorer whose weights or inputs are missing is disabled with
-the reason (in the log and in the report); the others still run. FID is set-level (evaluation/fid.py).
+scores only the images still missing. Every requested scorer is built before the first image is
+generated (`build_scorers`): one whose weights or inputs are missing stops the evaluation with an error
+naming its field, before any generation time is spent, unless `evaluation.suite.allow_missing_scorers`
+disables it with the reason (in the log and in the report). FID is set-level (evaluation/fid.py).
 """
 
 from __future__ import annotations
@@ -58,20 +60,36 @@ def build(name: str, suite: SuiteConfig, device: str):
     raise ValueError(f"unknown scorer {name!r}")
 
 
-def run_scorers(suite: SuiteConfig, out: Path, images: list[dict], device: str = "cpu",
-                progress: bool = True) -> tuple[dict[str, str], dict[str, dict]]:
-    """Score every manifest image not yet scored. Returns ({scorer: reason} for the disabled ones,
-    {scorer: {"seconds", "images"}} of this call's work, loading included)."""
-    disabled, timing = {}, {}
-    (out / "scores").mkdir(exist_ok=True)
+class ScorerError(UserInputError, ValueError):
+    """A requested scorer that cannot be used; the message names it and the field to fix."""
+
+
+def build_scorers(suite: SuiteConfig, device: str = "cpu") -> tuple[dict[str, object], dict[str, str], dict]:
+    """Every scorer of `suite.scorers`, built and checked. Returns (scorers by name, {name: reason} for those
+    disabled under `allow_missing_scorers`, {name: {"load_seconds"}}). Raises ScorerError otherwise."""
+    scorers, disabled, timing = {}, {}, {}
     for name in suite.scorers:
         began = time.perf_counter()
         try:
-            scorer = build(name, suite, device)
+            scorers[name] = build(name, suite, device)
         except (UserInputError, OSError, ImportError) as err:
+            if not suite.allow_missing_scorers:
+                raise ScorerError(f"scorer {name} cannot be used: {err} (fix the field, drop {name} from "
+                                  "evaluation.suite.scorers, or pass --allow-missing-scorers)") from err
             disabled[name] = str(err)
             log.warning("scorer %s disabled: %s", name, err)
-            continue
+        timing[name] = {"load_seconds": time.perf_counter() - began}
+    return scorers, disabled, timing
+
+
+def run_scorers(scorers: dict[str, object], out: Path, images: list[dict],
+                progress: bool = True) -> dict[str, dict]:
+    """Score every manifest image not yet scored with the built `scorers`. Returns {scorer: {"seconds",
+    "images"}} of this call's scoring work."""
+    timing = {}
+    (out / "scores").mkdir(exist_ok=True)
+    for name, scorer in scorers.items():
+        began = time.perf_counter()
         if name == "fid":
             result = scorer.compute([out / "images" / r["image"] for r in images])
             (out / "scores" / "fid.json").write_text(json.dumps(result))
@@ -86,4 +104,4 @@ def run_scorers(suite: SuiteConfig, out: Path, images: list[dict], device: str =
                 results = scorer.score([out / "images" / r["image"] for r in batch], batch)
             jsonl.append(path, [{"case_number": r["case_number"], "j": r["j"], **s} for r, s in zip(batch, results)])
         timing[name] = {"seconds": time.perf_counter() - began, "images": len(todo)}
-    return disabled, timing
+    return timing

@@ -18,7 +18,17 @@ from scipy import linalg
 from safediff.common.config import ClipConfig, FIDConfig, GenEvalConfig, PromptSetConfig, Q16Config
 from safediff.common.errors import UserInputError
 from safediff.evaluation.clip_score import clip_t
-from safediff.evaluation.geneval import Detected, GenEvalScorer, judge, keep, relative_position
+from safediff.evaluation.geneval import (
+    GREY,
+    Detected,
+    GenEvalScorer,
+    colour_crop,
+    instances,
+    judge,
+    keep,
+    mask_boxes,
+    relative_position,
+)
 from safediff.evaluation.metrics import JoinError, bootstrap_interval, join, nudenet_counts, summarise
 from safediff.evaluation.nudenet import exposed
 from safediff.evaluation.prompt_sets import PromptSetError, load_prompt_set, world_metadata
@@ -309,15 +319,80 @@ def test_mask2former_detector_loads_a_checkpoint_by_path_and_feeds_the_rules(tin
     Mask2FormerForUniversalSegmentation(config).save_pretrained(tmp_path / "m2f")
     Mask2FormerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(tmp_path / "m2f")
     cfg = GenEvalConfig(weights=tmp_path / "m2f", colour_clip=ClipConfig(model=f"local-dir:{tiny_dir / 'clip'}"),
-                        threshold=0.01)
+                        threshold=0.01, test_scale=(96, 64))
     scorer = GenEvalScorer(cfg)
     image = torch.randint(0, 256, (3, 48, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    found = scorer.detector.detect(image)
+    found = [d for d in scorer.detector.detect(image) if d.mask.any()]
+    assert len(scorer.detector.detect(image)) == 10 * 3  # every (query, class) pair: max_per_image 100 > 30
     assert found and all(d.label in labels.values() and 0 <= d.box[0] < d.box[2] <= 40
                          and 0 <= d.box[1] < d.box[3] <= 48 for d in found)
+    assert all(d.mask.shape == (48, 40) and tuple(mask_boxes(d.mask[None])[0].tolist()) == d.box for d in found)
     Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / "x.png")
     meta = {"tag": "colors", "include": [{"class": found[0].label, "count": 1, "color": "red"}]}
     [result] = scorer.score([tmp_path / "x.png"], [{"meta": meta}])
     assert isinstance(result["geneval_correct"], bool)  # the CLIP colour namer ran on the box crop
     with pytest.raises(UserInputError, match="evaluation.suite.geneval.weights"):
         GenEvalScorer(GenEvalConfig(weights=tmp_path / "missing"))
+
+
+def _logits(probabilities: list[float]) -> list[float]:
+    return [math.log(p) for p in probabilities]  # softmax of these is exactly `probabilities` (they sum to 1)
+
+
+def test_mask2former_instances_keep_their_own_masks_as_mmdetection_does():
+    """Two confident cats whose masks overlap, a low-score duplicate of one, and a dog. Hand-worked: every
+    mask logit is +4 inside and -4 outside, so each mask score is sigmoid(4) and each instance's score is
+    p(class) * sigmoid(4); boxes are the instances' own masks' boxes, overlap or not."""
+    H, W = 6, 8
+    class_logits = torch.tensor([_logits([0.92, 0.06, 0.02]),    # q0: cat
+                                 _logits([0.98, 0.01, 0.01]),    # q1: cat, overlapping q0
+                                 _logits([0.30, 0.10, 0.60]),    # q2: a weak duplicate of q1
+                                 _logits([0.05, 0.90, 0.05])])   # q3: dog
+    regions = [(slice(None), slice(0, 4)), (slice(None), slice(2, 6)), (slice(None), slice(2, 6)),
+               (slice(0, 3), slice(5, 8))]
+    mask_logits = torch.full((4, H, W), -4.0)
+    for q, (rows, cols) in enumerate(regions):
+        mask_logits[q][rows, cols] = 4.0
+    labels, scores, masks, boxes = instances(class_logits, mask_logits)
+    s = 1 / (1 + math.exp(-4))
+    got = sorted(zip(scores.tolist(), labels.tolist(), [tuple(b) for b in boxes.tolist()], masks.sum((1, 2)).tolist()),
+                 reverse=True)
+    assert len(got) == 8  # all 4 queries x 2 classes: a query may appear under either class
+    expected = [(0.98 * s, 0, (2, 0, 6, 6), 24), (0.92 * s, 0, (0, 0, 4, 6), 24), (0.90 * s, 1, (5, 0, 8, 3), 9),
+                (0.30 * s, 0, (2, 0, 6, 6), 24), (0.10 * s, 1, (2, 0, 6, 6), 24)]
+    for (score, label, box, pixels), want in zip(got, expected):
+        assert score == pytest.approx(want[0], rel=1e-5) and (label, box, pixels) == want[1:]
+    top3 = instances(class_logits, mask_logits, max_per_image=3)
+    assert sorted(top3[0].tolist()) == [0, 0, 1] and sorted(top3[1].tolist()) == pytest.approx(
+        sorted([0.98 * s, 0.92 * s, 0.90 * s]))
+    # through GenEval's rules: the two confident cats count (each 24 px, nothing painted over), the weak
+    # duplicate (0.2946) stays under 0.3
+    names = {0: "cat", 1: "dog"}
+    found = [Detected(names[k], sc, tuple(b), mask=m)
+             for k, sc, b, m in zip(labels.tolist(), scores.tolist(), boxes.tolist(), masks)]
+    kept = keep(found, "two_object", GenEvalConfig())
+    assert [d.score for d in kept["cat"]] == pytest.approx([0.98 * s, 0.92 * s]) and len(kept["dog"]) == 1
+    two_cats = {"tag": "counting", "include": [{"class": "cat", "count": 2}],
+                "exclude": [{"class": "cat", "count": 3}]}
+    counting = GenEvalConfig(counting_threshold=0.85)
+    blank = torch.zeros(3, H, W, dtype=torch.uint8)
+    assert judge(blank, keep(found, "counting", counting), two_cats, counting, None)[0]
+
+
+def test_colour_crop_pastes_the_mask_over_grey_on_a_rendered_picture():
+    from safediff.world.render import PALETTE, Thing, draw, shape_mask
+
+    circle, square = Thing("circle", "red", 12, 12, 12), Thing("square", "blue", 20, 14, 8)
+    image = draw([circle, square])  # the blue square overlaps the red circle's box
+    mask = shape_mask("circle", 12, 12, 12) & ~shape_mask("square", 20, 14, 8)
+    box = tuple(mask_boxes(mask[None])[0].tolist())
+    crop = colour_crop(image, Detected("circle", 0.9, box, mask=mask))
+    x0, y0, x1, y1 = (int(v) for v in box)
+    assert crop.shape == (3, y1 - y0, x1 - x0)
+    inside = mask[y0:y1, x0:x1]
+    red, grey = torch.tensor(PALETTE["red"], dtype=torch.uint8), torch.full((3,), GREY, dtype=torch.uint8)
+    assert (crop[:, inside] == red[:, None]).all() and (crop[:, ~inside] == grey[:, None]).all()
+    blue = torch.tensor(PALETTE["blue"], dtype=torch.uint8)[:, None, None]
+    assert (~inside).any() and not (crop == blue).all(0).any()  # the square's pixels in the box are grey
+    plain = colour_crop(image, Detected("circle", 0.9, box))  # no mask (a detector without one): the raw box
+    assert (plain == blue).all(0).any()

@@ -16,7 +16,8 @@ from safediff.evaluation.run import evaluate
 
 
 def test_resume_renders_only_missing_chunks_and_the_same_pixels(tmp_path, world_config):
-    cfg = world_config(tmp_path, "evaluation.suite.prompts.name=world_glyph", "evaluation.suite.scorers=[world,q16]")
+    cfg = world_config(tmp_path, "evaluation.suite.prompts.name=world_glyph", "evaluation.suite.scorers=[world,q16]",
+                       "evaluation.suite.allow_missing_scorers=true")
     began = time.perf_counter()
     out = evaluate(cfg, out=tmp_path / "ev", progress=False)
     wall = time.perf_counter() - began
@@ -102,3 +103,20 @@ def test_cli_names_a_missing_adapter_and_a_bad_prompt_file(tmp_path):
     result = subprocess.run([*env_cmd, "--prompts", str(bad), f"run.output_dir={tmp_path}"],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "p.csv: line 3" in result.stderr
+
+
+def test_an_unusable_scorer_stops_the_evaluation_before_any_image(tmp_path):
+    out = tmp_path / "ev"
+    cmd = [sys.executable, "-m", "safediff.cli", "eval", "--config", "world", "--prompts", "world_glyph", "--out",
+           str(out)]
+    overrides = [f"run.output_dir={tmp_path}", "evaluation.suite.scorers=[world,q16]",
+                 f"evaluation.suite.q16.clip.weights={tmp_path / 'missing.pt'}", "evaluation.suite.prompts.limit=2",
+                 "evaluation.suite.images_per_prompt=1", "sampler.num_steps=4"]
+    strict = subprocess.run([*cmd, *overrides], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert strict.returncode == 2 and "Traceback" not in strict.stderr, strict.stderr[-2000:]
+    assert "scorer q16" in strict.stderr and "evaluation.suite.q16.clip.weights" in strict.stderr
+    assert not out.exists()  # no image was generated, no folder made
+    allowed = subprocess.run([*cmd, "--allow-missing-scorers", *overrides], capture_output=True, text=True,
+                             cwd=tmp_path, timeout=300)
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert len(list((out / "images").iterdir())) == 2 and "**q16 disabled**" in (out / "report.md").read_text()
