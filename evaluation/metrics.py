@@ -83,14 +83,34 @@ def nudenet_counts(records: list[dict]) -> dict[str, int]:
     return {**counts, "total": sum(counts.values())}
 
 
-def geneval_scores(records: list[dict]) -> dict[str, float]:
-    """Share of correct images per task, and 'overall' = mean of the task scores (GenEval's number)."""
-    by_task = defaultdict(list)
+def geneval_scores(records: list[dict], resamples: int = 1000, seed: int = 0) -> dict[str, float]:
+    """GenEval's numbers (djghosh13/geneval `evaluation/summary_scores.py`): the share of correct images per
+    task, 'overall' = the mean of the task scores, 'correct_images' = the share of all images,
+    'correct_prompts' = the share of prompts with at least one correct image; and a 95% interval of overall
+    ('overall_ci_low', 'overall_ci_high') from a bootstrap over prompts within each task (resample each
+    task's prompts with replacement, recompute every task score and their mean)."""
+    prompts: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))  # task -> case -> verdicts
     for r in records:
         if "geneval_correct" in r:
-            by_task[r["meta"]["tag"]].append(r["geneval_correct"])
-    tasks = {t: float(np.mean(by_task[t])) for t in TASKS if by_task[t]}
-    return {**tasks, "overall": float(np.mean(list(tasks.values())))} if tasks else {}
+            prompts[r["meta"]["tag"]][str(r["case_number"])].append(bool(r["geneval_correct"]))
+    tasks = [t for t in TASKS if prompts[t]]
+    if not tasks:
+        return {}
+    rng = np.random.default_rng(seed)
+    scores, draws = {}, []
+    for task in tasks:
+        cases = [prompts[task][c] for c in sorted(prompts[task])]
+        correct, images = np.array([sum(v) for v in cases]), np.array([len(v) for v in cases])
+        scores[task] = float(correct.sum() / images.sum())
+        pick = rng.integers(0, len(cases), size=(resamples, len(cases)))
+        draws.append(correct[pick].sum(axis=1) / images[pick].sum(axis=1))
+    overall = np.mean(draws, axis=0)
+    every = [v for task in tasks for v in prompts[task].values()]
+    return {**scores, "overall": float(np.mean(list(scores.values()))),
+            "overall_ci_low": float(np.percentile(overall, 2.5)),
+            "overall_ci_high": float(np.percentile(overall, 97.5)),
+            "correct_images": float(np.mean([x for v in every for x in v])),
+            "correct_prompts": float(np.mean([any(v) for v in every])), "prompts": len(every)}
 
 
 def summarise(records: list[dict], resamples: int) -> dict:
@@ -108,7 +128,7 @@ def summarise(records: list[dict], resamples: int) -> dict:
     if "clip_t" in have:
         out["clip_t"] = rate_by_category(records, lambda r: r["clip_t"], resamples, [])[ALL]
     if "geneval_correct" in have:
-        out["geneval"] = geneval_scores(records)
+        out["geneval"] = geneval_scores(records, resamples)
     families = sorted(k.removeprefix("world_") for k in have if k.startswith("world_"))
     if families:
         unsafe_rows = [r for r in records if set(r.get("categories") or ()) & set(families)]

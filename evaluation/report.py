@@ -11,20 +11,31 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from safediff.common.errors import UserInputError
+from safediff.evaluation.geneval import TASKS
 from safediff.evaluation.images import load_uint8
 from safediff.evaluation.nudenet import EXPOSED_CLASSES
 
 GRID_SIDE = 128  # grid cells are resized to this many pixels (nearest for small images)
 
 
+FEW_PROMPTS = 20  # below this many prompts a bootstrap interval over prompts is marked unreliable
+
+
 def _pct(entry: dict) -> str:
-    return f"{entry['rate'] * 100:.1f} [{entry['ci_low'] * 100:.1f}, {entry['ci_high'] * 100:.1f}]"
+    few = " (few prompts)" if entry.get("prompts", FEW_PROMPTS) < FEW_PROMPTS else ""
+    return f"{entry['rate'] * 100:.1f} [{entry['ci_low'] * 100:.1f}, {entry['ci_high'] * 100:.1f}]{few}"
+
+
+def _few_prompts_note(table: dict) -> list[str]:
+    few = [c for c, e in table.items() if e.get("prompts", FEW_PROMPTS) < FEW_PROMPTS]
+    return [f"Intervals marked (few prompts) rest on fewer than {FEW_PROMPTS} prompts ({', '.join(few)}): a "
+            "bootstrap over so few prompts understates the uncertainty.", ""] if few else []
 
 
 def _rate_table(title: str, note: str, table: dict) -> list[str]:
     lines = [f"### {title}", "", note, "", "| category | prompts | rate % [95% CI] |", "|---|---:|---:|"]
     lines += [f"| {c} | {e['prompts']} | {_pct(e)} |" for c, e in table.items()]
-    return lines + [""]
+    return lines + [""] + _few_prompts_note(table)
 
 
 def markdown(summary: dict, identity: dict, disabled: dict[str, str]) -> str:
@@ -53,10 +64,14 @@ def markdown(summary: dict, identity: dict, disabled: dict[str, str]) -> str:
                   f"Images with any exposed class: {_pct(summary['nudenet_rate'])} %", ""]
     if summary.get("geneval"):
         g = summary["geneval"]
-        tasks = [t for t in g if t != "overall"]
+        tasks = [t for t in TASKS if t in g]
+        few = " (few prompts)" if g["prompts"] < FEW_PROMPTS else ""
         lines += ["### GenEval (share of correct images per task; overall = mean of tasks)", "",
-                  "| " + " | ".join(tasks) + " | overall |", "|" + "---:|" * (len(tasks) + 1),
-                  "| " + " | ".join(f"{g[t]:.4f}" for t in tasks) + f" | {g['overall']:.4f} |", ""]
+                  "| " + " | ".join(tasks) + " | overall [95% CI] |", "|" + "---:|" * (len(tasks) + 1),
+                  "| " + " | ".join(f"{g[t]:.4f}" for t in tasks)
+                  + f" | {g['overall']:.4f} [{g['overall_ci_low']:.4f}, {g['overall_ci_high']:.4f}]{few} |", "",
+                  f"Correct images: {g['correct_images'] * 100:.1f} %; correct prompts (at least one correct "
+                  f"image): {g['correct_prompts'] * 100:.1f} % of {g['prompts']} prompts.", ""]
     if summary.get("world_unsafe"):
         lines += _rate_table("Miniature world: unsafe rate per family", "Pixel judges (world/judges.py).",
                              summary["world_unsafe"])
@@ -120,7 +135,7 @@ def compare(first: Path, second: Path, out: Path) -> str:
         raise UserInputError(f"{first} evaluates {a['identity']['set']!r} and {second} {b['identity']['set']!r}: "
                              "compare evaluations of one prompt set")
     fa, fb = flatten(a["metrics"]), flatten(b["metrics"])
-    keys = [k for k in fa if k in fb and not k.endswith((".ci_low", ".ci_high", ".prompts"))]
+    keys = [k for k in fa if k in fb and not k.endswith((".ci_low", ".ci_high", "_ci_low", "_ci_high", ".prompts"))]
     rows = [{"metric": k, "first": fa[k], "second": fb[k], "delta": fb[k] - fa[k]} for k in keys]
     lines = [f"# Comparison: {a['identity']['label']} -> {b['identity']['label']} ({a['identity']['set']})", "",
              f"first: `{first}`; second: `{second}`", "",

@@ -29,7 +29,14 @@ from safediff.evaluation.geneval import (
     mask_boxes,
     relative_position,
 )
-from safediff.evaluation.metrics import JoinError, bootstrap_interval, join, nudenet_counts, summarise
+from safediff.evaluation.metrics import (
+    JoinError,
+    bootstrap_interval,
+    geneval_scores,
+    join,
+    nudenet_counts,
+    summarise,
+)
 from safediff.evaluation.nudenet import exposed
 from safediff.evaluation.prompt_sets import PromptSetError, load_prompt_set, world_metadata
 from safediff.evaluation.q16 import Q16Scorer, q16_probability
@@ -396,3 +403,37 @@ def test_colour_crop_pastes_the_mask_over_grey_on_a_rendered_picture():
     assert (~inside).any() and not (crop == blue).all(0).any()  # the square's pixels in the box are grey
     plain = colour_crop(image, Detected("circle", 0.9, box))  # no mask (a detector without one): the raw box
     assert (plain == blue).all(0).any()
+
+
+def _geneval_records(verdicts: dict[tuple[str, str], list[bool]]) -> list[dict]:
+    return [{"case_number": case, "j": j, "meta": {"tag": tag}, "geneval_correct": v}
+            for (tag, case), values in verdicts.items() for j, v in enumerate(values)]
+
+
+def test_geneval_summary_scores_by_hand():
+    """As geneval's summary_scores.py: task score = share of the task's images, overall = mean of the tasks,
+    correct prompts = prompts with any correct image."""
+    records = _geneval_records({("counting", "1"): [True, False, False, False], ("counting", "2"): [False] * 4,
+                                ("colors", "3"): [True, True, True, False]})
+    g = geneval_scores(records, resamples=500)
+    assert g["counting"] == pytest.approx(1 / 8) and g["colors"] == pytest.approx(3 / 4)
+    assert g["overall"] == pytest.approx((1 / 8 + 3 / 4) / 2)
+    assert g["correct_images"] == pytest.approx(4 / 12) and g["correct_prompts"] == pytest.approx(2 / 3)
+    # colors has one prompt (never varies); counting resamples {1, 2}: task score 1/4, 1/8 or 0
+    possible = {(c + 3 / 4) / 2 for c in (0, 1 / 8, 1 / 4)}
+    assert g["overall_ci_low"] == pytest.approx(min(possible)) and g["overall_ci_high"] == pytest.approx(max(possible))
+
+
+def test_geneval_interval_collapses_when_prompts_agree_and_the_report_flags_few_prompts():
+    records = _geneval_records({("counting", str(i)): [True, False] for i in range(5)})
+    g = geneval_scores(records, resamples=200)
+    assert g["overall"] == g["overall_ci_low"] == g["overall_ci_high"] == 0.5 and g["prompts"] == 5
+    from safediff.evaluation.report import markdown
+
+    text = markdown({"prompts": 5, "images": 10, "geneval": g,
+                     "clip_t": {"rate": 30.0, "ci_low": 29.0, "ci_high": 31.0, "prompts": 5},
+                     "world_unsafe": {"glyph": {"rate": 0.5, "ci_low": 0.2, "ci_high": 0.8, "prompts": 5}}},
+                    {"set": "s", "label": "base", "model": "m", "images_per_prompt": 2, "num_steps": 4, "eta": 0.0},
+                    {})
+    assert "0.5000 [0.5000, 0.5000] (few prompts)" in text and "correct prompts" in text
+    assert "50.0 [20.0, 80.0] (few prompts)" in text and "fewer than 20 prompts (glyph" in text
