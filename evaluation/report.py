@@ -11,8 +11,10 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from safediff.common.errors import UserInputError
+from safediff.evaluation import jsonl
 from safediff.evaluation.geneval import TASKS
 from safediff.evaluation.images import load_uint8
+from safediff.evaluation.metrics import paired_differences
 from safediff.evaluation.nudenet import EXPOSED_CLASSES
 
 GRID_SIDE = 128  # grid cells are resized to this many pixels (nearest for small images)
@@ -125,8 +127,9 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def compare(first: Path, second: Path, out: Path) -> str:
-    """comparison.md / .json: every number of the two summaries side by side with second - first."""
+def compare(first: Path, second: Path, out: Path, resamples: int = 1000) -> str:
+    """comparison.md / .json: every number of the two summaries side by side with second - first, and for the
+    per-image metrics the paired difference with its 95% interval over prompts (`metrics.paired_differences`)."""
     for d in (first, second):
         if not (Path(d) / "summary.json").is_file():
             raise UserInputError(f"{d}: no summary.json (not a finished `safediff eval` folder)")
@@ -141,9 +144,22 @@ def compare(first: Path, second: Path, out: Path) -> str:
              f"first: `{first}`; second: `{second}`", "",
              f"| metric | {a['identity']['label']} | {b['identity']['label']} | delta |", "|---|---:|---:|---:|"]
     lines += [f"| {r['metric']} | {r['first']:.4f} | {r['second']:.4f} | {r['delta']:+.4f} |" for r in rows]
+    paired = {}
+    if all((Path(d) / "records.jsonl").is_file() for d in (first, second)):
+        try:
+            paired = paired_differences(*(jsonl.read(Path(d) / "records.jsonl") for d in (first, second)),
+                                        resamples)
+        except ValueError as err:
+            raise UserInputError(f"{first} vs {second}: {err}") from None
+    if paired:
+        lines += ["", "Paired differences (second - first), each prompt its own control (same prompts and seeds); "
+                  "95% interval from a bootstrap over prompts:", "",
+                  "| metric | prompts | delta [95% CI] |", "|---|---:|---:|"]
+        lines += [f"| {name} | {p['prompts']} | {p['delta']:+.4f} [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}]"
+                  f"{' (few prompts)' if p['prompts'] < FEW_PROMPTS else ''} |" for name, p in paired.items()]
     out.mkdir(parents=True, exist_ok=True)
     text = "\n".join(lines) + "\n"
     (out / "comparison.md").write_text(text)
-    (out / "comparison.json").write_text(json.dumps({"first": str(first), "second": str(second), "rows": rows},
-                                                    indent=1))
+    (out / "comparison.json").write_text(json.dumps({"first": str(first), "second": str(second), "rows": rows,
+                                                     "paired": paired}, indent=1))
     return text

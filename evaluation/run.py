@@ -99,7 +99,8 @@ def evaluate(cfg: Config, adapter: Path | None = None, out: Path | None = None, 
 
 def report(out: Path, images: list[dict], identity: dict, disabled: dict[str, str], resamples: int,
            grid_images: int, timing: dict[str, dict]) -> None:
-    """Join the score files on case_number and write report.md, summary.json, results.csv and grids."""
+    """Join the score files on case_number and write report.md, summary.json, results.csv, records.jsonl (the
+    joined per-image records, which `eval-compare` pairs) and grids."""
     names = sorted(p.stem for p in (out / "scores").glob("*.jsonl"))
     keys = {(r["case_number"], r["j"]) for r in images}
     scores = {n: [s for s in jsonl.read(out / "scores" / f"{n}.jsonl") if (s["case_number"], s["j"]) in keys]
@@ -111,6 +112,7 @@ def report(out: Path, images: list[dict], identity: dict, disabled: dict[str, st
     (out / "summary.json").write_text(json.dumps({"identity": identity, "disabled": disabled, "metrics": metrics,
                                                   "timing": timing}, indent=1))
     write_results_csv(records, out / "results.csv")
+    (out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     write_grids(records, out, grid_images)
     (out / "report.md").write_text(markdown(metrics, identity, disabled))
 

@@ -35,6 +35,7 @@ from safediff.evaluation.metrics import (
     geneval_scores,
     join,
     nudenet_counts,
+    paired_differences,
     summarise,
 )
 from safediff.evaluation.nudenet import exposed
@@ -437,3 +438,31 @@ def test_geneval_interval_collapses_when_prompts_agree_and_the_report_flags_few_
                     {})
     assert "0.5000 [0.5000, 0.5000] (few prompts)" in text and "correct prompts" in text
     assert "50.0 [20.0, 80.0] (few prompts)" in text and "fewer than 20 prompts (glyph" in text
+
+
+def test_paired_differences_by_hand():
+    """Four prompts, one image each; Q16 flags base 1,1,0,1 and adapter 0,1,0,0: per-prompt differences
+    -1, 0, 0, -1, mean -0.5. A resample of four prompts is all -1 with probability 1/16 > 2.5% (and all 0
+    likewise), so the 95% interval is [-1, 0]. CLIP-T pairs the same way: +1 on every prompt, no spread."""
+    def records(flags, clip):
+        return [{"case_number": str(i), "j": 0, "categories": ["sexual"], "q16_flag": bool(f), "clip_t": c}
+                for i, (f, c) in enumerate(zip(flags, clip))]
+
+    base, adapter = records([1, 1, 0, 1], [30, 31, 32, 33]), records([0, 1, 0, 0], [31, 32, 33, 34])
+    paired = paired_differences(base, adapter, resamples=4000)
+    assert paired["inappropriate_q16"] == {"delta": -0.5, "ci_low": -1.0, "ci_high": 0.0, "prompts": 4}
+    assert paired["clip_t"]["delta"] == paired["clip_t"]["ci_low"] == paired["clip_t"]["ci_high"] == 1.0
+    assert "nudenet_rate" not in paired  # neither evaluation ran NudeNet
+    with pytest.raises(ValueError, match="different images"):
+        paired_differences(base, adapter[:3], resamples=100)
+
+
+def test_paired_world_rates_count_only_their_family():
+    rows = [("0", "glyph", 1, 0), ("1", "glyph", 1, 1), ("2", "hazard", 0, 1)]  # case, family, base, adapter flag
+    base = [{"case_number": c, "j": 0, "categories": [f], "world_glyph": bool(b) and f == "glyph",
+             "world_hazard": bool(b) and f == "hazard"} for c, f, b, _ in rows]
+    adapter = [{"case_number": c, "j": 0, "categories": [f], "world_glyph": bool(a) and f == "glyph",
+                "world_hazard": bool(a) and f == "hazard"} for c, f, _, a in rows]
+    paired = paired_differences(base, adapter, resamples=200)
+    assert paired["world_unsafe.glyph"]["delta"] == -0.5 and paired["world_unsafe.glyph"]["prompts"] == 2
+    assert paired["world_unsafe.hazard"]["delta"] == 1.0 and paired["world_unsafe.hazard"]["prompts"] == 1

@@ -86,6 +86,11 @@ def test_adapter_evaluation_and_comparison_with_real_nudenet(tmp_path, world_con
     assert overall["first"] == b_summary["metrics"]["geneval"]["overall"]
     assert overall["delta"] == pytest.approx(t_summary["metrics"]["geneval"]["overall"] - overall["first"])
     assert "| geneval.overall |" in text
+    paired = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["paired"]
+    b_gen, t_gen = b_summary["metrics"]["geneval"], t_summary["metrics"]["geneval"]
+    # the same images per prompt in both: the mean paired difference is the difference of the shares
+    assert paired["geneval.correct_images"]["delta"] == pytest.approx(t_gen["correct_images"] - b_gen["correct_images"])
+    assert paired["geneval.correct_images"]["prompts"] == 12 and "Paired differences" in text
 
     state = json.loads((adapter / "state.json").read_text())
     (adapter / "state.json").write_text(json.dumps({**state, "checksum": "0" * 64}))
