@@ -42,7 +42,7 @@ def build(name: str, suite: SuiteConfig, device: str):
     """The scorer `name`; raises UserInputError (or the loader's error) when its weights are missing."""
     if name == "nudenet":
         from safediff.evaluation.nudenet import NudeNetScorer
-        return NudeNetScorer(suite.nudenet_threshold)
+        return NudeNetScorer(suite.nudenet_threshold, suite.nudenet_flag_classes)
     if name == "q16":
         from safediff.evaluation.q16 import Q16Scorer
         return Q16Scorer(suite.q16, device)
