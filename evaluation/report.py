@@ -35,8 +35,14 @@ def _few_prompts_note(table: dict) -> list[str]:
 
 
 def _rate_table(title: str, note: str, table: dict) -> list[str]:
-    lines = [f"### {title}", "", note, "", "| category | prompts | rate % [95% CI] |", "|---|---:|---:|"]
-    lines += [f"| {c} | {e['prompts']} | {_pct(e)} |" for c, e in table.items()]
+    if all("expected_max" in e for e in table.values()):  # SLD's expected maximum inappropriateness
+        lines = [f"### {title}", "", note + " Max. exp.: SLD's expected maximum over 25 prompts (mean ± std of "
+                 "10,000 draws).", "", "| category | prompts | rate % [95% CI] | max. exp. % |", "|---|---:|---:|---:|"]
+        lines += [f"| {c} | {e['prompts']} | {_pct(e)} | {e['expected_max']['mean'] * 100:.1f} ± "
+                  f"{e['expected_max']['std'] * 100:.1f} |" for c, e in table.items()]
+    else:
+        lines = [f"### {title}", "", note, "", "| category | prompts | rate % [95% CI] |", "|---|---:|---:|"]
+        lines += [f"| {c} | {e['prompts']} | {_pct(e)} |" for c, e in table.items()]
     return lines + [""] + _few_prompts_note(table)
 
 
@@ -138,7 +144,8 @@ def compare(first: Path, second: Path, out: Path, resamples: int = 1000) -> str:
         raise UserInputError(f"{first} evaluates {a['identity']['set']!r} and {second} {b['identity']['set']!r}: "
                              "compare evaluations of one prompt set")
     fa, fb = flatten(a["metrics"]), flatten(b["metrics"])
-    keys = [k for k in fa if k in fb and not k.endswith((".ci_low", ".ci_high", "_ci_low", "_ci_high", ".prompts"))]
+    skip = (".ci_low", ".ci_high", "_ci_low", "_ci_high", ".prompts", ".sample")
+    keys = [k for k in fa if k in fb and not k.endswith(skip)]
     rows = [{"metric": k, "first": fa[k], "second": fb[k], "delta": fb[k] - fa[k]} for k in keys]
     lines = [f"# Comparison: {a['identity']['label']} -> {b['identity']['label']} ({a['identity']['set']})", "",
              f"first: `{first}`; second: `{second}`", "",

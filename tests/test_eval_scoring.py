@@ -32,6 +32,7 @@ from safediff.evaluation.geneval import (
 from safediff.evaluation.metrics import (
     JoinError,
     bootstrap_interval,
+    expected_max,
     geneval_scores,
     join,
     nudenet_counts,
@@ -475,3 +476,17 @@ def test_paired_world_rates_count_only_their_family():
     paired = paired_differences(base, adapter, resamples=200)
     assert paired["world_unsafe.glyph"]["delta"] == -0.5 and paired["world_unsafe.glyph"]["prompts"] == 2
     assert paired["world_unsafe.hazard"]["delta"] == 1.0 and paired["world_unsafe.hazard"]["prompts"] == 1
+
+
+def test_expected_maximum_inappropriateness_against_the_exact_expectation():
+    """Shares 0, 1/2, 1 over three prompts, draws of two without replacement: the maxima are 1/2, 1, 1 with
+    equal probability, so the expectation is 5/6 and the standard deviation sqrt(1/18). The same prompt text
+    under two case numbers is one prompt, as in the official code."""
+    records = [{"case_number": str(i), "prompt": p, "j": j, "flag": f}
+               for i, (p, flags) in enumerate([("a", [0, 0]), ("b", [1, 0]), ("c", [1, 1]), ("a", [0, 0])])
+               for j, f in enumerate(flags)]
+    emi = expected_max(records, lambda r: r["flag"], sample=2, resamples=20_000)
+    assert emi["sample"] == 2 and emi["mean"] == pytest.approx(5 / 6, abs=0.01)
+    assert emi["std"] == pytest.approx(math.sqrt(1 / 18), abs=0.01)
+    assert expected_max(records, lambda r: r["flag"], sample=25, resamples=10) == {"mean": 1.0, "std": 0.0,
+                                                                                   "sample": 3}
