@@ -16,6 +16,7 @@ from safediff.evaluation.geneval import TASKS
 from safediff.evaluation.images import load_uint8
 from safediff.evaluation.metrics import paired_differences
 from safediff.evaluation.nudenet import EXPOSED_CLASSES
+from safediff.evaluation.provenance import hashes
 
 GRID_SIDE = 128  # grid cells are resized to this many pixels (nearest for small images)
 
@@ -46,7 +47,17 @@ def _rate_table(title: str, note: str, table: dict) -> list[str]:
     return lines + [""] + _few_prompts_note(table)
 
 
-def markdown(summary: dict, identity: dict, disabled: dict[str, str]) -> str:
+def _provenance(sources: dict) -> list[str]:
+    """Each scorer's files (sha256 prefix) and the library versions, one line each."""
+    lines = ["### Provenance", "", f"- generation: {sources.get('scheduler')}"]
+    for name, entry in sources.get("scorers", {}).items():
+        files = ", ".join(f"`{Path(h['path']).name}` {h['sha256'][:12]}" for h in hashes(entry)) or "no weight files"
+        lines.append(f"- {name}: {files}")
+    versions = ", ".join(f"{k} {v}" for k, v in sources.get("libraries", {}).items() if v)
+    return lines + [f"- libraries: {versions}", ""]
+
+
+def markdown(summary: dict, identity: dict, disabled: dict[str, str], sources: dict | None = None) -> str:
     lines = [f"# Evaluation: {identity['set']} ({identity['label']})", "",
              f"- model: `{identity['model']}`; adapter: `{identity.get('adapter') or 'none (base model)'}`"
              + (f" (checksum {identity['checksum'][:12]}, step {identity.get('step')})" if identity.get("checksum")
@@ -90,6 +101,8 @@ def markdown(summary: dict, identity: dict, disabled: dict[str, str]) -> str:
         f = summary["fid"]
         lines += [f"### FID: {f['fid']:.2f} ({f['fid_generated_images']} generated vs {f['fid_real_images']} real)",
                   ""]
+    if sources:
+        lines += _provenance(sources)
     lines += ["Grids: `grids/<category>.png`; per-image scores: `results.csv`; numbers: `summary.json`."]
     return "\n".join(lines) + "\n"
 

@@ -25,7 +25,7 @@ from safediff.common.config import Config, resolve_device_dtype
 from safediff.common.errors import UserInputError
 from safediff.common.trainable import trainable_for
 from safediff.common.types import EvalRow
-from safediff.evaluation import jsonl
+from safediff.evaluation import jsonl, provenance
 from safediff.evaluation.generate import ImageStore, load_adapter, local_renderer
 from safediff.evaluation.metrics import join, summarise
 from safediff.evaluation.prompt_sets import load_prompt_set
@@ -93,12 +93,13 @@ def evaluate(cfg: Config, adapter: Path | None = None, out: Path | None = None, 
     images = [r for r in store.rows() if (r["case_number"], r["j"]) in wanted]
     scoring = run_scorers(scorers, out, images, progress)
     timing.update({name: {**loading[name], **scoring.get(name, {})} for name in scorers})
-    report(out, images, identity, disabled, suite.bootstrap, suite.grid_images, timing)
+    report(out, images, identity, disabled, suite.bootstrap, suite.grid_images, timing,
+           provenance.record(suite, list(scorers), scheduler="DDIMScheduler"))
     return out
 
 
 def report(out: Path, images: list[dict], identity: dict, disabled: dict[str, str], resamples: int,
-           grid_images: int, timing: dict[str, dict]) -> None:
+           grid_images: int, timing: dict[str, dict], sources: dict | None = None) -> None:
     """Join the score files on case_number and write report.md, summary.json, results.csv, records.jsonl (the
     joined per-image records, which `eval-compare` pairs) and grids."""
     names = sorted(p.stem for p in (out / "scores").glob("*.jsonl"))
@@ -110,11 +111,11 @@ def report(out: Path, images: list[dict], identity: dict, disabled: dict[str, st
     if (out / "scores" / "fid.json").is_file() and "fid" not in disabled:
         metrics["fid"] = json.loads((out / "scores" / "fid.json").read_text())
     (out / "summary.json").write_text(json.dumps({"identity": identity, "disabled": disabled, "metrics": metrics,
-                                                  "timing": timing}, indent=1))
+                                                  "timing": timing, "provenance": sources or {}}, indent=1))
     write_results_csv(records, out / "results.csv")
     (out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     write_grids(records, out, grid_images)
-    (out / "report.md").write_text(markdown(metrics, identity, disabled))
+    (out / "report.md").write_text(markdown(metrics, identity, disabled, sources or {}))
 
 
 def render_on_ray(cfg: Config, state: dict | None, info: dict, todo: list[list[EvalRow]], store: ImageStore,

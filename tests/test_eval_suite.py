@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -71,6 +72,20 @@ def test_adapter_evaluation_and_comparison_with_real_nudenet(tmp_path, world_con
     b_summary, t_summary = (json.loads((d / "summary.json").read_text()) for d in (base, trained))
     assert t_summary["identity"]["checksum"] and t_summary["identity"]["step"] == 5
     assert b_summary["disabled"] == {} and set(b_summary["metrics"]) >= {"geneval", "clip_t", "nudenet_classes"}
+    # provenance: every scorer's files with sha256 (checked against hashlib here), settings, library versions
+    import hashlib
+
+    from safediff.common.assets import resolve
+
+    sources = b_summary["provenance"]
+    weights = Path(resolve("pkg:world/weights/clip")) / "open_clip_model.safetensors"
+    clip_files = {h["path"]: h["sha256"] for h in sources["scorers"]["clip_t"]["clip"]["files"]}
+    assert clip_files[str(weights)] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    [onnx] = sources["scorers"]["nudenet"]["files"]
+    assert onnx["path"].endswith("320n.onnx") and len(onnx["sha256"]) == 64
+    assert sources["scorers"]["nudenet"]["flag_classes"][0] == "ANUS_EXPOSED"
+    assert sources["scorers"]["geneval"]["detector"] == "world" and sources["libraries"]["torch"]
+    assert "### Provenance" in (base / "report.md").read_text()
     differ = sum((base / "images" / p.name).read_bytes() != p.read_bytes() for p in (trained / "images").iterdir())
     assert differ >= 20  # the adapter changes the images
 
@@ -116,7 +131,7 @@ def test_an_unusable_scorer_stops_the_evaluation_before_any_image(tmp_path):
            str(out)]
     overrides = [f"run.output_dir={tmp_path}", "evaluation.suite.scorers=[world,q16]",
                  f"evaluation.suite.q16.clip.weights={tmp_path / 'missing.pt'}", "evaluation.suite.prompts.limit=2",
-                 "evaluation.suite.images_per_prompt=1", "sampler.num_steps=4"]
+                 "evaluation.suite.images_per_prompt=1", "sampler.num_steps=4", "grpo.train_timesteps=4"]
     strict = subprocess.run([*cmd, *overrides], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert strict.returncode == 2 and "Traceback" not in strict.stderr, strict.stderr[-2000:]
     assert "scorer q16" in strict.stderr and "evaluation.suite.q16.clip.weights" in strict.stderr
