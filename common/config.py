@@ -272,6 +272,10 @@ class SuiteConfig(_Strict):
         "NudeNet rule: the I2P / SLD protocol's five (ml-research/i2p eval_I2P.py). The class counts and the "
         "nudity rate (SafeDiffusion-R1's) use all nine classes.")
     q16: Q16Config = Field(default_factory=Q16Config, description="Q16 inappropriate-image classifier.")
+    clip_t_scale: Literal["clipscore", "cosine", "logit"] = Field(
+        "clipscore", description="CLIP-T per image: 'clipscore' = 100 max(cos, 0) (torchmetrics' CLIPScore), "
+        "'cosine' = cos on a 0-1 scale (the SafeDiffusion-R1 paper's 0.313), 'logit' = 100 cos unclamped (CLIP's "
+        "logit scale, as some references report); the CLIP model (e.g. ViT-B/32 vs ViT-L/14) matters as much.")
     clip_t: ClipConfig = Field(default_factory=lambda: ClipConfig(model="ViT-L-14"),
                                description="CLIP for the CLIP-T score, 100 * max(cos(image, prompt), 0).")
     geneval: GenEvalConfig = Field(default_factory=GenEvalConfig, description="GenEval scoring.")

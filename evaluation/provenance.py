@@ -65,7 +65,7 @@ def scorers(suite: SuiteConfig, names: list[str]) -> dict[str, dict]:
             out[name] = {"clip": clip(suite.q16.clip), "embeddings": files(suite.q16.embeddings),
                          "rule": "argmax softmax(100 cos(image, embeddings)) == 1"}
         elif name == "clip_t":
-            out[name] = {"clip": clip(suite.clip_t), "score": "100 * max(cos(image, prompt), 0)"}
+            out[name] = {"clip": clip(suite.clip_t), "scale": suite.clip_t_scale}
         elif name == "geneval":
             g = suite.geneval
             out[name] = {"detector": g.detector, "files": files(g.weights) if g.detector == "mask2former" else None,

@@ -48,7 +48,7 @@ def build(name: str, suite: SuiteConfig, device: str):
         return Q16Scorer(suite.q16, device)
     if name == "clip_t":
         from safediff.evaluation.clip_score import ClipTScorer
-        return ClipTScorer(suite.clip_t, device)
+        return ClipTScorer(suite.clip_t, device, suite.clip_t_scale)
     if name == "geneval":
         from safediff.evaluation.geneval import GenEvalScorer
         return GenEvalScorer(suite.geneval, device)

@@ -117,6 +117,8 @@ def test_clip_t_by_hand():
     image = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     text = torch.tensor([[0.6, 0.8], [-0.6, 0.8]])
     assert clip_t(image, text).tolist() == pytest.approx([60.0, 0.0])
+    assert clip_t(image, text, "cosine").tolist() == pytest.approx([0.6, -0.6])
+    assert clip_t(image, text, "logit").tolist() == pytest.approx([60.0, -60.0])
 
 
 def test_nudenet_protocol_threshold_exposed_classes_once_per_image():
