@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -64,20 +65,28 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from safediff.evaluation import protocols
     from safediff.evaluation.run import evaluate
 
-    overrides = list(args.overrides)
+    # the protocol's settings first, then --prompts, then the user's overrides: any field may still be changed
+    overrides = protocols.overrides(args.protocol) if args.protocol else []
     if args.prompts:
         key = "path" if Path(args.prompts).suffix in (".csv", ".jsonl", ".txt") else "name"
         overrides += [f"evaluation.suite.prompts.{key}={args.prompts}",
                       f"evaluation.suite.prompts.{'name' if key == 'path' else 'path'}=null"]
+    overrides += list(args.overrides)
     if args.allow_missing_scorers:
         overrides.append("evaluation.suite.allow_missing_scorers=true")
     cfg = load_config(args.config, overrides)
+    if args.describe:
+        if not args.protocol:
+            raise UserInputError("--describe needs --protocol NAME")
+        print(json.dumps(protocols.describe(cfg, args.protocol), indent=1))
+        return 0
     adapter = args.adapter
     if args.run is not None:
         adapter = cfg.run.output_dir / args.run / "adapter"
-    out = evaluate(cfg, adapter, args.out, address=args.address)
+    out = evaluate(cfg, adapter, args.out, address=args.address, protocol=args.protocol)
     print((out / "report.md").read_text())
     print(f"written to {out}")
     return 0
@@ -138,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="render on the Ray rollout actors of this cluster (default: "
                    "RAY_ADDRESS if set, else locally in this process)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the file")
+    p.add_argument("--protocol", default=None, help="a published protocol's settings (i2p-sld, i2p-q16, "
+                   "nudity-nudenet, geneval), applied before the overrides; the report lists the fields you changed")
+    p.add_argument("--describe", action="store_true", help="with --protocol: print the resolved settings as JSON "
+                   "and exit, loading no model")
     p.add_argument("--allow-missing-scorers", action="store_true", help="run without a scorer whose weights or "
                    "inputs are missing (the report marks it disabled); default: such a scorer is an error before "
                    "any image is generated")

@@ -1,9 +1,11 @@
 """Evaluation rendering on a rollout actor: a stock diffusers StableDiffusionPipeline over the policy's own
 modules, so evaluation images are what a user's pipeline with the exported adapter would draw.
 
-Image j of a row is sampled from `torch.Generator().manual_seed(row.seed + j)` with the row's guidance and
-size when the set fixes them (I2P does), else the config's sampler settings; DDIM with
-`evaluation.suite.eta` (0: deterministic). Rows of equal settings are batched up to sampler.batch_size images.
+Image j of a row is sampled from `torch.Generator().manual_seed(row.seed + j)` (`seeding: seed_plus_j`) or
+as the j-th draw of one generator seeded row.seed (`seeding: one_generator`), with the suite's fixed guidance,
+else the row's guidance and size when the set fixes them (I2P does), else the config's sampler settings; with
+the suite's scheduler (DDIM with `evaluation.suite.eta` by default). Rows of equal settings are batched up to
+sampler.batch_size images.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from __future__ import annotations
 import io
 import re
 
+import diffusers
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from safediff.common.config import SamplerConfig, SuiteConfig
@@ -25,10 +28,18 @@ def image_name(row: EvalRow, j: int) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', row.case_number)}_{j}.png"
 
 
-def pipeline(policy: Policy) -> StableDiffusionPipeline:
+SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "lms": "LMSDiscreteScheduler",
+              "euler": "EulerDiscreteScheduler", "euler_ancestral": "EulerAncestralDiscreteScheduler",
+              "dpm_solver": "DPMSolverMultistepScheduler"}
+
+
+def pipeline(policy: Policy, scheduler: str = "ddim") -> StableDiffusionPipeline:
+    """A stock pipeline over the policy's modules, sampling with the named scheduler (`SCHEDULERS`) built from the
+    model's own scheduler config (its noise schedule)."""
     b = policy.bundle
+    scheduler_class = getattr(diffusers, SCHEDULERS[scheduler])
     pipe = StableDiffusionPipeline(vae=b.vae, text_encoder=b.text_encoder, tokenizer=b.tokenizer, unet=b.unet,
-                                   scheduler=DDIMScheduler.from_config(b.scheduler.config), safety_checker=None,
+                                   scheduler=scheduler_class.from_config(b.scheduler.config), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -37,9 +48,15 @@ def pipeline(policy: Policy) -> StableDiffusionPipeline:
 def settings(row: EvalRow, sampler: SamplerConfig, suite: SuiteConfig) -> tuple[float, int, int]:
     """(guidance, height, width) of a row."""
     own = suite.row_settings
-    return (row.guidance if own and row.guidance is not None else sampler.guidance_scale,
+    guidance = row.guidance if own and row.guidance is not None else sampler.guidance_scale
+    return (suite.guidance if suite.guidance is not None else guidance,
             row.height if own and row.height is not None else sampler.height,
             row.width if own and row.width is not None else sampler.width)
+
+
+def image_seed(row: EvalRow, j: int, suite: SuiteConfig) -> int:
+    """The seed of the generator image j of `row` is drawn from (its j-th draw under one_generator)."""
+    return row.seed + j if suite.seeding == "seed_plus_j" else row.seed
 
 
 @torch.no_grad()
@@ -54,10 +71,13 @@ def render_chunk(pipe: StableDiffusionPipeline, rows: list[EvalRow], k: int, sam
     for (guidance, height, width), group in by_settings.items():
         for start in range(0, len(group), per_call):
             batch = group[start:start + per_call]
-            generators = [torch.Generator(pipe.device).manual_seed(r.seed + j) for r in batch for j in range(k)]
+            if suite.seeding == "seed_plus_j":
+                generators = [torch.Generator(pipe.device).manual_seed(r.seed + j) for r in batch for j in range(k)]
+            else:  # the same generator object k times: diffusers draws image j's noise as its j-th draw
+                generators = [g for r in batch for g in [torch.Generator(pipe.device).manual_seed(r.seed)] * k]
             images = pipe([r.prompt for r in batch], negative_prompt=[sampler.negative_prompt] * len(batch),
-                          num_inference_steps=sampler.num_steps, guidance_scale=guidance, height=height,
-                          width=width, eta=suite.eta, num_images_per_prompt=k, generator=generators,
+                          num_inference_steps=suite.num_steps or sampler.num_steps, guidance_scale=guidance,
+                          height=height, width=width, eta=suite.eta, num_images_per_prompt=k, generator=generators,
                           output_type="np").images
             pixels = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
             for i, row in enumerate(batch):

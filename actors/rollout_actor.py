@@ -65,7 +65,7 @@ class RolloutActor:
         if self.policy.version < min_version:
             raise ActorBehind(f"actor holds version {self.policy.version}, the evaluation needs {min_version}")
         if self.pipe is None:
-            self.pipe = pipeline(self.policy)
+            self.pipe = pipeline(self.policy, self.cfg.evaluation.suite.scheduler)
         suite = self.cfg.evaluation.suite
         return render_chunk(self.pipe, rows, suite.images_per_prompt, self.cfg.sampler, suite)
 

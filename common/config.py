@@ -254,11 +254,25 @@ class SuiteConfig(_Strict):
 
     prompts: PromptSetConfig = Field(default_factory=lambda: PromptSetConfig(name="i2p"),
                                      description="The prompt set.")
-    images_per_prompt: int = Field(1, ge=1, description="Images per row; image j uses seed row.seed + j.")
+    images_per_prompt: int = Field(1, ge=1, description="Images per row (see seeding).")
     seed: int = Field(0, ge=0, description="Seed of row i when the set gives none: seed + i.")
+    fixed_seed: int | None = Field(None, ge=0, description="Every row uses this seed, whatever the set says "
+                                   "(GenEval seeds every prompt with 42).")
+    seeding: Literal["seed_plus_j", "one_generator"] = Field(
+        "seed_plus_j", description="'seed_plus_j': image j of a row from its own generator seeded row.seed + j "
+        "(any image can be rendered alone); 'one_generator': the row's images drawn in turn from one generator "
+        "seeded row.seed (the references' convention: SLD, GenEval).")
     row_settings: bool = Field(True, description="Use a row's own guidance and size when the set gives them "
                                "(I2P does); else sampler.guidance_scale, height and width.")
-    eta: float = Field(0.0, ge=0, le=1, description="DDIM eta of evaluation sampling (0: deterministic DDIM).")
+    scheduler: Literal["ddim", "pndm", "lms", "euler", "euler_ancestral", "dpm_solver"] = Field(
+        "ddim", description="Evaluation sampler, a diffusers scheduler built from the model's scheduler config: "
+        "ddim (DDIMScheduler), pndm (PNDMScheduler, SD 1.x's pipeline default), lms (LMSDiscreteScheduler), euler, "
+        "euler_ancestral, dpm_solver (DPMSolverMultistepScheduler).")
+    num_steps: int | None = Field(None, ge=1, description="Evaluation sampling steps (default: sampler.num_steps).")
+    guidance: float | None = Field(None, ge=1, description="One guidance scale for every row, over the row's own "
+                                   "and sampler.guidance_scale (SLD: 7.5 whatever I2P's rows say).")
+    eta: float = Field(0.0, ge=0, le=1, description="DDIM eta of evaluation sampling (0: deterministic DDIM; the "
+                       "other schedulers take none).")
     scorers: tuple[ScorerName, ...] = Field(
         ("nudenet", "q16", "clip_t"), description=f"Scorers to run, of {', '.join(get_args(ScorerName))}; every "
         "one is built and checked before the first image is generated, and one that cannot be used is an error "

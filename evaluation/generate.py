@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from safediff.actors.render import image_name, pipeline, render_chunk, settings
+from safediff.actors.render import image_name, image_seed, pipeline, render_chunk, settings
 from safediff.common.config import Config, SamplerConfig, SuiteConfig
 from safediff.common.errors import UserInputError
 from safediff.common.policy import Policy
@@ -74,7 +74,7 @@ class ImageStore:
         records = []
         for row in rows:
             guidance, height, width = settings(row, sampler, suite)
-            records += [{"image": image_name(row, j), "j": j, "seed": row.seed + j, "guidance": guidance,
+            records += [{"image": image_name(row, j), "j": j, "seed": image_seed(row, j, suite), "guidance": guidance,
                          "height": height, "width": width,
                          **{key: value for key, value in asdict(row).items() if key != "seed"}} for j in range(k)]
         jsonl.append(self.manifest, records)
@@ -91,6 +91,6 @@ def local_renderer(cfg: Config, state: dict | None, info: dict):
     if state is not None:  # else the base model: a fresh LoRA has B = 0 and adds exactly nothing
         update = describe(state, int(info.get("policy_version", 1)), policy.trainable.expected_modules(state))
         apply_update(policy, update, state)  # the actors' checks: version, modules bound, checksum
-    pipe = pipeline(policy)
     suite = cfg.evaluation.suite
+    pipe = pipeline(policy, suite.scheduler)
     return lambda rows: render_chunk(pipe, rows, suite.images_per_prompt, cfg.sampler, suite)

@@ -25,10 +25,11 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def files(path: str | Path | None) -> list[dict[str, str]] | None:
-    """[{path, sha256}] of a weights file, or of the weight and config files of a folder; None when unset."""
-    if path is None:
-        return None
+def files(path: str | Path | None, digest: bool = True) -> list[dict[str, str]] | str | None:
+    """[{path, sha256}] of a weights file, or of the weight and config files of a folder; None when unset;
+    with `digest` False just the path (nothing is read)."""
+    if path is None or not digest:
+        return None if path is None else str(path)
     path = Path(resolve(path))
     if path.is_file():
         return [{"path": str(path), "sha256": sha256(path)}]
@@ -47,37 +48,41 @@ def hashes(tree) -> list[dict[str, str]]:
     return []
 
 
-def clip(cfg: ClipConfig) -> dict:
+def clip(cfg: ClipConfig, digest: bool = True) -> dict:
     folder = cfg.model.removeprefix("local-dir:") if cfg.model.startswith("local-dir:") else None
-    return {"model": cfg.model, "files": files(folder if folder else cfg.weights)}
+    return {"model": cfg.model, "files": files(folder if folder else cfg.weights, digest)}
 
 
-def scorers(suite: SuiteConfig, names: list[str]) -> dict[str, dict]:
-    """The settings and files behind each scorer in `names`."""
+def scorers(suite: SuiteConfig, names: list[str], hash_files: bool = True) -> dict[str, dict]:
+    """The settings and files behind each scorer in `names` (files by path only when not `hash_files`)."""
     out: dict[str, dict] = {}
+    d = hash_files
     for name in names:
         if name == "nudenet":
-            import nudenet
+            onnx = "nudenet/320n.onnx (the nudenet package's)"
+            if d:
+                import nudenet
 
-            out[name] = {"files": files(Path(nudenet.__file__).parent / "320n.onnx"),
-                         "threshold": suite.nudenet_threshold, "flag_classes": list(suite.nudenet_flag_classes)}
+                onnx = Path(nudenet.__file__).parent / "320n.onnx"
+            out[name] = {"files": files(onnx, d), "threshold": suite.nudenet_threshold,
+                         "count_classes": "all nine exposed classes", "flag_classes": list(suite.nudenet_flag_classes)}
         elif name == "q16":
-            out[name] = {"clip": clip(suite.q16.clip), "embeddings": files(suite.q16.embeddings),
+            out[name] = {"clip": clip(suite.q16.clip, d), "embeddings": files(suite.q16.embeddings, d),
                          "rule": "argmax softmax(100 cos(image, embeddings)) == 1"}
         elif name == "clip_t":
-            out[name] = {"clip": clip(suite.clip_t), "scale": suite.clip_t_scale}
+            out[name] = {"clip": clip(suite.clip_t, d), "scale": suite.clip_t_scale}
         elif name == "geneval":
             g = suite.geneval
-            out[name] = {"detector": g.detector, "files": files(g.weights) if g.detector == "mask2former" else None,
-                         "colour_clip": clip(g.colour_clip) if g.detector == "mask2former" else None,
+            out[name] = {"detector": g.detector, "files": files(g.weights, d) if g.detector == "mask2former" else None,
+                         "colour_clip": clip(g.colour_clip, d) if g.detector == "mask2former" else None,
                          "threshold": g.threshold, "counting_threshold": g.counting_threshold,
                          "max_objects": g.max_objects, "position_threshold": g.position_threshold,
                          "test_scale": list(g.test_scale), "max_per_image": g.max_per_image}
         elif name == "fid":
             reference = Path(resolve(suite.fid.reference)) if suite.fid.reference else None
-            out[name] = {"inception": files(suite.fid.inception_weights), "reference": str(reference),
-                         "reference_images": len(list(reference.iterdir())) if reference and reference.is_dir()
-                         else 0}
+            out[name] = {"inception": files(suite.fid.inception_weights, d), "reference": str(reference),
+                         "reference_images": len(list(reference.iterdir())) if d and reference and reference.is_dir()
+                         else None}
         elif name == "world":
             out[name] = {"judges": "safediff.world.judges (pixel rules, no weights)"}
     return out

@@ -63,7 +63,15 @@ def markdown(summary: dict, identity: dict, disabled: dict[str, str], sources: d
              + (f" (checksum {identity['checksum'][:12]}, step {identity.get('step')})" if identity.get("checksum")
                 else ""),
              f"- {summary['prompts']} prompts x {identity['images_per_prompt']} images = {summary['images']} images; "
-             f"DDIM {identity['num_steps']} steps, eta {identity['eta']}; image j of a row uses seed row seed + j", ""]
+             f"{identity.get('scheduler', 'DDIMScheduler')} {identity['num_steps']} steps"
+             + (f", eta {identity['eta']}" if identity.get("scheduler", "DDIMScheduler") == "DDIMScheduler" else "")
+             + ("; image j of a row: the j-th draw of one generator seeded row seed"
+                if identity.get("seeding") == "one_generator" else "; image j of a row uses seed row seed + j")
+             + (f" (every row seed {identity['fixed_seed']})" if identity.get("fixed_seed") is not None else "")
+             + (f"; protocol {identity['protocol']}" if identity.get("protocol") else ""), ""]
+    for field, change in (identity.get("overridden") or {}).items():
+        lines.append(f"- **differs from protocol {identity['protocol']}**: {field} = {change['used']!r} "
+                     f"(protocol: {change['protocol']!r})")
     for name, reason in disabled.items():
         lines.append(f"- **{name} disabled**: {reason}")
     if disabled:

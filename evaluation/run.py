@@ -13,6 +13,7 @@ settings, prompt set); resuming into a folder generated differently is refused, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,11 +22,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from safediff.actors.render import SCHEDULERS
 from safediff.common.config import Config, resolve_device_dtype
 from safediff.common.errors import UserInputError
 from safediff.common.trainable import trainable_for
 from safediff.common.types import EvalRow
-from safediff.evaluation import jsonl, provenance
+from safediff.evaluation import jsonl, protocols, provenance
 from safediff.evaluation.generate import ImageStore, load_adapter, local_renderer
 from safediff.evaluation.metrics import join, summarise
 from safediff.evaluation.prompt_sets import load_prompt_set
@@ -36,14 +38,17 @@ log = logging.getLogger(__name__)
 RETRIES = 3
 
 
-def identity_of(cfg: Config, adapter: Path | None, info: dict) -> dict:
+def identity_of(cfg: Config, adapter: Path | None, info: dict, protocol: str | None = None) -> dict:
     suite, sampler = cfg.evaluation.suite, cfg.sampler
     label = "base" if adapter is None else f"{Path(adapter).resolve().parent.name}/{Path(adapter).name}"
     return {"set": suite.prompts.name or str(suite.prompts.path), "label": label, "model": cfg.model.pretrained,
             "adapter": str(adapter) if adapter else None, "checksum": info.get("checksum"), "step": info.get("step"),
-            "images_per_prompt": suite.images_per_prompt, "seed": suite.seed, "row_settings": suite.row_settings,
-            "eta": suite.eta, "num_steps": sampler.num_steps, "guidance_scale": sampler.guidance_scale,
-            "height": sampler.height, "width": sampler.width, "negative_prompt": sampler.negative_prompt}
+            "images_per_prompt": suite.images_per_prompt, "seed": suite.seed, "fixed_seed": suite.fixed_seed,
+            "seeding": suite.seeding, "row_settings": suite.row_settings, "scheduler": SCHEDULERS[suite.scheduler],
+            "eta": suite.eta, "num_steps": suite.num_steps or sampler.num_steps, "guidance": suite.guidance,
+            "guidance_scale": sampler.guidance_scale, "height": sampler.height, "width": sampler.width,
+            "negative_prompt": sampler.negative_prompt, "protocol": protocol,
+            "overridden": protocols.overridden(cfg, protocol) if protocol else {}}
 
 
 def check_identity(out: Path, identity: dict) -> None:
@@ -66,12 +71,14 @@ def default_out(cfg: Config, identity: dict) -> Path:
 
 
 def evaluate(cfg: Config, adapter: Path | None = None, out: Path | None = None, address: str | None = None,
-             progress: bool = True) -> Path:
+             progress: bool = True, protocol: str | None = None) -> Path:
     """Images, scores and report for cfg.evaluation.suite; returns the output folder."""
     suite = cfg.evaluation.suite
     rows = load_prompt_set(suite.prompts, suite.seed)
+    if suite.fixed_seed is not None:
+        rows = [dataclasses.replace(r, seed=suite.fixed_seed) for r in rows]
     state, info = load_adapter(adapter, trainable_for(cfg)) if adapter is not None else (None, {})
-    identity = identity_of(cfg, adapter, info)
+    identity = identity_of(cfg, adapter, info, protocol)
     out = Path(out) if out is not None else default_out(cfg, identity)
     device, _ = resolve_device_dtype(cfg.run)
     scorers, disabled, loading = build_scorers(suite, device)  # before any generation: a bad scorer costs nothing
@@ -94,7 +101,7 @@ def evaluate(cfg: Config, adapter: Path | None = None, out: Path | None = None, 
     scoring = run_scorers(scorers, out, images, progress)
     timing.update({name: {**loading[name], **scoring.get(name, {})} for name in scorers})
     report(out, images, identity, disabled, suite.bootstrap, suite.grid_images, timing,
-           provenance.record(suite, list(scorers), scheduler="DDIMScheduler"))
+           provenance.record(suite, list(scorers), scheduler=SCHEDULERS[suite.scheduler]))
     return out
 
 
