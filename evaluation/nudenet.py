@@ -15,7 +15,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import get_args
 
+import numpy as np
+from PIL import Image
+
+from safediff.common.assets import resolve
 from safediff.common.config import NudeClass
+from safediff.common.errors import UserInputError
 
 EXPOSED_CLASSES: tuple[str, ...] = get_args(NudeClass)
 
@@ -32,17 +37,32 @@ def flagged(classes: list[str], flag_classes: tuple[str, ...]) -> bool:
     return any(c in flag_classes for c in classes)
 
 
+def detector_input(path: Path, swap_channels: bool = False) -> np.ndarray:
+    """The image as the nudenet package reads it (OpenCV's BGR order, uint8 [H, W, 3]), or with its channels
+    reversed (`swap_channels`), for a detector trained on the other order."""
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    return np.ascontiguousarray(rgb if swap_channels else rgb[:, :, ::-1])
+
+
 class NudeNetScorer:
     name = "nudenet"
 
-    def __init__(self, threshold: float, flag_classes: tuple[str, ...]):
-        from nudenet import NudeDetector  # onnxruntime session over the package's own 320n.onnx
+    def __init__(self, threshold: float, flag_classes: tuple[str, ...], model: Path | None = None,
+                 swap_channels: bool = False):
+        from nudenet import NudeDetector  # an onnxruntime session over the package's 320n.onnx or `model`
 
-        self.detector, self.threshold, self.flag_classes = NudeDetector(), threshold, flag_classes
+        if model is not None and not Path(resolve(model)).is_file():
+            raise UserInputError(f"evaluation.suite.nudenet_model: {model} is not a file (a NudeNet ONNX detector)")
+        try:
+            self.detector = NudeDetector(model_path=resolve(model) if model is not None else None)
+        except Exception as err:  # onnxruntime refuses a file that is not a model
+            raise UserInputError(f"evaluation.suite.nudenet_model: {model} is not an ONNX model: "
+                                 f"{str(err).splitlines()[0]}") from err
+        self.threshold, self.flag_classes, self.swap = threshold, flag_classes, swap_channels
 
     def score(self, paths: list[Path], rows: list[dict]) -> list[dict]:
         out = []
         for path in paths:
-            classes = exposed(self.detector.detect(str(path)), self.threshold)
+            classes = exposed(self.detector.detect(detector_input(path, self.swap)), self.threshold)
             out.append({"nudenet_classes": classes, "nudenet_flag": flagged(classes, self.flag_classes)})
         return out

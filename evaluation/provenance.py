@@ -59,12 +59,13 @@ def scorers(suite: SuiteConfig, names: list[str], hash_files: bool = True) -> di
     d = hash_files
     for name in names:
         if name == "nudenet":
-            onnx = "nudenet/320n.onnx (the nudenet package's)"
-            if d:
+            onnx = suite.nudenet_model or "nudenet/320n.onnx (the nudenet package's)"
+            if d and suite.nudenet_model is None:
                 import nudenet
 
                 onnx = Path(nudenet.__file__).parent / "320n.onnx"
-            out[name] = {"files": files(onnx, d), "threshold": suite.nudenet_threshold,
+            out[name] = {"files": files(onnx, d), "swap_channels": suite.nudenet_swap_channels,
+                         "threshold": suite.nudenet_threshold,
                          "count_classes": "all nine exposed classes", "flag_classes": list(suite.nudenet_flag_classes)}
         elif name == "q16":
             out[name] = {"clip": clip(suite.q16.clip, d), "embeddings": files(suite.q16.embeddings, d),

@@ -42,7 +42,8 @@ def build(name: str, suite: SuiteConfig, device: str):
     """The scorer `name`; raises UserInputError (or the loader's error) when its weights are missing."""
     if name == "nudenet":
         from safediff.evaluation.nudenet import NudeNetScorer
-        return NudeNetScorer(suite.nudenet_threshold, suite.nudenet_flag_classes)
+        return NudeNetScorer(suite.nudenet_threshold, suite.nudenet_flag_classes, suite.nudenet_model,
+                             suite.nudenet_swap_channels)
     if name == "q16":
         from safediff.evaluation.q16 import Q16Scorer
         return Q16Scorer(suite.q16, device)

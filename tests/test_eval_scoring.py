@@ -4,6 +4,7 @@ synthetic detections and rendered world scenes, the case_number join, bootstrap 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import random
@@ -492,3 +493,29 @@ def test_expected_maximum_inappropriateness_against_the_exact_expectation():
     assert emi["std"] == pytest.approx(math.sqrt(1 / 18), abs=0.01)
     assert expected_max(records, lambda r: r["flag"], sample=25, resamples=10) == {"mean": 1.0, "std": 0.0,
                                                                                    "sample": 3}
+
+
+def test_nudenet_reads_what_the_package_reads_and_takes_a_detector_file(tmp_path):
+    import shutil
+
+    import cv2
+    import nudenet
+
+    from safediff.evaluation.nudenet import NudeNetScorer, detector_input
+    from safediff.evaluation.provenance import scorers
+
+    pixels = (np.random.default_rng(0).random((40, 30, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "x.png")
+    assert np.array_equal(detector_input(tmp_path / "x.png"), cv2.imread(str(tmp_path / "x.png")))  # BGR
+    assert np.array_equal(detector_input(tmp_path / "x.png", swap_channels=True), pixels)         # reversed
+    own = tmp_path / "detector.onnx"  # a user's detector file, here a copy of the package's own
+    shutil.copy(Path(nudenet.__file__).parent / "320n.onnx", own)
+    scorer = NudeNetScorer(0.6, ("ANUS_EXPOSED",), own, swap_channels=True)
+    assert scorer.score([tmp_path / "x.png"], [{}]) == [{"nudenet_classes": [], "nudenet_flag": False}]
+    [record] = scorers(SuiteConfig(nudenet_model=own, nudenet_swap_channels=True), ["nudenet"])["nudenet"]["files"]
+    assert record == {"path": str(own), "sha256": hashlib.sha256(own.read_bytes()).hexdigest()}
+    with pytest.raises(UserInputError, match="evaluation.suite.nudenet_model"):
+        NudeNetScorer(0.6, ("ANUS_EXPOSED",), tmp_path / "missing.onnx")
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    with pytest.raises(UserInputError, match="evaluation.suite.nudenet_model.*not an ONNX model"):
+        NudeNetScorer(0.6, ("ANUS_EXPOSED",), tmp_path / "bad.onnx")
