@@ -102,7 +102,7 @@ def test_tests_import_the_project_only_through_safediff():
 def test_the_checker_catches_upward_sideways_and_bare_imports(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("import torch\nfrom safediff.common import seeds\n\ndef f():\n"
-                   "    from safediff.runtime.controller import run\n    import common.config\n"
+                   "    from safediff.runtime.controller import run\n    import " + "common.config\n"
                    "    from safediff.learner.update import GRPOUpdate\n")
     assert len(_violations(bad, "safediff.common.bad")) == 3  # two lazy upward imports and the bare one
     assert len(_violations(bad, "safediff.actors.bad")) == 3  # upward, a role importing another role, bare
