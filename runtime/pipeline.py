@@ -107,13 +107,18 @@ class RolloutPipeline:
         self.gate, self.syncs = StalenessGate(K, self.P), SyncTracker()
         self.recent: deque[AdapterUpdate] = deque(maxlen=K + 1)  # policies that may still be generating
         self.inflight: dict[int, StepRollout] = {}
-        self.next_step, self.version = start, 0  # next step to launch; policy version last sent
+        self.next_step = start  # the next step to launch
         self.update: AdapterUpdate | None = None  # the policy last sent (None: the seed-initialised one)
+
+    @property
+    def version(self) -> int:
+        """The policy version last sent (0: the seed-initialised adapter every actor starts with)."""
+        return self.update.version if self.update is not None else 0
 
     def send(self, update: AdapterUpdate) -> None:
         """Make `update` the policy of every generation launched from now on."""
         self.syncs.sent(update, self.actors.rollouts.load_adapter(update))
-        self.version, self.update = update.version, update
+        self.update = update
         self.recent.append(update)
 
     def fill(self) -> None:
@@ -163,8 +168,6 @@ class RolloutPipeline:
         for v in range(max(0, start - self.gate.max_staleness), start + 1):
             if v > 0:  # version 0 is the seed-initialised adapter every actor starts with
                 self.send(older[v] if v < start else update)
-            else:
-                self.version = 0
             self.fill()
 
     def finish(self) -> list[tuple[int, str]]:
