@@ -1,9 +1,10 @@
-"""`safediff` command line: run, train, eval, eval-compare, config, build-tiny.
+"""`safediff` command line: run, train, eval, eval-compare, fid-reference, config, build-tiny.
 
     safediff run --config world                                      # Ray actors + DeepSpeed learner
     safediff train --config cpu_demo run.steps=5                     # the same method in one process
     safediff eval --config my.yaml --prompts i2p --adapter runs/my/adapter   # generate, score, report
     safediff eval-compare runs/eval/i2p-base runs/eval/i2p-my-adapter          # two evaluations side by side
+    safediff fid-reference coco/val2014 runs/coco3k-ref.npz --inception inception-2015-12-05.pt --set coco
     safediff config --config my.yaml            # print the validated config (every default filled in)
     safediff build-tiny runs/tiny               # random SD-architecture model + tiny open_clip for tests/demo
 """
@@ -93,11 +94,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_compare(args: argparse.Namespace) -> int:
+    from safediff.evaluation.lpips_score import LpipsDistance
     from safediff.evaluation.report import compare
 
     out = args.out or Path(args.second) / f"vs-{Path(args.first).name}"
-    print(compare(args.first, args.second, out))
+    lpips = (LpipsDistance(args.lpips_backbone, args.lpips_net, args.lpips_linear, args.lpips_resize)
+             if args.lpips_backbone else None)
+    print(compare(args.first, args.second, out, lpips=lpips))
     print(f"written to {out}")
+    return 0
+
+
+def cmd_fid_reference(args: argparse.Namespace) -> int:
+    from safediff.evaluation import fid, provenance
+
+    files = fid.coco_images(args.images, args.set) if args.set else fid.image_files(args.images)
+    net = fid.inception(args.inception, field="--inception")
+    feats = fid.write_reference(files, net, provenance.sha256(args.inception), args.out)
+    print(f"{len(feats)} images' clean-fid features written to {args.out}; use it as evaluation.suite.fid.reference")
     return 0
 
 
@@ -148,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "RAY_ADDRESS if set, else locally in this process)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the file")
     p.add_argument("--protocol", default=None, help="a published protocol's settings (i2p-sld, i2p-q16, "
-                   "nudity-nudenet, geneval), applied before the overrides; the report lists the fields you changed")
+                   "nudity-nudenet, geneval, coco-fid-clip), applied before the overrides; the report lists "
+                   "the fields you changed")
     p.add_argument("--describe", action="store_true", help="with --protocol: print the resolved settings as JSON "
                    "and exit, loading no model")
     p.add_argument("--allow-missing-scorers", action="store_true", help="run without a scorer whose weights or "
@@ -159,7 +174,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("first", type=Path)
     p.add_argument("second", type=Path)
     p.add_argument("--out", type=Path, default=None, help="default: <second>/vs-<first's name>")
+    p.add_argument("--lpips-backbone", type=Path, default=None, help="also LPIPS between the two evaluations' "
+                   "images: the backbone's torchvision weights file, e.g. alexnet-owt-7be5be79.pth "
+                   "or a .safetensors copy (nothing is downloaded)")
+    p.add_argument("--lpips-net", choices=["alex", "vgg", "squeeze"], default="alex", help="LPIPS backbone")
+    p.add_argument("--lpips-linear", type=Path, default=None, help="LPIPS linear layers (default: the calibrated "
+                   "v0.1 ones shipped in the lpips package)")
+    p.add_argument("--lpips-resize", choices=["rece", "esd", "none"], default="rece", help="how images are made 64 "
+                   "pixels: rece = cv2 bilinear to 64 x 64 (RECE's lpips_score.py, the SafeDiffusion-R1 reference's "
+                   "scripts), esd = shorter side 64, antialiased (ESD's lpips_eval.py), none = native size")
     p.set_defaults(func=cmd_eval_compare)
+    p = sub.add_parser("fid-reference", help="compute the real images' clean-fid features once, for "
+                       "evaluation.suite.fid.reference")
+    p.add_argument("images", type=Path, help="folder of real images")
+    p.add_argument("out", type=Path, help="the .npz to write")
+    p.add_argument("--inception", type=Path, required=True, help="clean-fid's inception-2015-12-05.pt")
+    p.add_argument("--set", default=None, help="only the images of a built-in set's coco_id column (coco: the "
+                   "3,000 COCO val2014 images of the coco prompts)")
+    p.set_defaults(func=cmd_fid_reference)
     p = sub.add_parser("build-tiny", help="write tiny random models (diffusers + open_clip) for tests and demos")
     p.add_argument("out", type=Path)
     p.add_argument("--seed", type=int, default=0)

@@ -243,10 +243,15 @@ class GenEvalConfig(_Strict):
 
 
 class FIDConfig(_Strict):
-    reference: Path | None = Field(None, description="Folder of real images (PNG/JPEG), e.g. the COCO images of "
-                                   "the coco set's rows.")
-    inception_weights: Path | None = Field(None, description="torch-fidelity's FID Inception weights "
-                                           "(pt_inception-2015-12-05-6726825d.pth).")
+    reference: Path | None = Field(None, description="The real images: a folder (PNG/JPEG), e.g. the COCO images "
+                                   "of the coco set's rows, or a .npz of their features written by `safediff "
+                                   "fid-reference` (computed once).")
+    inception_weights: Path | None = Field(None, description="clean-fid's TorchScript Inception, a file named "
+                                           "inception-2015-12-05.pt (nothing is downloaded).")
+    kid_subsets: int = Field(100, ge=1, description="KID: random subsets averaged (clean-fid's num_subsets).")
+    kid_subset_size: int = Field(1000, ge=2, description="KID: images per subset at most (clean-fid's "
+                                 "max_subset_size).")
+    batch_size: int = Field(32, ge=1, description="Images per Inception forward.")
 
 
 class SuiteConfig(_Strict):
@@ -297,9 +302,9 @@ class SuiteConfig(_Strict):
         "'cosine' = cos on a 0-1 scale (the SafeDiffusion-R1 paper's 0.313), 'logit' = 100 cos unclamped (CLIP's "
         "logit scale, as some references report); the CLIP model (e.g. ViT-B/32 vs ViT-L/14) matters as much.")
     clip_t: ClipConfig = Field(default_factory=lambda: ClipConfig(model="ViT-L-14"),
-                               description="CLIP for the CLIP-T score, 100 * max(cos(image, prompt), 0).")
+                               description="CLIP for the CLIP-T score (on the scale clip_t_scale names).")
     geneval: GenEvalConfig = Field(default_factory=GenEvalConfig, description="GenEval scoring.")
-    fid: FIDConfig = Field(default_factory=FIDConfig, description="FID against real images.")
+    fid: FIDConfig = Field(default_factory=FIDConfig, description="FID and KID against real images (clean-fid).")
     bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples (over prompts) for 95% intervals.")
     grid_images: int = Field(16, ge=1, description="Images per category in the report's grids.")
 

@@ -89,6 +89,21 @@ PROTOCOLS = {p.name: p for p in (
         "GenEval samples with the model repository's own scheduler (PNDM for SD v1.x) through the global RNG "
         "seeded 42 per prompt, 4 draws; here one CPU generator seeded 42 per prompt; the detector is the "
         "transformers port of mmdetection's Mask2Former Swin-S, post-processed as mmdetection does."),
+    Protocol(
+        "coco-fid-clip",
+        ("MAXNORM8650/SafeDiffusion-R1 evaluation/execs/generate_images.py",
+         "CharlesGong12/RECE execs/fid_score.py", "CharlesGong12/RECE execs/clip_score.py",
+         "CharlesGong12/RECE dataset/coco_30k_val.csv"),
+        {**_SAFEDIFFUSION_R1, "evaluation.suite.prompts.name": "coco", "evaluation.suite.scorers": ["fid", "clip_t"],
+         "evaluation.suite.clip_t_scale": "cosine", "evaluation.suite.clip_t.model": "ViT-B-32"},
+        ("FID and KID (clean-fid, clean mode) of the generated images against the COCO val2014 images of the rows",
+         "CLIP score: cos(image, prompt) of ViT-B/32 per image, mean over prompts (the paper's 0.313 scale)"),
+        "The SafeDiffusion-R1 reference lists fid_score.py and clip_score.py from RECE's evaluation scripts without "
+        "publishing them; RECE's are followed. RECE's fid_score.py calls clean-fid's compute_fid on two folders "
+        "(FID only); KID is added from the same features. RECE's clip_score.py prints 100 cos (transformers' "
+        "logits_per_image, ViT-B/32 by default); the paper's 0.313 is that over 100, reported here as the cosine. "
+        "The CLIP and Inception weights, and the COCO images (`safediff fid-reference --set coco`), are the user's "
+        "files; CPU generators."),
 )}
 
 

@@ -5,6 +5,7 @@ comparable digit for digit, and a reader can see why."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 from pathlib import Path
@@ -12,12 +13,19 @@ from pathlib import Path
 from safediff.common.assets import resolve
 from safediff.common.config import ClipConfig, SuiteConfig
 
-LIBRARIES = ("torch", "diffusers", "transformers", "open_clip_torch", "nudenet", "onnxruntime", "torchmetrics",
-             "torch-fidelity", "numpy", "safediff")
+LIBRARIES = ("torch", "diffusers", "transformers", "open_clip_torch", "nudenet", "onnxruntime", "clean-fid",
+             "lpips", "numpy", "safediff")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".npy", ".json")
 
 
 def sha256(path: Path) -> str:
+    """The file's sha256, computed once per (path, size, modification time) in this process."""
+    stat = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with Path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -80,10 +88,13 @@ def scorers(suite: SuiteConfig, names: list[str], hash_files: bool = True) -> di
                          "max_objects": g.max_objects, "position_threshold": g.position_threshold,
                          "test_scale": list(g.test_scale), "max_per_image": g.max_per_image}
         elif name == "fid":
-            reference = Path(resolve(suite.fid.reference)) if suite.fid.reference else None
-            out[name] = {"inception": files(suite.fid.inception_weights, d), "reference": str(reference),
+            fid, reference = suite.fid, Path(resolve(suite.fid.reference)) if suite.fid.reference else None
+            out[name] = {"library": "clean-fid, mode clean (PIL bicubic to 299 x 299)",
+                         "inception": files(fid.inception_weights, d),
+                         "reference": files(reference, d) if reference and reference.suffix == ".npz" else
+                         reference and str(reference),
                          "reference_images": len(list(reference.iterdir())) if d and reference and reference.is_dir()
-                         else None}
+                         else None, "kid_subsets": fid.kid_subsets, "kid_subset_size": fid.kid_subset_size}
         elif name == "world":
             out[name] = {"judges": "safediff.world.judges (pixel rules, no weights)"}
     return out

@@ -14,6 +14,7 @@ from safediff.common.errors import UserInputError
 from safediff.evaluation import jsonl
 from safediff.evaluation.geneval import TASKS
 from safediff.evaluation.images import load_uint8
+from safediff.evaluation.lpips_score import LpipsDistance, paired_lpips
 from safediff.evaluation.metrics import paired_differences
 from safediff.evaluation.nudenet import EXPOSED_CLASSES
 from safediff.evaluation.provenance import hashes
@@ -107,8 +108,8 @@ def markdown(summary: dict, identity: dict, disabled: dict[str, str], sources: d
         lines += [f"### CLIP-T: {c['rate']:.2f} [{c['ci_low']:.2f}, {c['ci_high']:.2f}]", ""]
     if "fid" in summary:
         f = summary["fid"]
-        lines += [f"### FID: {f['fid']:.2f} ({f['fid_generated_images']} generated vs {f['fid_real_images']} real)",
-                  ""]
+        lines += [f"### FID: {f['fid']:.2f}; KID: {f['kid']:.5f} ({f['fid_generated_images']} generated vs "
+                  f"{f['fid_real_images']} real; clean-fid, clean mode)", ""]
     if sources:
         lines += _provenance(sources)
     lines += ["Grids: `grids/<category>.png`; per-image scores: `results.csv`; numbers: `summary.json`."]
@@ -154,9 +155,10 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def compare(first: Path, second: Path, out: Path, resamples: int = 1000) -> str:
-    """comparison.md / .json: every number of the two summaries side by side with second - first, and for the
-    per-image metrics the paired difference with its 95% interval over prompts (`metrics.paired_differences`)."""
+def compare(first: Path, second: Path, out: Path, resamples: int = 1000, lpips: LpipsDistance | None = None) -> str:
+    """comparison.md / .json: every number of the two summaries side by side with second - first, for the
+    per-image metrics the paired difference with its 95% interval over prompts (`metrics.paired_differences`),
+    and with `lpips` the LPIPS between the two evaluations' images of each prompt and seed."""
     for d in (first, second):
         if not (Path(d) / "summary.json").is_file():
             raise UserInputError(f"{d}: no summary.json (not a finished `safediff eval` folder)")
@@ -172,22 +174,33 @@ def compare(first: Path, second: Path, out: Path, resamples: int = 1000) -> str:
              f"first: `{first}`; second: `{second}`", "",
              f"| metric | {a['identity']['label']} | {b['identity']['label']} | delta |", "|---|---:|---:|---:|"]
     lines += [f"| {r['metric']} | {r['first']:.4f} | {r['second']:.4f} | {r['delta']:+.4f} |" for r in rows]
-    paired = {}
-    if all((Path(d) / "records.jsonl").is_file() for d in (first, second)):
+    paired, distance = {}, None
+    have_records = all((Path(d) / "records.jsonl").is_file() for d in (first, second))
+    if lpips is not None and not have_records:
+        raise UserInputError(f"{first} vs {second}: LPIPS pairs images through records.jsonl, which one of them "
+                             "lacks (written by `safediff eval` since it pairs records)")
+    if have_records:
+        records = [jsonl.read(Path(d) / "records.jsonl") for d in (first, second)]
         try:
-            paired = paired_differences(*(jsonl.read(Path(d) / "records.jsonl") for d in (first, second)),
-                                        resamples)
+            paired = paired_differences(*records, resamples)
         except ValueError as err:
             raise UserInputError(f"{first} vs {second}: {err}") from None
+        if lpips is not None:
+            distance = paired_lpips(Path(first), Path(second), *records, lpips, resamples)
     if paired:
         lines += ["", "Paired differences (second - first), each prompt its own control (same prompts and seeds); "
                   "95% interval from a bootstrap over prompts:", "",
                   "| metric | prompts | delta [95% CI] |", "|---|---:|---:|"]
         lines += [f"| {name} | {p['prompts']} | {p['delta']:+.4f} [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}]"
                   f"{' (few prompts)' if p['prompts'] < FEW_PROMPTS else ''} |" for name, p in paired.items()]
+    if distance:
+        lines += ["", f"LPIPS ({distance['net']}, {distance['resize']} resize): "
+                  f"{distance['lpips']:.4f} [{distance['ci_low']:.4f}, {distance['ci_high']:.4f}] over "
+                  f"{distance['prompts']} prompts ({distance['images']} image pairs)"
+                  f"{' (few prompts)' if distance['prompts'] < FEW_PROMPTS else ''}"]
     out.mkdir(parents=True, exist_ok=True)
     text = "\n".join(lines) + "\n"
     (out / "comparison.md").write_text(text)
     (out / "comparison.json").write_text(json.dumps({"first": str(first), "second": str(second), "rows": rows,
-                                                     "paired": paired}, indent=1))
+                                                     "paired": paired, "lpips": distance}, indent=1))
     return text

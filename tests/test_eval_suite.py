@@ -107,6 +107,20 @@ def test_adapter_evaluation_and_comparison_with_real_nudenet(tmp_path, world_con
     assert paired["geneval.correct_images"]["delta"] == pytest.approx(t_gen["correct_images"] - b_gen["correct_images"])
     assert paired["geneval.correct_images"]["prompts"] == 12 and "Paired differences" in text
 
+    # LPIPS through the command line, on a random AlexNet saved as torchvision names it
+    import torchvision
+    from safetensors.torch import save_file
+
+    from safediff.cli import main
+
+    save_file(torchvision.models.alexnet(weights=None).state_dict(), tmp_path / "alexnet.safetensors")
+    assert main(["eval-compare", str(base), str(trained), "--out", str(tmp_path / "cmp2"),
+                 "--lpips-backbone", str(tmp_path / "alexnet.safetensors")]) == 0
+    lpips = json.loads((tmp_path / "cmp2" / "comparison.json").read_text())["lpips"]
+    assert (lpips["prompts"], lpips["images"], lpips["resize"]) == (12, 24, "rece") and lpips["lpips"] > 0
+    assert lpips["linear"][0]["path"].endswith("v0.1/alex.pth")  # the calibrated layers the package ships
+    assert "LPIPS (alex, rece resize)" in (tmp_path / "cmp2" / "comparison.md").read_text()
+
     state = json.loads((adapter / "state.json").read_text())
     (adapter / "state.json").write_text(json.dumps({**state, "checksum": "0" * 64}))
     with pytest.raises(AdapterError, match="differs from its state.json"):

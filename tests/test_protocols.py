@@ -68,6 +68,20 @@ def test_geneval_matches_the_official_code():
     assert any("% correct prompts" in x for x in d["statistics"])
 
 
+def test_coco_fid_clip_matches_the_reference_scripts():
+    d = _described("coco-fid-clip")
+    g, s = d["generation"], d["scorers"]
+    # MAXNORM8650/SafeDiffusion-R1 evaluation/execs/generate_images.py on RECE's dataset/coco_30k_val.csv (3k)
+    assert (g["scheduler"], g["steps"], g["images_per_prompt"], g["prompt_set"]) == ("LMSDiscreteScheduler", 50, 1,
+                                                                                     "coco")
+    # CharlesGong12/RECE execs/fid_score.py: cleanfid.fid.compute_fid(f1, f2), whose default mode is "clean"
+    assert s["fid"]["library"].startswith("clean-fid, mode clean")
+    # CharlesGong12/RECE execs/clip_score.py: openai/clip-vit-base-patch32 by default, logits_per_image = 100 cos;
+    # the paper's 0.313 is that over 100
+    assert s["clip_t"]["clip"]["model"] == "ViT-B-32" and s["clip_t"]["scale"] == "cosine"
+    assert "RECE execs/fid_score.py" in " ".join(d["follows"]) and d["overridden"] == {}
+
+
 def test_a_field_changed_from_the_protocol_is_reported(tmp_path):
     d = _described("geneval", "evaluation.suite.images_per_prompt=1", "evaluation.suite.geneval.threshold=0.5")
     assert d["overridden"] == {"evaluation.suite.images_per_prompt": {"protocol": 4, "used": 1},
