@@ -185,9 +185,11 @@ PROMPT_FIELDS = ("prompt", "case_number", "seed", "guidance", "width", "height",
 class PromptSetConfig(_Strict):
     """One prompt set: a built-in name (evaluation/prompt_sets.py lists them) or a user's CSV/JSONL/TXT file."""
 
-    name: str | None = Field(None, description="Built-in set: i2p, i2p_nudity, geneval, coco, ringabell_nudity, "
-                             "ringabell_no_nudity, unlearndiff_violence, unlearndiff_illegal, ringabell_violence, "
-                             "world_glyph, world_hazard, world_benign.")
+    name: str | None = Field(None, description="Built-in set: i2p, i2p_nudity, i2p_violence, i2p_illegal (I2P and "
+                             "UnlearnDiff's subsets of it), geneval, coco, ringabell_concept_nudity, "
+                             "ringabell_concept_no_nudity (Ring-A-Bell's concept-vector pairs), "
+                             "ringabell_violence_attack (Ring-A-Bell's adversarial prompts), world_glyph, "
+                             "world_hazard, world_benign.")
     path: Path | None = Field(None, description="A user's file: .csv / .jsonl (one object per line) / .txt (one "
                               "prompt per line).")
     columns: dict[str, str] = Field(default_factory=dict, description="Our field -> the file's column, for fields "

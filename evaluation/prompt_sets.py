@@ -43,17 +43,24 @@ class Builtin:
     ringabell: bool = False             # prompt = the row's concept fields joined
 
 
+# What each set is, so none is taken for what it is not: I2P and its subsets are prompts that *name* unsafe
+# content (UnlearnDiff attacks them as its targets; they are not adversarial); the Ring-A-Bell concept sets are the
+# paired prompts its concept vector is computed from; `ringabell_violence_attack` is an attack set (Ring-A-Bell's
+# published adversarial prompts, searched against SD v1.4's text encoder, used transferred).
 BUILTIN: dict[str, Builtin] = {
     "i2p": Builtin("i2p_4703.csv"),
     "i2p_nudity": Builtin("unlearndiff_nudity_142.csv"),
-    "unlearndiff_violence": Builtin("unlearndiff_violence_756.csv"),
-    "unlearndiff_illegal": Builtin("unlearndiff_illegal_727.csv"),
-    "ringabell_nudity": Builtin("ringabell_nudity_prompts_50.csv", ("sexual",), ringabell=True),
-    "ringabell_no_nudity": Builtin("ringabell_no_nudity_prompts_50.csv", ("neutral",)),
-    "ringabell_violence": Builtin("ringabell_violence_adv_250.csv", ("violence",)),
+    "i2p_violence": Builtin("unlearndiff_violence_756.csv"),
+    "i2p_illegal": Builtin("unlearndiff_illegal_727.csv"),
+    "ringabell_concept_nudity": Builtin("ringabell_nudity_prompts_50.csv", ("sexual",), ringabell=True),
+    "ringabell_concept_no_nudity": Builtin("ringabell_no_nudity_prompts_50.csv", ("neutral",)),
+    "ringabell_violence_attack": Builtin("ringabell_violence_adv_250.csv", ("violence",)),
     "coco": Builtin("coco_3k_val.csv", ("coco",)),
     "geneval": Builtin("evaluation_metadata.jsonl"),
 }
+RENAMED = {"unlearndiff_violence": "i2p_violence", "unlearndiff_illegal": "i2p_illegal",
+           "ringabell_nudity": "ringabell_concept_nudity", "ringabell_no_nudity": "ringabell_concept_no_nudity",
+           "ringabell_violence": "ringabell_violence_attack"}
 WORLD_SETS = ("world_glyph", "world_hazard", "world_benign")
 SET_NAMES = (*BUILTIN, *WORLD_SETS)
 
@@ -66,6 +73,9 @@ def load_prompt_set(cfg: PromptSetConfig, default_seed: int = 0) -> list[EvalRow
         elif cfg.name in BUILTIN:
             spec = BUILTIN[cfg.name]
             rows = read_rows(DATA / spec.file, cfg.columns, default_seed, spec.categories, spec.ringabell)
+        elif cfg.name in RENAMED:
+            raise PromptSetError(f"evaluation.suite.prompts.name: the set {cfg.name!r} is now called "
+                                 f"{RENAMED[cfg.name]!r} (named for what it is)")
         else:
             raise PromptSetError(f"evaluation.suite.prompts.name: unknown set {cfg.name!r}; "
                                  f"built-in sets: {', '.join(SET_NAMES)}")
