@@ -1,9 +1,10 @@
-"""`safediff` command line: run, train, eval, eval-compare, fid-reference, config, build-tiny.
+"""`safediff` command line: run, train, eval, eval-compare, attack, fid-reference, config, build-tiny.
 
     safediff run --config world                                      # Ray actors + DeepSpeed learner
     safediff train --config cpu_demo run.steps=5                     # the same method in one process
     safediff eval --config my.yaml --prompts i2p --adapter runs/my/adapter   # generate, score, report
     safediff eval-compare runs/eval/i2p-base runs/eval/i2p-my-adapter          # two evaluations side by side
+    safediff attack --config world --attack ring-a-bell --run world      # adversarial prompts, ASR before/after
     safediff fid-reference coco/val2014 runs/coco3k-ref.npz --inception inception-2015-12-05.pt --set coco
     safediff config --config my.yaml            # print the validated config (every default filled in)
     safediff build-tiny runs/tiny               # random SD-architecture model + tiny open_clip for tests/demo
@@ -105,6 +106,17 @@ def cmd_eval_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attack(args: argparse.Namespace) -> int:
+    from safediff.evaluation.attacks.run import run_attack
+
+    cfg = load_config(args.config, list(args.overrides))
+    adapter = cfg.run.output_dir / args.run / "adapter" if args.run is not None else args.adapter
+    out = run_attack(cfg, args.attack, adapter, args.out)
+    print((out / "report.md").read_text())
+    print(f"written to {out}")
+    return 0
+
+
 def cmd_fid_reference(args: argparse.Namespace) -> int:
     from safediff.evaluation import fid, provenance
 
@@ -184,6 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "pixels: rece = cv2 bilinear to 64 x 64 (RECE's lpips_score.py, the SafeDiffusion-R1 reference's "
                    "scripts), esd = shorter side 64, antialiased (ESD's lpips_eval.py), none = native size")
     p.set_defaults(func=cmd_eval_compare)
+    p = sub.add_parser("attack", help="adversarial prompts for a concept (evaluation.attack), generated and judged "
+                       "on the base model and an adapter: attack success rates")
+    p.add_argument("--config", type=Path, default=None, help="YAML config (evaluation.attack, evaluation.suite), or "
+                   "a built-in config by name")
+    p.add_argument("--attack", required=True, help="prompts (a transferred attack set) or ring-a-bell")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--adapter", type=Path, default=None, help="also judge these trained weights")
+    which.add_argument("--run", default=None, help="also judge <run.output_dir>/<name>/adapter")
+    p.add_argument("--out", type=Path, default=None, help="default: <run.output_dir>/attacks/<attack>-<concept>")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the file")
+    p.set_defaults(func=cmd_attack)
     p = sub.add_parser("fid-reference", help="compute the real images' clean-fid features once, for "
                        "evaluation.suite.fid.reference")
     p.add_argument("images", type=Path, help="folder of real images")

@@ -311,8 +311,42 @@ class SuiteConfig(_Strict):
     grid_images: int = Field(16, ge=1, description="Images per category in the report's grids.")
 
 
+class RingABellConfig(_Strict):
+    """Ring-A-Bell (Tsai et al., ICLR 2024); defaults from chiayi-hsu/Ring-A-Bell InversePrompt.ipynb (nudity)."""
+
+    concept: PromptSetConfig = Field(default_factory=lambda: PromptSetConfig(name="ringabell_concept_nudity"),
+                                     description="Prompts with the concept (row i pairs with neutral's row i).")
+    neutral: PromptSetConfig = Field(default_factory=lambda: PromptSetConfig(name="ringabell_concept_no_nudity"),
+                                     description="The same prompts without the concept, row by row.")
+    eta: float = Field(3.0, gt=0, description="Concept strength: target = E(prompt) + eta * concept vector "
+                       "(the paper: 3 for nudity, 5.5 for violence).")
+    length: int = Field(16, ge=1, le=75, description="K, adversarial tokens searched (16; 75 for K = 77).")
+    population: int = Field(200, ge=4, description="Genetic algorithm: population size.")
+    generations: int = Field(3000, ge=1, description="Genetic algorithm: generations.")
+    mutation_rate: float = Field(0.25, ge=0, le=1, description="Chance that a member has one token replaced.")
+    crossover_rate: float = Field(0.5, ge=0, le=1, description="Chance that a survivor breeds two children.")
+
+
+class AttackConfig(_Strict):
+    """`safediff attack`: adversarial prompts for a concept, judged on the base model and on an adapter."""
+
+    concept: str = Field("nudity", min_length=1, description="The concept attacked: names the output folder; the "
+                         "`world` judge reads the flag world_<concept>.")
+    targets: PromptSetConfig = Field(default_factory=lambda: PromptSetConfig(name="i2p_nudity"),
+                                     description="The prompts attacked (ring-a-bell: the prompts whose embedding "
+                                     "is pushed along the concept; prompts: the attack set itself, e.g. a file of "
+                                     "published Ring-A-Bell, MMA-Diffusion or P4D prompts).")
+    judge: Literal["nudenet", "q16", "q16_or_nudenet", "world"] = Field(
+        "nudenet", description="What counts as a success, from evaluation.suite's scorers (which must include "
+        "it): NudeNet's flag at evaluation.suite.nudenet_threshold (UnlearnDiff and AdvUnlearn use 0.45), Q16, "
+        "either, or the world's pixel judge of `concept`.")
+    seed: int = Field(0, ge=0, description="Seed of the search (row i: seed + i); attacks are deterministic on CPU.")
+    ringabell: RingABellConfig = Field(default_factory=RingABellConfig, description="The ring-a-bell attack.")
+
+
 class EvaluationConfig(_Strict):
     suite: SuiteConfig = Field(default_factory=SuiteConfig, description="`safediff eval` (evaluation/).")
+    attack: AttackConfig = Field(default_factory=AttackConfig, description="`safediff attack` (evaluation/attacks).")
     world: bool = Field(False, description="After training, score the base model and the final weights on the "
                         "miniature world's held-out prompts with its pixel judges and write <run dir>/eval/ "
                         "(table.md/.csv/.json, image grids); for models trained on that world (world/).")

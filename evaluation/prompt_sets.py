@@ -61,14 +61,17 @@ BUILTIN: dict[str, Builtin] = {
 RENAMED = {"unlearndiff_violence": "i2p_violence", "unlearndiff_illegal": "i2p_illegal",
            "ringabell_nudity": "ringabell_concept_nudity", "ringabell_no_nudity": "ringabell_concept_no_nudity",
            "ringabell_violence": "ringabell_violence_attack"}
-WORLD_SETS = ("world_glyph", "world_hazard", "world_benign")
+WORLD_SETS = ("world_glyph", "world_hazard", "world_benign", "world_concept_glyph", "world_neutral_glyph",
+              "world_concept_hazard", "world_neutral_hazard")
 SET_NAMES = (*BUILTIN, *WORLD_SETS)
 
 
 def load_prompt_set(cfg: PromptSetConfig, default_seed: int = 0) -> list[EvalRow]:
     """The rows of a set, in file order (first `cfg.limit`); a row without a seed gets default_seed + index."""
     if cfg.name is not None:
-        if cfg.name in WORLD_SETS:
+        if cfg.name in WORLD_SETS and cfg.name.count("_") == 2:
+            rows = world_concept_rows(*cfg.name.split("_")[1:], default_seed)
+        elif cfg.name in WORLD_SETS:
             rows = world_rows(cfg.name.removeprefix("world_"), default_seed)
         elif cfg.name in BUILTIN:
             spec = BUILTIN[cfg.name]
@@ -185,6 +188,17 @@ def world_rows(family: str, default_seed: int) -> list[EvalRow]:
     specs = split(benign_specs() if family == "benign" else unsafe_specs(family))[1]
     return [EvalRow(case_number=str(i), prompt=s.prompt, seed=default_seed + i,
                     categories=(s.family or s.tag,), meta=world_metadata(s)) for i, s in enumerate(specs)]
+
+
+def world_concept_rows(kind: str, family: str, default_seed: int) -> list[EvalRow]:
+    """The world's training prompts of an unsafe family (`concept`) or, row by row, the same prompts with the
+    concept taken out (`neutral`): the pairs of a concept vector, from the training split only."""
+    from safediff.world.scenes import neutral, split, unsafe_specs
+
+    specs = split(unsafe_specs(family))[0]
+    return [EvalRow(case_number=str(i), prompt=(s if kind == "concept" else neutral(s)).prompt,
+                    seed=default_seed + i, categories=(family if kind == "concept" else "neutral",))
+            for i, s in enumerate(specs)]
 
 
 def world_metadata(spec) -> dict[str, Any]:

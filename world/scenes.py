@@ -88,6 +88,17 @@ def unsafe_specs(family: str) -> list[Spec]:
     raise ValueError(f"unknown unsafe family {family!r}")
 
 
+def neutral(spec: Spec) -> Spec:
+    """The same prompt with its unsafe concept taken out (a cross becomes a square, magenta no colour): the
+    paired prompts a concept vector is computed from (Ring-A-Bell)."""
+    def clean(n: Need) -> Need:
+        if n.shape == GLYPH:
+            return Need("square", n.count, n.colour)
+        return Need(n.shape, n.count, None) if n.colour == HAZARD_COLOUR else n
+
+    return Spec("neutral", tuple(clean(n) for n in spec.needs), spec.relation)
+
+
 def split(specs: list[Spec], held_out_every: int = 4) -> tuple[list[Spec], list[Spec]]:
     """(train, held out): within each task tag, every `held_out_every`-th prompt (the first included) is held out."""
     seen: dict[str, int] = {}
