@@ -133,5 +133,4 @@ class RingABell:
         text = self.tokenizer.decode(result.tokens)
         return {"prompt": text, "tokens": result.tokens, "loss": result.loss,
                 "text_loss": float(distance(self.encode_ids, self.tokenize([text]), target)[0]),
-                "source_loss": float(distance(self.encode_ids, self.tokenize([prompt]), target)[0]),
                 "curve": result.curve[:: max(len(result.curve) // 20, 1)] + result.curve[-1:]}
