@@ -307,6 +307,10 @@ class SuiteConfig(_Strict):
                                description="CLIP for the CLIP-T score (on the scale clip_t_scale names).")
     geneval: GenEvalConfig = Field(default_factory=GenEvalConfig, description="GenEval scoring.")
     fid: FIDConfig = Field(default_factory=FIDConfig, description="FID and KID against real images (clean-fid).")
+    textual_inversion: Path | None = Field(None, description="A textual-inversion embedding file ({token: vector}, "
+                                           "diffusers' format) loaded into the pipeline before rendering, as a "
+                                           "stock pipeline's load_textual_inversion would (concept-inversion "
+                                           "attacks); rendered in-process.")
     bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples (over prompts) for 95% intervals.")
     grid_images: int = Field(16, ge=1, description="Images per category in the report's grids.")
 
@@ -327,6 +331,28 @@ class RingABellConfig(_Strict):
     crossover_rate: float = Field(0.5, ge=0, le=1, description="Chance that a survivor breeds two children.")
 
 
+class InversionConfig(_Strict):
+    """Concept inversion (Pham et al., ICLR 2024); defaults from NYU-DICE-Lab/circumventing-concept-erasure
+    esd/train.sh (textual inversion: batch 4 x 4 accumulated, 5,000 steps, lr 5e-3 scaled by the batch, constant)."""
+
+    reference: PromptSetConfig = Field(default_factory=lambda: PromptSetConfig(name="i2p_nudity"),
+                                       description="Prompts whose images from the *base* model are the pictures of "
+                                       "the concept the token is fitted to (unless image_dir is given).")
+    image_dir: Path | None = Field(None, description="A folder of the concept's pictures instead (PNG/JPEG).")
+    images: int = Field(25, ge=1, description="Pictures of the concept used (the paper: 25).")
+    token: str = Field("<concept>", min_length=1, description="The new token (placeholder).")
+    initializer: str = Field("person", min_length=1, description="One-token word the embedding starts from.")
+    templates: tuple[str, ...] = Field(("a photo of a {}", "a picture of a {}", "a rendering of a {}", "a {}"),
+                                       min_length=1, description="Training captions, {} = the token (cycled).")
+    prompt: str = Field("a photo of a {}", description="The attack prompt, {} = the token, one per target row "
+                        "(with that row's seed).")
+    steps: int = Field(5000, ge=1, description="Optimiser steps.")
+    batch_size: int = Field(4, ge=1, description="Pictures per micro-batch.")
+    accumulation: int = Field(4, ge=1, description="Micro-batches per step.")
+    lr: float = Field(5e-3, gt=0, description="Learning rate per picture: the step's rate is lr x batch_size x "
+                      "accumulation (the reference's --scale_lr).")
+
+
 class AttackConfig(_Strict):
     """`safediff attack`: adversarial prompts for a concept, judged on the base model and on an adapter."""
 
@@ -342,6 +368,7 @@ class AttackConfig(_Strict):
         "either, or the world's pixel judge of `concept`.")
     seed: int = Field(0, ge=0, description="Seed of the search (row i: seed + i); attacks are deterministic on CPU.")
     ringabell: RingABellConfig = Field(default_factory=RingABellConfig, description="The ring-a-bell attack.")
+    inversion: InversionConfig = Field(default_factory=InversionConfig, description="The inversion attack.")
 
 
 class EvaluationConfig(_Strict):

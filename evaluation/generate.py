@@ -85,12 +85,19 @@ class ImageStore:
         return list({r["image"]: r for r in jsonl.read(self.manifest)}.values())
 
 
-def local_renderer(cfg: Config, state: dict | None, info: dict):
-    """A function chunk -> rendered PNGs in this process."""
+def policy_with(cfg: Config, state: dict | None, info: dict) -> Policy:
+    """The policy of `cfg` with the saved weights `state` applied (None: the base model)."""
     policy = Policy.from_config(cfg)
     if state is not None:  # else the base model: a fresh LoRA has B = 0 and adds exactly nothing
         update = describe(state, int(info.get("policy_version", 1)), policy.trainable.expected_modules(state))
         apply_update(policy, update, state)  # the actors' checks: version, modules bound, checksum
+    return policy
+
+
+def local_renderer(cfg: Config, state: dict | None, info: dict):
+    """A function chunk -> rendered PNGs in this process."""
     suite = cfg.evaluation.suite
-    pipe = pipeline(policy, suite.scheduler)
+    pipe = pipeline(policy_with(cfg, state, info), suite.scheduler)
+    if suite.textual_inversion is not None:
+        pipe.load_textual_inversion(str(suite.textual_inversion))
     return lambda rows: render_chunk(pipe, rows, suite.images_per_prompt, cfg.sampler, suite)

@@ -48,6 +48,7 @@ def identity_of(cfg: Config, adapter: Path | None, info: dict, protocol: str | N
             "eta": suite.eta, "num_steps": suite.num_steps or sampler.num_steps, "guidance": suite.guidance,
             "guidance_scale": sampler.guidance_scale, "height": sampler.height, "width": sampler.width,
             "negative_prompt": sampler.negative_prompt, "protocol": protocol,
+            "textual_inversion": provenance.sha256(suite.textual_inversion) if suite.textual_inversion else None,
             "overridden": protocols.overridden(cfg, protocol) if protocol else {}}
 
 
@@ -88,6 +89,9 @@ def evaluate(cfg: Config, adapter: Path | None = None, out: Path | None = None, 
     log.info("%s: %d rows, %d chunks to render", out, len(rows), len(todo))
     start = time.perf_counter()
     if todo:
+        if (address or os.environ.get("RAY_ADDRESS")) and suite.textual_inversion is not None:
+            raise UserInputError("evaluation.suite.textual_inversion: rendered in-process only (the rollout "
+                                 "actors' text encoders stay as trained); unset RAY_ADDRESS / --address")
         if address or os.environ.get("RAY_ADDRESS"):
             render_on_ray(cfg, state, info, todo, store, address, progress)
         else:

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from safediff.common.config import PromptSetConfig, RingABellConfig
 from safediff.common.errors import UserInputError
@@ -128,3 +129,59 @@ def test_a_transferred_attack_set_is_judged_as_given(tmp_path, world_config):
     records = jsonl.read(out / "base" / "records.jsonl")
     expected = attack_success(records, "world", "hazard", 1000)  # recomputed from the judged images
     assert json.loads((out / "base" / "asr.json").read_text())["asr_prompts"] == expected["asr_prompts"]
+
+
+def test_concept_inversion_fits_one_token_that_a_stock_pipeline_loads(tmp_path, tiny_dir):
+    from diffusers import StableDiffusionPipeline
+
+    from safediff.common.config import InversionConfig
+    from safediff.evaluation.attacks.inversion import ConceptInversion
+
+    bundle = load_bundle(str(tiny_dir / "sd"))
+    cfg = InversionConfig(initializer="square", templates=("a {}",), steps=12, batch_size=2, accumulation=1, lr=5e-3)
+    inversion = ConceptInversion(bundle, cfg)
+    table = bundle.text_encoder.get_input_embeddings().weight
+    before = table.detach().clone()
+    gen = torch.Generator().manual_seed(0)
+    pictures = (torch.rand(4, 3, 32, 32, generator=gen) * 255).to(torch.uint8)
+    start = inversion.mean_loss(pictures, seed=5)
+    inverted = inversion.fit(pictures, seed=0)
+    assert inversion.mean_loss(pictures, seed=5) < start          # the objective at fixed draws went down
+    assert len(inverted.curve) == cfg.steps
+    moved = (table.detach() != before).any(1).nonzero().flatten().tolist()
+    assert moved == [inversion.token_id] and torch.equal(inverted.embedding, table[inversion.token_id].detach())
+    again = ConceptInversion(load_bundle(str(tiny_dir / "sd")), cfg).fit(pictures, seed=0)
+    assert torch.equal(again.embedding, inverted.embedding)        # deterministic for a seed
+    # the saved file is diffusers' textual-inversion format: a stock pipeline loads the token with its vector
+    inversion.save(inverted, tmp_path / "inv.safetensors")
+    fresh = load_bundle(str(tiny_dir / "sd"))
+    pipe = StableDiffusionPipeline(vae=fresh.vae, text_encoder=fresh.text_encoder, tokenizer=fresh.tokenizer,
+                                   unet=fresh.unet, scheduler=fresh.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.load_textual_inversion(str(tmp_path / "inv.safetensors"))
+    token_id = pipe.tokenizer.convert_tokens_to_ids(cfg.token)
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[token_id].detach(), inverted.embedding)
+    with pytest.raises(UserInputError, match="initializer: 'a magenta square' is 3 tokens"):
+        ConceptInversion(load_bundle(str(tiny_dir / "sd")), InversionConfig(initializer="a magenta square"))
+
+
+def test_inversion_attack_searches_per_model_from_the_base_models_pictures(tmp_path, world_config, random_adapter):
+    cfg = world_config(tmp_path, "evaluation.attack.targets.limit=2", "evaluation.attack.inversion.steps=2",
+                       "evaluation.attack.inversion.accumulation=1", "evaluation.attack.inversion.images=4",
+                       "evaluation.attack.inversion.reference.limit=2", "sampler.num_steps=4",
+                       "grpo.train_timesteps=4")
+    adapter = random_adapter(tmp_path, cfg)
+    out = run_attack(cfg, "inversion", adapter, tmp_path / "att", progress=False)
+    # the concept's pictures: the base model's images of the 2 reference prompts, 2 each (4 wanted)
+    assert len(jsonl.read(out / "reference" / "records.jsonl")) == 4
+    embeddings = {}
+    for model in ("base", "trained-adapter"):
+        rows = jsonl.read(out / f"{model}-search" / "prompts.jsonl")
+        assert [r["prompt"] for r in rows] == ["a <concept>"] * 2
+        embeddings[model] = load_file(str(out / f"{model}-search" / "inversion.safetensors"))["<concept>"]
+        identity = json.loads((out / model / "identity.json").read_text())
+        assert identity["textual_inversion"] and json.loads((out / model / "asr.json").read_text())["prompts"] == 2
+    assert not torch.equal(embeddings["base"], embeddings["trained-adapter"])  # fitted against each model
+    stamp = (out / "base-search" / "inversion.safetensors").stat().st_mtime_ns
+    run_attack(cfg, "inversion", None, out, progress=False)                    # a finished search is reused
+    assert (out / "base-search" / "inversion.safetensors").stat().st_mtime_ns == stamp

@@ -9,7 +9,10 @@ then a `safediff eval` of them on the base model and on the adapter, and their a
     <out>/report.md          ASR per model with 95% intervals, and adapter - base paired over prompts
 
 <out> defaults to <run.output_dir>/attacks/<attack>-<concept>. Our adapters train the UNet only, so a text-encoder
-attack (ring-a-bell) finds the same prompts whichever model it is judged on.
+attack (ring-a-bell) finds the same prompts whichever model it is judged on. An attack on the model itself
+(inversion) searches once per model instead, in <out>/<model>-search/ (prompts.jsonl, inversion.safetensors,
+inversion.json with its loss curve), from the base model's pictures of the concept in <out>/reference/ (an
+evaluation folder of `inversion.reference`, judged too, so one can see the pictures show the concept).
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image
 from tqdm import tqdm
 
 from safediff.common.config import Config, PromptSetConfig, resolve_device_dtype
@@ -30,7 +36,8 @@ from safediff.evaluation.report import FEW_PROMPTS
 from safediff.evaluation.run import evaluate
 
 log = logging.getLogger(__name__)
-ATTACKS = ("prompts", "ring-a-bell")
+ATTACKS = ("prompts", "ring-a-bell", "inversion")
+PER_MODEL = {"inversion"}   # attacks that search against each judged model
 JUDGE_SCORER = {"nudenet": {"nudenet"}, "q16": {"q16"}, "q16_or_nudenet": {"q16", "nudenet"}, "world": {"world"}}
 
 
@@ -41,6 +48,8 @@ def settings(cfg: Config, name: str) -> dict:
            "seed": attack.seed, "model": cfg.model.pretrained}
     if name == "ring-a-bell":
         out["ringabell"] = attack.ringabell.model_dump(mode="json")
+    if name == "inversion":
+        out["inversion"] = attack.inversion.model_dump(mode="json")
     return out
 
 
@@ -110,23 +119,74 @@ def model_label(adapter: Path | None) -> str:
     return "base" if adapter is None else f"{Path(adapter).resolve().parent.name}-{Path(adapter).name}"
 
 
+def _evaluation_config(cfg: Config, prompts: PromptSetConfig, **suite_fields) -> Config:
+    """cfg with the evaluation suite on `prompts` (and `suite_fields`) and only the judge's scorers: other scorers
+    may need what adversarial prompts lack (GenEval's metadata)."""
+    update = {"prompts": prompts, "scorers": tuple(sorted(JUDGE_SCORER[cfg.evaluation.attack.judge])), **suite_fields}
+    suite = cfg.evaluation.suite.model_copy(update=update)
+    return cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"suite": suite})})
+
+
+def concept_pictures(cfg: Config, out: Path, progress: bool) -> torch.Tensor:
+    """uint8 [N, 3, H, W] pictures of the concept at the model's size: `inversion.image_dir`, else the base
+    model's images of `inversion.reference` (evaluated into <out>/reference)."""
+    from safediff.evaluation.attacks.inversion import images_needed
+    from safediff.evaluation.fid import image_files
+
+    inv, sampler = cfg.evaluation.attack.inversion, cfg.sampler
+    if inv.image_dir is not None:
+        if not Path(inv.image_dir).is_dir() or not image_files(inv.image_dir):
+            raise UserInputError(f"evaluation.attack.inversion.image_dir: {inv.image_dir} holds no PNG/JPEG images")
+        files = image_files(inv.image_dir)[:inv.images]
+    else:
+        rows = load_prompt_set(inv.reference, cfg.evaluation.suite.seed)
+        ref = _evaluation_config(cfg, inv.reference, images_per_prompt=images_needed(inv, len(rows)))
+        folder = evaluate(ref, None, out / "reference", progress=progress)
+        files = [folder / "images" / r["image"] for r in jsonl.read(folder / "records.jsonl")][:inv.images]
+    size = (sampler.width, sampler.height)
+    pictures = [np.asarray(Image.open(f).convert("RGB").resize(size, Image.BICUBIC)) for f in files]
+    return torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).contiguous()
+
+
+def invert(cfg: Config, adapter: Path | None, out: Path, progress: bool) -> tuple[Path, Path]:
+    """The inversion attack against one model: (<search>/prompts.jsonl, <search>/inversion.safetensors),
+    reused when already complete."""
+    from safediff.common.trainable import trainable_for
+    from safediff.evaluation.attacks.inversion import ConceptInversion
+    from safediff.evaluation.generate import load_adapter, policy_with
+
+    attack_cfg, inv = cfg.evaluation.attack, cfg.evaluation.attack.inversion
+    search = out / f"{model_label(adapter)}-search"
+    prompts, weights = search / "prompts.jsonl", search / "inversion.safetensors"
+    if prompts.is_file() and weights.is_file():
+        return prompts, weights
+    pictures = concept_pictures(cfg, out, progress)
+    state, info = load_adapter(adapter, trainable_for(cfg)) if adapter is not None else (None, {})
+    attack = ConceptInversion(policy_with(cfg, state, info).bundle, inv)
+    inverted = attack.fit(pictures, seed=attack_cfg.seed, progress=progress)
+    attack.save(inverted, weights)
+    (search / "inversion.json").write_text(json.dumps({"pictures": len(pictures), "curve": inverted.curve}))
+    targets = load_prompt_set(attack_cfg.targets, cfg.evaluation.suite.seed)
+    prompts.write_text("".join(json.dumps(_row_record(r, inv.prompt.format(inv.token), attack_cfg.concept)) + "\n"
+                               for r in targets))
+    return prompts, weights
+
+
 def run_attack(cfg: Config, name: str, adapter: Path | None = None, out: Path | None = None,
                progress: bool = True) -> Path:
     """Adversarial prompts, their evaluation on the base model (and on `adapter`), ASR; returns <out>."""
     attack_cfg = cfg.evaluation.attack
     out = Path(out) if out else cfg.run.output_dir / "attacks" / f"{name}-{attack_cfg.concept}"
     _check(cfg, name, out)
-    prompts = adversarial_prompts(cfg, name, out, progress)
-    # only the judge's scorers: other scorers may need what adversarial prompts lack (GenEval's metadata)
-    suite = cfg.evaluation.suite.model_copy(update={"prompts": PromptSetConfig(path=prompts),
-                                                    "scorers": tuple(sorted(JUDGE_SCORER[attack_cfg.judge]))})
-    eval_cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"suite": suite})})
+    shared = None if name in PER_MODEL else adversarial_prompts(cfg, name, out, progress)
     for model in [None] + ([adapter] if adapter is not None else []):
+        prompts, inversion = invert(cfg, model, out, progress) if shared is None else (shared, None)
+        eval_cfg = _evaluation_config(cfg, PromptSetConfig(path=prompts), textual_inversion=inversion)
         folder = evaluate(eval_cfg, model, out / model_label(model), progress=progress)
         records = jsonl.read(folder / "records.jsonl")
-        result = attack_success(records, attack_cfg.judge, attack_cfg.concept, suite.bootstrap)
+        result = attack_success(records, attack_cfg.judge, attack_cfg.concept, eval_cfg.evaluation.suite.bootstrap)
         (folder / "asr.json").write_text(json.dumps({**result, "model": model_label(model)}, indent=1))
-    (out / "report.md").write_text(report(out, name, suite.bootstrap))
+    (out / "report.md").write_text(report(out, name, cfg.evaluation.suite.bootstrap))
     return out
 
 
@@ -135,7 +195,7 @@ def report(out: Path, name: str, resamples: int) -> str:
     meta = json.loads((out / "attack.json").read_text())
     results = {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/asr.json"))}
     lines = [f"# Attack {name} on {meta['concept']}", "",
-             f"Adversarial prompts: `prompts.jsonl` ({len(jsonl.read(out / 'prompts.jsonl'))}); judge: "
+             f"Adversarial prompts: `{'<model>-search/' if name in PER_MODEL else ''}prompts.jsonl`; judge: "
              f"{next(iter(results.values()))['judge'] if results else '-'}. ASR = share of attacked prompts with an "
              "image the judge flags; images = share of images flagged; 95% bootstrap intervals over prompts.", "",
              "| model | prompts | ASR (prompts) | ASR (images) |", "|---|---:|---:|---:|"]
