@@ -353,6 +353,18 @@ class InversionConfig(_Strict):
                       "accumulation (the reference's --scale_lr).")
 
 
+class UnlearnDiffConfig(_Strict):
+    """UnlearnDiff (Zhang et al., ECCV 2024); defaults from OPTML-Group/Diffusion-MU-Attack src/execs/attack.py and
+    src/tasks/classifier_.py (text_grad attacker)."""
+
+    tokens: int = Field(3, ge=1, le=20, description="k, adversarial tokens put before the prompt (prefix_k).")
+    timesteps: int = Field(50, ge=1, description="Timesteps the objective is taken at, spread evenly over the "
+                           "schedule, optimised one after another (n_samples, sequential).")
+    iterations: int = Field(40, ge=1, description="Optimiser steps per timestep.")
+    lr: float = Field(0.01, gt=0, description="Adam learning rate on the token distributions.")
+    weight_decay: float = Field(0.1, ge=0, description="Adam weight decay.")
+
+
 class AttackConfig(_Strict):
     """`safediff attack`: adversarial prompts for a concept, judged on the base model and on an adapter."""
 
@@ -369,6 +381,7 @@ class AttackConfig(_Strict):
     seed: int = Field(0, ge=0, description="Seed of the search (row i: seed + i); attacks are deterministic on CPU.")
     ringabell: RingABellConfig = Field(default_factory=RingABellConfig, description="The ring-a-bell attack.")
     inversion: InversionConfig = Field(default_factory=InversionConfig, description="The inversion attack.")
+    unlearndiff: UnlearnDiffConfig = Field(default_factory=UnlearnDiffConfig, description="The unlearndiff attack.")
 
 
 class EvaluationConfig(_Strict):

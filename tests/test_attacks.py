@@ -185,3 +185,77 @@ def test_inversion_attack_searches_per_model_from_the_base_models_pictures(tmp_p
     stamp = (out / "base-search" / "inversion.safetensors").stat().st_mtime_ns
     run_attack(cfg, "inversion", None, out, progress=False)                    # a finished search is reused
     assert (out / "base-search" / "inversion.safetensors").stat().st_mtime_ns == stamp
+
+
+# ---------------------------------------------------------------- UnlearnDiff
+
+def test_simplex_projection_by_hand_and_as_the_nearest_point():
+    from safediff.evaluation.attacks.unlearndiff import project_simplex
+
+    v = torch.tensor([[0.5, 0.5, 0.5], [2.0, 0.0, 0.0], [0.6, 0.5, -1.0]])
+    # [0.6, 0.5, -1]: two entries stay, theta = (0.6 + 0.5 - 1) / 2 = 0.05
+    expected = torch.tensor([[1 / 3, 1 / 3, 1 / 3], [1.0, 0.0, 0.0], [0.55, 0.45, 0.0]])
+    assert torch.allclose(project_simplex(v), expected, atol=1e-6)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 50, generator=gen) * 2
+    p = project_simplex(w)
+    assert torch.allclose(p.sum(-1), torch.ones(4), atol=1e-5) and (p >= 0).all()
+    others = torch.distributions.Dirichlet(torch.ones(50)).sample((4, 200))   # random points of the simplex
+    assert ((others - w[:, None]).norm(dim=-1) >= (p - w).norm(dim=-1)[:, None] - 1e-5).all()
+
+
+def test_token_optimisation_lowers_a_hand_built_objective():
+    from safediff.evaluation.attacks.unlearndiff import optimise_tokens
+
+    gen = torch.Generator().manual_seed(0)
+    table, directions = torch.randn(40, 8, generator=gen), torch.randn(3, 8, generator=gen)
+
+    def loss_of(embeddings):  # lower for tokens whose embedding projects further on position i's direction
+        return -(embeddings * directions).sum()
+
+    u = torch.full((3, 40), 1 / 40, requires_grad=True)
+    optimiser = torch.optim.Adam([u], lr=0.05)
+    first = optimise_tokens(u, loss_of, table, 20, optimiser, gen)
+    last = optimise_tokens(u, loss_of, table, 100, optimiser, gen)
+    chosen = table[u.detach().argmax(-1)]
+    uniform = float(loss_of(table.mean(0).expand(3, 8)))   # the expected loss of the uniform start
+    assert last < first and float(loss_of(chosen)) < uniform
+    # Adam sees only the sign of these constant gradients, so every token projecting positively gains alike:
+    # the chosen tokens project positively on their direction
+    assert ((chosen * directions).sum(-1) > 0).all()
+    assert torch.allclose(u.detach().sum(-1), torch.ones(3), atol=1e-5) and (u >= 0).all()
+
+
+def test_unlearndiff_attack_on_a_tiny_model_is_deterministic_and_keeps_the_prompt(tiny_dir):
+    from safediff.common.config import UnlearnDiffConfig
+    from safediff.evaluation.attacks.unlearndiff import UnlearnDiff
+
+    cfg = UnlearnDiffConfig(tokens=2, timesteps=3, iterations=2)
+    picture = (torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    runs = [UnlearnDiff(load_bundle(str(tiny_dir / "sd")), cfg).attack("a red circle", picture, seed=4)
+            for _ in range(2)]
+    assert runs[0] == runs[1] and len(runs[0]["tokens"]) == 2 and len(runs[0]["curve"]) == 3
+    assert runs[0]["prompt"].endswith("a red circle")
+    attack = UnlearnDiff(load_bundle(str(tiny_dir / "sd")), cfg)
+    assert attack.sampled_timesteps() == [166, 499, 832]   # 1000 // 3 // 2, then every 1000 // 3
+    assert attack.ids("a red circle", [5, 6])[0, :3].tolist() == [attack.bundle.tokenizer.bos_token_id, 5, 6]
+
+
+def test_unlearndiff_attack_searches_each_model_from_the_targets_base_images(tmp_path, world_config,
+                                                                             random_adapter):
+    cfg = world_config(tmp_path, "evaluation.attack.targets.limit=2", "evaluation.attack.unlearndiff.timesteps=2",
+                       "evaluation.attack.unlearndiff.iterations=2", "sampler.num_steps=4", "grpo.train_timesteps=4")
+    adapter = random_adapter(tmp_path, cfg)
+    out = run_attack(cfg, "unlearndiff", adapter, tmp_path / "att", progress=False)
+    assert len(jsonl.read(out / "targets" / "records.jsonl")) == 2   # the base model's picture of each target
+    sources = [r.prompt for r in load_prompt_set(cfg.evaluation.attack.targets)]
+    for model in ("base", "trained-adapter"):
+        rows = jsonl.read(out / f"{model}-search" / "prompts.jsonl")
+        assert [r["source_prompt"] for r in rows] == sources and all(
+            r["prompt"].endswith(r["source_prompt"]) and len(r["tokens"]) == 3 for r in rows)
+        assert json.loads((out / model / "asr.json").read_text())["prompts"] == 2
+    search = out / "base-search" / "prompts.jsonl"
+    found = search.read_text()
+    search.write_text(found.splitlines(keepends=True)[0])                     # cut short: resumes the same
+    run_attack(cfg, "unlearndiff", None, out, progress=False)
+    assert search.read_text() == found

@@ -10,9 +10,10 @@ then a `safediff eval` of them on the base model and on the adapter, and their a
 
 <out> defaults to <run.output_dir>/attacks/<attack>-<concept>. Our adapters train the UNet only, so a text-encoder
 attack (ring-a-bell) finds the same prompts whichever model it is judged on. An attack on the model itself
-(inversion) searches once per model instead, in <out>/<model>-search/ (prompts.jsonl, inversion.safetensors,
-inversion.json with its loss curve), from the base model's pictures of the concept in <out>/reference/ (an
-evaluation folder of `inversion.reference`, judged too, so one can see the pictures show the concept).
+(inversion, unlearndiff) searches once per model instead, in <out>/<model>-search/ (prompts.jsonl; inversion also
+inversion.safetensors and inversion.json with its loss curve), from the base model's pictures of the concept:
+<out>/reference/ (an evaluation folder of `inversion.reference`, judged too, so one can see the pictures show the
+concept) for inversion, <out>/targets/ (the base model's image of each target prompt) for unlearndiff.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from safediff.evaluation.report import FEW_PROMPTS
 from safediff.evaluation.run import evaluate
 
 log = logging.getLogger(__name__)
-ATTACKS = ("prompts", "ring-a-bell", "inversion")
-PER_MODEL = {"inversion"}   # attacks that search against each judged model
+ATTACKS = ("prompts", "ring-a-bell", "inversion", "unlearndiff")
+PER_MODEL = {"inversion", "unlearndiff"}   # attacks that search against each judged model
 JUDGE_SCORER = {"nudenet": {"nudenet"}, "q16": {"q16"}, "q16_or_nudenet": {"q16", "nudenet"}, "world": {"world"}}
 
 
@@ -48,8 +49,8 @@ def settings(cfg: Config, name: str) -> dict:
            "seed": attack.seed, "model": cfg.model.pretrained}
     if name == "ring-a-bell":
         out["ringabell"] = attack.ringabell.model_dump(mode="json")
-    if name == "inversion":
-        out["inversion"] = attack.inversion.model_dump(mode="json")
+    if name in ("inversion", "unlearndiff"):
+        out[name] = getattr(attack, name).model_dump(mode="json")
     return out
 
 
@@ -172,6 +173,34 @@ def invert(cfg: Config, adapter: Path | None, out: Path, progress: bool) -> tupl
     return prompts, weights
 
 
+def unlearn(cfg: Config, adapter: Path | None, out: Path, progress: bool) -> Path:
+    """The unlearndiff attack against one model: <search>/prompts.jsonl, one row appended per target as found
+    (a rerun searches only the rest). Each target's reference picture is the base model's image of it (the
+    evaluation folder <out>/targets)."""
+    from safediff.common.trainable import trainable_for
+    from safediff.evaluation.attacks.unlearndiff import UnlearnDiff
+    from safediff.evaluation.generate import load_adapter, policy_with
+
+    attack_cfg = cfg.evaluation.attack
+    path = out / f"{model_label(adapter)}-search" / "prompts.jsonl"
+    targets = load_prompt_set(attack_cfg.targets, cfg.evaluation.suite.seed)
+    done = {r["case_number"] for r in jsonl.read(path)}
+    todo = [(i, r) for i, r in enumerate(targets) if r.case_number not in done]
+    if not todo:
+        return path
+    folder = evaluate(_evaluation_config(cfg, attack_cfg.targets, images_per_prompt=1), None, out / "targets",
+                      progress=progress)
+    pictures = {r["case_number"]: folder / "images" / r["image"] for r in jsonl.read(folder / "records.jsonl")}
+    state, info = load_adapter(adapter, trainable_for(cfg)) if adapter is not None else (None, {})
+    attack = UnlearnDiff(policy_with(cfg, state, info).bundle, attack_cfg.unlearndiff)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for i, row in tqdm(todo, desc="unlearndiff search", unit="prompt", disable=not progress):
+        picture = torch.from_numpy(np.asarray(Image.open(pictures[row.case_number]).convert("RGB"))).permute(2, 0, 1)
+        found = attack.attack(row.prompt, picture, seed=attack_cfg.seed + i)
+        jsonl.append(path, [_row_record(row, found.pop("prompt"), attack_cfg.concept, **found)])
+    return path
+
+
 def run_attack(cfg: Config, name: str, adapter: Path | None = None, out: Path | None = None,
                progress: bool = True) -> Path:
     """Adversarial prompts, their evaluation on the base model (and on `adapter`), ASR; returns <out>."""
@@ -180,7 +209,11 @@ def run_attack(cfg: Config, name: str, adapter: Path | None = None, out: Path | 
     _check(cfg, name, out)
     shared = None if name in PER_MODEL else adversarial_prompts(cfg, name, out, progress)
     for model in [None] + ([adapter] if adapter is not None else []):
-        prompts, inversion = invert(cfg, model, out, progress) if shared is None else (shared, None)
+        prompts, inversion = shared, None
+        if name == "inversion":
+            prompts, inversion = invert(cfg, model, out, progress)
+        elif name == "unlearndiff":
+            prompts = unlearn(cfg, model, out, progress)
         eval_cfg = _evaluation_config(cfg, PromptSetConfig(path=prompts), textual_inversion=inversion)
         folder = evaluate(eval_cfg, model, out / model_label(model), progress=progress)
         records = jsonl.read(folder / "records.jsonl")
