@@ -180,6 +180,7 @@ def unlearn(cfg: Config, adapter: Path | None, out: Path, progress: bool) -> Pat
     from safediff.common.trainable import trainable_for
     from safediff.evaluation.attacks.unlearndiff import UnlearnDiff
     from safediff.evaluation.generate import load_adapter, policy_with
+    from safediff.evaluation.images import load_uint8
 
     attack_cfg = cfg.evaluation.attack
     path = out / f"{model_label(adapter)}-search" / "prompts.jsonl"
@@ -195,8 +196,7 @@ def unlearn(cfg: Config, adapter: Path | None, out: Path, progress: bool) -> Pat
     attack = UnlearnDiff(policy_with(cfg, state, info).bundle, attack_cfg.unlearndiff)
     path.parent.mkdir(parents=True, exist_ok=True)
     for i, row in tqdm(todo, desc="unlearndiff search", unit="prompt", disable=not progress):
-        picture = torch.from_numpy(np.asarray(Image.open(pictures[row.case_number]).convert("RGB"))).permute(2, 0, 1)
-        found = attack.attack(row.prompt, picture, seed=attack_cfg.seed + i)
+        found = attack.attack(row.prompt, load_uint8(pictures[row.case_number]), seed=attack_cfg.seed + i)
         jsonl.append(path, [_row_record(row, found.pop("prompt"), attack_cfg.concept, **found)])
     return path
 
