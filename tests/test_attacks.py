@@ -101,7 +101,9 @@ def test_attack_command_on_the_world_resumes_and_checks_its_settings(tmp_path, w
         asr = json.loads((out / model / "asr.json").read_text())
         assert asr["prompts"] == 3 and asr["images"] == 6 and asr["judge"] == "world"
     report = (out / "report.md").read_text()
-    assert "| base | 3 |" in report and "trained-adapter - base, paired over the 3 prompts" in report
+    assert "| base | 3 |" in report and "trained-adapter - base under the attack, paired over the 3 prompts" in report
+    no_attack = json.loads((out / "base-no-attack" / "asr.json").read_text())   # the targets as they are
+    assert no_attack["prompts"] == 3 and "| trained-adapter | 3 |" in report
 
     # a search cut short resumes with the same prompts; the evaluations resume too
     (out / "prompts.jsonl").write_text("".join(prompts.splitlines(keepends=True)[:1]))
@@ -247,7 +249,8 @@ def test_unlearndiff_attack_searches_each_model_from_the_targets_base_images(tmp
                        "evaluation.attack.unlearndiff.iterations=2", "sampler.num_steps=4", "grpo.train_timesteps=4")
     adapter = random_adapter(tmp_path, cfg)
     out = run_attack(cfg, "unlearndiff", adapter, tmp_path / "att", progress=False)
-    assert len(jsonl.read(out / "targets" / "records.jsonl")) == 2   # the base model's picture of each target
+    # each target's picture: the base model's first image of it, from the no-attack evaluation
+    assert len(jsonl.read(out / "base-no-attack" / "records.jsonl")) == 4
     sources = [r.prompt for r in load_prompt_set(cfg.evaluation.attack.targets)]
     for model in ("base", "trained-adapter"):
         rows = jsonl.read(out / f"{model}-search" / "prompts.jsonl")

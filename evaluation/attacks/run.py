@@ -6,6 +6,8 @@ then a `safediff eval` of them on the base model and on the adapter, and their a
                              record (source prompt, loss, curve); a rerun searches only the rows still missing
     <out>/<model>/           the evaluation folder of the adversarial prompts on that model (`base`, or the
                              adapter's `<run>-<folder>`), with asr.json
+    <out>/<model>-no-attack/ the same for the target prompts as they are (the row an attack is measured against;
+                             not for `prompts`, whose targets are the attack)
     <out>/report.md          ASR per model with 95% intervals, and adapter - base paired over prompts
 
 <out> defaults to <run.output_dir>/attacks/<attack>-<concept>. Our adapters train the UNet only, so a text-encoder
@@ -13,13 +15,13 @@ attack (ring-a-bell) finds the same prompts whichever model it is judged on. An 
 (inversion, unlearndiff) searches once per model instead, in <out>/<model>-search/ (prompts.jsonl; inversion also
 inversion.safetensors and inversion.json with its loss curve), from the base model's pictures of the concept:
 <out>/reference/ (an evaluation folder of `inversion.reference`, judged too, so one can see the pictures show the
-concept) for inversion, <out>/targets/ (the base model's image of each target prompt) for unlearndiff.
+concept) for inversion, the base model's first image of each target prompt (in <out>/base-no-attack/) for
+unlearndiff.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +38,6 @@ from safediff.evaluation.prompt_sets import load_prompt_set
 from safediff.evaluation.report import FEW_PROMPTS
 from safediff.evaluation.run import evaluate
 
-log = logging.getLogger(__name__)
 ATTACKS = ("prompts", "ring-a-bell", "inversion", "unlearndiff")
 PER_MODEL = {"inversion", "unlearndiff"}   # attacks that search against each judged model
 JUDGE_SCORER = {"nudenet": {"nudenet"}, "q16": {"q16"}, "q16_or_nudenet": {"q16", "nudenet"}, "world": {"world"}}
@@ -175,8 +176,8 @@ def invert(cfg: Config, adapter: Path | None, out: Path, progress: bool) -> tupl
 
 def unlearn(cfg: Config, adapter: Path | None, out: Path, progress: bool) -> Path:
     """The unlearndiff attack against one model: <search>/prompts.jsonl, one row appended per target as found
-    (a rerun searches only the rest). Each target's reference picture is the base model's image of it (the
-    evaluation folder <out>/targets)."""
+    (a rerun searches only the rest). Each target's reference picture is the base model's first image of it
+    (<out>/base-no-attack, which `run_attack` evaluates first)."""
     from safediff.common.trainable import trainable_for
     from safediff.evaluation.attacks.unlearndiff import UnlearnDiff
     from safediff.evaluation.generate import load_adapter, policy_with
@@ -189,9 +190,8 @@ def unlearn(cfg: Config, adapter: Path | None, out: Path, progress: bool) -> Pat
     todo = [(i, r) for i, r in enumerate(targets) if r.case_number not in done]
     if not todo:
         return path
-    folder = evaluate(_evaluation_config(cfg, attack_cfg.targets, images_per_prompt=1), None, out / "targets",
-                      progress=progress)
-    pictures = {r["case_number"]: folder / "images" / r["image"] for r in jsonl.read(folder / "records.jsonl")}
+    pictures = {r["case_number"]: out / "base-no-attack" / "images" / r["image"]
+                for r in jsonl.read(out / "base-no-attack" / "records.jsonl") if r["j"] == 0}
     state, info = load_adapter(adapter, trainable_for(cfg)) if adapter is not None else (None, {})
     attack = UnlearnDiff(policy_with(cfg, state, info).bundle, attack_cfg.unlearndiff)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -199,6 +199,18 @@ def unlearn(cfg: Config, adapter: Path | None, out: Path, progress: bool) -> Pat
         found = attack.attack(row.prompt, load_uint8(pictures[row.case_number]), seed=attack_cfg.seed + i)
         jsonl.append(path, [_row_record(row, found.pop("prompt"), attack_cfg.concept, **found)])
     return path
+
+
+def judge(cfg: Config, prompts: PromptSetConfig, model: Path | None, folder: Path, progress: bool,
+          textual_inversion: Path | None = None) -> dict:
+    """`safediff eval` of `prompts` on `model` into `folder`, and its attack success rates (folder/asr.json)."""
+    attack_cfg = cfg.evaluation.attack
+    eval_cfg = _evaluation_config(cfg, prompts, textual_inversion=textual_inversion)
+    evaluate(eval_cfg, model, folder, progress=progress)
+    result = {**attack_success(jsonl.read(folder / "records.jsonl"), attack_cfg.judge, attack_cfg.concept,
+                               eval_cfg.evaluation.suite.bootstrap), "model": model_label(model)}
+    (folder / "asr.json").write_text(json.dumps(result, indent=1))
+    return result
 
 
 def run_attack(cfg: Config, name: str, adapter: Path | None = None, out: Path | None = None,
@@ -209,39 +221,50 @@ def run_attack(cfg: Config, name: str, adapter: Path | None = None, out: Path | 
     _check(cfg, name, out)
     shared = None if name in PER_MODEL else adversarial_prompts(cfg, name, out, progress)
     for model in [None] + ([adapter] if adapter is not None else []):
+        label = model_label(model)
+        if name != "prompts":
+            judge(cfg, attack_cfg.targets, model, out / f"{label}-no-attack", progress)
         prompts, inversion = shared, None
         if name == "inversion":
             prompts, inversion = invert(cfg, model, out, progress)
         elif name == "unlearndiff":
             prompts = unlearn(cfg, model, out, progress)
-        eval_cfg = _evaluation_config(cfg, PromptSetConfig(path=prompts), textual_inversion=inversion)
-        folder = evaluate(eval_cfg, model, out / model_label(model), progress=progress)
-        records = jsonl.read(folder / "records.jsonl")
-        result = attack_success(records, attack_cfg.judge, attack_cfg.concept, eval_cfg.evaluation.suite.bootstrap)
-        (folder / "asr.json").write_text(json.dumps({**result, "model": model_label(model)}, indent=1))
+        judge(cfg, PromptSetConfig(path=prompts), model, out / label, progress, inversion)
     (out / "report.md").write_text(report(out, name, cfg.evaluation.suite.bootstrap))
     return out
 
 
+def _rates(r: dict | None) -> str:
+    if r is None:
+        return "| - | -"
+    p, i = r["asr_prompts"], r["asr_images"]
+    few = " (few prompts)" if r["prompts"] < FEW_PROMPTS else ""
+    return (f"| {p['rate']:.3f} [{p['ci_low']:.3f}, {p['ci_high']:.3f}]{few} "
+            f"| {i['rate']:.3f} [{i['ci_low']:.3f}, {i['ci_high']:.3f}]")
+
+
 def report(out: Path, name: str, resamples: int) -> str:
-    """report.md over every model evaluated in <out>: ASR with intervals, and each adapter - base, paired."""
+    """report.md over every model evaluated in <out>: ASR with intervals without and with the attack, and each
+    adapter - base, paired over prompts."""
     meta = json.loads((out / "attack.json").read_text())
     results = {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/asr.json"))}
+    models = [k for k in results if not k.endswith("-no-attack")]
+    models = sorted(models, key=lambda k: k != "base")
+    judge_name = results[models[0]]["judge"] if models else "-"
     lines = [f"# Attack {name} on {meta['concept']}", "",
              f"Adversarial prompts: `{'<model>-search/' if name in PER_MODEL else ''}prompts.jsonl`; judge: "
-             f"{next(iter(results.values()))['judge'] if results else '-'}. ASR = share of attacked prompts with an "
-             "image the judge flags; images = share of images flagged; 95% bootstrap intervals over prompts.", "",
-             "| model | prompts | ASR (prompts) | ASR (images) |", "|---|---:|---:|---:|"]
-    for label, r in results.items():
-        p, i = r["asr_prompts"], r["asr_images"]
-        few = " (few prompts)" if r["prompts"] < FEW_PROMPTS else ""
-        lines.append(f"| {label} | {r['prompts']} | {p['rate']:.3f} [{p['ci_low']:.3f}, {p['ci_high']:.3f}]{few} | "
-                     f"{i['rate']:.3f} [{i['ci_low']:.3f}, {i['ci_high']:.3f}] |")
-    base = out / "base" / "records.jsonl"
-    for label in (k for k in results if k != "base"):
-        judge, concept = results[label]["judge"], results[label]["concept"]
-        d = paired_success(jsonl.read(base), jsonl.read(out / label / "records.jsonl"), judge, concept, resamples)
-        lines += ["", f"{label} - base, paired over the {d['prompts']} prompts: {d['delta']:+.3f} "
+             f"{judge_name}. ASR = share of attacked prompts with an image the judge flags (prompts), share of images "
+             "flagged (images); 95% bootstrap intervals over prompts. 'No attack' = the target prompts as they are.",
+             "", "| model | prompts | no attack: prompts | images | attack: prompts | images |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for label in models:
+        lines.append(f"| {label} | {results[label]['prompts']} {_rates(results.get(label + '-no-attack'))} "
+                     f"{_rates(results[label])} |")
+    for label in (k for k in models if k != "base"):
+        concept = results[label]["concept"]
+        d = paired_success(jsonl.read(out / "base" / "records.jsonl"), jsonl.read(out / label / "records.jsonl"),
+                           judge_name, concept, resamples)
+        lines += ["", f"{label} - base under the attack, paired over the {d['prompts']} prompts: {d['delta']:+.3f} "
                       f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"]
     lines += ["", "Each model's images, grids and scores: `<model>/report.md`; `safediff eval-compare <out>/base "
               "<out>/<model>` compares them metric by metric."]
