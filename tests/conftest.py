@@ -74,12 +74,14 @@ def prompt_file(tmp_path) -> Path:
 
 
 def _tiny_config(tiny_dir: Path, tmp_path: Path, prompt_file: Path, *overrides: str, model: Path | None = None):
-    """The CPU demo config pointed at the test's models, prompts and output dir."""
+    """The CPU demo config pointed at the test's models, prompts and output dir, sampling 4 steps (the demo's 10
+    cost time and test nothing more; a test's own overrides come after and win)."""
     return load_config("cpu_demo", [
         f"model.pretrained={model or tiny_dir / 'sd'}",
         f"reward.clip.model=local-dir:{tiny_dir / 'clip'}",
         f"prompts.sources=[{{path: {prompt_file}}}]",
         f"run.output_dir={tmp_path / 'runs'}",
+        "sampler.num_steps=4", "grpo.train_timesteps=4",
         *overrides,
     ])
 

@@ -29,7 +29,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 SHAPE = ("run.steps=4", "run.save_every=2", "cluster.rollout_actors=1", "cluster.learner_workers=2",
          "cluster.zero_stage=2", "cluster.max_staleness=1", "cluster.cpus_per_rollout_actor=0.5",
          "cluster.cpus_per_reward_actor=0.5", "cluster.cpus_per_learner_worker=0.5",
-         "reward.batch_max_images=8", "store.lease_ttl_s=2")
+         "reward.batch_max_images=8", "store.lease_ttl_s=2",
+         "sampler.num_steps=4", "grpo.train_timesteps=4")  # as tiny_config: the CLI run below loads cpu_demo itself
 
 
 @pytest.fixture(scope="module")

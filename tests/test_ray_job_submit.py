@@ -50,8 +50,8 @@ def test_job_submit_runs_the_cli_and_exports_metrics(head, tiny_dir, tmp_path):
         "python", "-m", "safediff.cli", "run", "--config", "deploy/configs/cpu_demo.yaml",
         f"model.pretrained={tiny_dir / 'sd'}", f"reward.clip.model=local-dir:{tiny_dir / 'clip'}",
         f"prompts.sources=[{{path: {prompts}}}]", f"run.output_dir={tmp_path / 'runs'}", "run.name=jobtest",
-        "run.steps=4", "cluster.cpus_per_rollout_actor=0.5", "cluster.cpus_per_reward_actor=0.5",
-        "cluster.cpus_per_learner_worker=0.5"]
+        "run.steps=4", "sampler.num_steps=4", "grpo.train_timesteps=4", "cluster.cpus_per_rollout_actor=0.5",
+        "cluster.cpus_per_reward_actor=0.5", "cluster.cpus_per_learner_worker=0.5"]
     for _ in range(60):  # a fresh head's job agent can take a while to come up: Ray says to try again later
         submitted = subprocess.run([RAY, "job", "submit", f"--address={dashboard}", f"--submission-id={job_id}",
                                     "--no-wait", f"--working-dir={REPO}", "--", *entrypoint], capture_output=True,

@@ -71,7 +71,7 @@ def test_sigterm_writes_a_checkpoint_and_the_cli_resumes_from_it(tiny_dir, tmp_p
     base = [sys.executable, "-m", "safediff.cli", "train", "--config", "cpu_demo",
             f"model.pretrained={tiny_dir / 'sd'}", f"reward.clip.model=local-dir:{tiny_dir / 'clip'}",
             f"prompts.sources=[{{path: {prompts}}}]", f"run.output_dir={tmp_path / 'runs'}", "run.steps=5",
-            "run.save_every=100"]
+            "run.save_every=100", "sampler.num_steps=4", "grpo.train_timesteps=4"]
     straight = subprocess.run([*base, "run.name=straight"], capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-2000:]
     run_dir = tmp_path / "runs" / "stopped"
