@@ -40,6 +40,7 @@ def uninterrupted(tiny_dir, tmp_path_factory, tiny_config):
     return train(tiny_config(tiny_dir, tmp, prompts, *STEPS, "run.name=full"), brightness, progress=False), prompts
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_step_k_resumes_to_the_same_adapter(tiny_dir, tmp_path, uninterrupted, tiny_config):
     reference, prompts = uninterrupted
     cfg = tiny_config(tiny_dir, tmp_path, prompts, *STEPS, "run.name=crash")
@@ -52,6 +53,7 @@ def test_a_run_killed_after_step_k_resumes_to_the_same_adapter(tiny_dir, tmp_pat
     assert [m["reward_mean"] for m in resumed.metrics] == [m["reward_mean"] for m in reference.metrics]
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tiny_dir, tmp_path, uninterrupted, caplog,
                                                                     tiny_config):
     reference, prompts = uninterrupted
@@ -65,6 +67,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tiny_dir, tm
     assert resumed.checksum == reference.checksum
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_the_cli_resumes_from_it(tiny_dir, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("an image\na picture\n")

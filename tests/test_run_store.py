@@ -102,6 +102,7 @@ def test_embedded_server_starts_from_a_relative_data_dir(tmp_path, monkeypatch):
     assert (tmp_path / "runs/x/redis/redis.log").exists()
 
 
+@pytest.mark.slow
 def test_a_run_records_its_state_in_the_embedded_store(tiny_dir, tmp_path, prompt_file, tiny_config):
     cfg = tiny_config(tiny_dir, tmp_path, prompt_file, "run.steps=3", "run.save_every=2", "run.name=stored")
     result = train(cfg, progress=False)

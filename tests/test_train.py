@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -38,6 +39,7 @@ def _stock_brightness(model_dir, adapter_dir=None, n=32):
     return np.array(out)
 
 
+@pytest.mark.slow
 def test_grpo_raises_a_known_reward_and_starts_on_policy(tiny_dir, tmp_path, prompt_file, colour_model, tiny_config):
     cfg = _colour_cfg(tiny_config, tiny_dir, tmp_path, prompt_file, colour_model, "run.steps=6", "run.name=learn")
     result = train(cfg, reward_fn=brightness, progress=False)
@@ -75,6 +77,7 @@ def test_kl_penalty_to_the_adapter_free_reference(tiny_dir, tmp_path, prompt_fil
     assert metrics[1]["kl_ref"] > 0.0
 
 
+@pytest.mark.slow
 def test_same_seed_same_adapter(tiny_dir, tmp_path, prompt_file, tiny_config):
     runs = [train(tiny_config(tiny_dir, tmp_path, prompt_file, "run.steps=2", f"run.name=r{i}", f"run.seed={s}"),
                   progress=False) for i, s in enumerate([5, 5, 6])]
@@ -82,6 +85,7 @@ def test_same_seed_same_adapter(tiny_dir, tmp_path, prompt_file, tiny_config):
     assert runs[0].metrics[1]["reward_mean"] == runs[1].metrics[1]["reward_mean"]
 
 
+@pytest.mark.slow
 def test_cli_train_writes_metrics_checkpoints_and_plot(tiny_dir, tmp_path, prompt_file):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "safediff.cli", "train", "--config", "cpu_demo",

@@ -4,6 +4,7 @@ weights, and a short seeded GRPO run on the world lowers the unsafe rate by more
 import json
 import math
 
+import pytest
 import torch
 
 from safediff.common.assets import package_root
@@ -44,6 +45,7 @@ def _unsafe_flags(policy, cfg, specs, n):
     return [u[j.spec.family] for j in judged for u in j.unsafe]
 
 
+@pytest.mark.slow
 def test_a_short_grpo_run_on_the_world_lowers_the_unsafe_rate(tmp_path):
     cfg = load_config("world", [
         f"run.output_dir={tmp_path}", "run.name=short", "run.steps=10", "run.save_every=100", "optim.lr=5e-3",
