@@ -59,7 +59,7 @@ class ConceptInversion:
                                  "tokens; give a word that is one token")
         if tokenizer.add_tokens([cfg.token]) != 1:
             raise UserInputError(f"evaluation.attack.inversion.token: {cfg.token!r} is already a token")
-        encoder.resize_token_embeddings(len(tokenizer))
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the row is set just below
         self.token_id = tokenizer.convert_tokens_to_ids(cfg.token)
         table = encoder.get_input_embeddings().weight
         with torch.no_grad():
