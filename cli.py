@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "on the base model and an adapter: attack success rates")
     p.add_argument("--config", type=Path, default=None, help="YAML config (evaluation.attack, evaluation.suite), or "
                    "a built-in config by name")
-    p.add_argument("--attack", required=True, help="prompts (a transferred attack set) or ring-a-bell")
+    p.add_argument("--attack", required=True, help="prompts (a transferred attack set), ring-a-bell, inversion or "
+                   "unlearndiff")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--adapter", type=Path, default=None, help="also judge these trained weights")
     which.add_argument("--run", default=None, help="also judge <run.output_dir>/<name>/adapter")
