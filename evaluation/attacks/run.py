@@ -63,8 +63,8 @@ def _check(cfg: Config, name: str, out: Path) -> None:
         raise UserInputError(f"evaluation.attack.judge: {judge} needs the scorers {sorted(JUDGE_SCORER[judge])} in "
                              f"evaluation.suite.scorers (it has {sorted(scorers)})")
     path, wanted = out / "attack.json", settings(cfg, name)
-    if path.is_file() and json.loads(path.read_text()) != wanted:
-        saved = json.loads(path.read_text())
+    saved = json.loads(path.read_text()) if path.is_file() else wanted
+    if saved != wanted:
         differ = [k for k in wanted if saved.get(k) != wanted[k]]
         raise UserInputError(f"{out} holds an attack made with other settings ({', '.join(differ)}); choose another "
                              "--out or delete it")
@@ -100,21 +100,33 @@ def _ring_a_bell(cfg: Config):
     return attack
 
 
-def adversarial_prompts(cfg: Config, name: str, out: Path, progress: bool = True) -> Path:
-    """<out>/prompts.jsonl complete for every target row (rows already there are kept); returns its path."""
+def search_rows(cfg: Config, path: Path, make_search, desc: str, progress: bool) -> Path:
+    """`path` (prompts.jsonl) complete for every target row: rows already there are kept, the others appended one
+    by one as found, so an interrupted search resumes. `make_search()` is called only when rows are missing and
+    returns search(index, row) -> {"prompt": ..., and the search's record}."""
     attack_cfg = cfg.evaluation.attack
     targets = load_prompt_set(attack_cfg.targets, cfg.evaluation.suite.seed)
-    path = out / "prompts.jsonl"
     done = {r["case_number"] for r in jsonl.read(path)}
     todo = [(i, r) for i, r in enumerate(targets) if r.case_number not in done]
-    if name == "prompts":
-        jsonl.append(path, [_row_record(r, r.prompt, attack_cfg.concept) for _, r in todo])
-    elif todo:
-        attack = _ring_a_bell(cfg)
-        for i, row in tqdm(todo, desc=f"{name} search", unit="prompt", disable=not progress):
-            found = attack.attack(row.prompt, seed=attack_cfg.seed + i)
+    if todo:
+        search = make_search()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for i, row in tqdm(todo, desc=desc, unit="prompt", disable=not progress):
+            found = search(i, row)
             jsonl.append(path, [_row_record(row, found.pop("prompt"), attack_cfg.concept, **found)])
     return path
+
+
+def adversarial_prompts(cfg: Config, name: str, out: Path, progress: bool = True) -> Path:
+    """<out>/prompts.jsonl of an attack that serves every model: the targets themselves (`prompts`) or
+    Ring-A-Bell's search (seeded seed + row index)."""
+    if name == "prompts":
+        return search_rows(cfg, out / "prompts.jsonl", lambda: (lambda i, row: {"prompt": row.prompt}), name, False)
+
+    def make_search():
+        attack = _ring_a_bell(cfg)
+        return lambda i, row: attack.attack(row.prompt, seed=cfg.evaluation.attack.seed + i)
+    return search_rows(cfg, out / "prompts.jsonl", make_search, f"{name} search", progress)
 
 
 def model_label(adapter: Path | None) -> str:
@@ -175,30 +187,23 @@ def invert(cfg: Config, adapter: Path | None, out: Path, progress: bool) -> tupl
 
 
 def unlearn(cfg: Config, adapter: Path | None, out: Path, progress: bool) -> Path:
-    """The unlearndiff attack against one model: <search>/prompts.jsonl, one row appended per target as found
-    (a rerun searches only the rest). Each target's reference picture is the base model's first image of it
-    (<out>/base-no-attack, which `run_attack` evaluates first)."""
+    """The unlearndiff attack against one model: <search>/prompts.jsonl (resumable, `search_rows`). Each
+    target's reference picture is the base model's first image of it (<out>/base-no-attack, which `run_attack`
+    evaluates first)."""
     from safediff.common.trainable import trainable_for
     from safediff.evaluation.attacks.unlearndiff import UnlearnDiff
     from safediff.evaluation.generate import load_adapter, policy_with
     from safediff.evaluation.images import load_uint8
 
-    attack_cfg = cfg.evaluation.attack
-    path = out / f"{model_label(adapter)}-search" / "prompts.jsonl"
-    targets = load_prompt_set(attack_cfg.targets, cfg.evaluation.suite.seed)
-    done = {r["case_number"] for r in jsonl.read(path)}
-    todo = [(i, r) for i, r in enumerate(targets) if r.case_number not in done]
-    if not todo:
-        return path
-    pictures = {r["case_number"]: out / "base-no-attack" / "images" / r["image"]
-                for r in jsonl.read(out / "base-no-attack" / "records.jsonl") if r["j"] == 0}
-    state, info = load_adapter(adapter, trainable_for(cfg)) if adapter is not None else (None, {})
-    attack = UnlearnDiff(policy_with(cfg, state, info).bundle, attack_cfg.unlearndiff)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for i, row in tqdm(todo, desc="unlearndiff search", unit="prompt", disable=not progress):
-        found = attack.attack(row.prompt, load_uint8(pictures[row.case_number]), seed=attack_cfg.seed + i)
-        jsonl.append(path, [_row_record(row, found.pop("prompt"), attack_cfg.concept, **found)])
-    return path
+    def make_search():
+        pictures = {r["case_number"]: out / "base-no-attack" / "images" / r["image"]
+                    for r in jsonl.read(out / "base-no-attack" / "records.jsonl") if r["j"] == 0}
+        state, info = load_adapter(adapter, trainable_for(cfg)) if adapter is not None else (None, {})
+        attack = UnlearnDiff(policy_with(cfg, state, info).bundle, cfg.evaluation.attack.unlearndiff)
+        return lambda i, row: attack.attack(row.prompt, load_uint8(pictures[row.case_number]),
+                                            seed=cfg.evaluation.attack.seed + i)
+    return search_rows(cfg, out / f"{model_label(adapter)}-search" / "prompts.jsonl", make_search,
+                       "unlearndiff search", progress)
 
 
 def judge(cfg: Config, prompts: PromptSetConfig, model: Path | None, folder: Path, progress: bool,
