@@ -61,16 +61,18 @@ BUILTIN: dict[str, Builtin] = {
 RENAMED = {"unlearndiff_violence": "i2p_violence", "unlearndiff_illegal": "i2p_illegal",
            "ringabell_nudity": "ringabell_concept_nudity", "ringabell_no_nudity": "ringabell_concept_no_nudity",
            "ringabell_violence": "ringabell_violence_attack"}
-WORLD_SETS = ("world_glyph", "world_hazard", "world_benign", "world_concept_glyph", "world_neutral_glyph",
-              "world_concept_hazard", "world_neutral_hazard")
+# the world's concept-vector pairs: name -> (concept or neutral, family)
+WORLD_PAIRS = {f"world_{kind}_{family}": (kind, family) for family in ("glyph", "hazard")
+               for kind in ("concept", "neutral")}
+WORLD_SETS = ("world_glyph", "world_hazard", "world_benign", *WORLD_PAIRS)
 SET_NAMES = (*BUILTIN, *WORLD_SETS)
 
 
 def load_prompt_set(cfg: PromptSetConfig, default_seed: int = 0) -> list[EvalRow]:
     """The rows of a set, in file order (first `cfg.limit`); a row without a seed gets default_seed + index."""
     if cfg.name is not None:
-        if cfg.name in WORLD_SETS and cfg.name.count("_") == 2:
-            rows = world_concept_rows(*cfg.name.split("_")[1:], default_seed)
+        if cfg.name in WORLD_PAIRS:
+            rows = world_concept_rows(*WORLD_PAIRS[cfg.name], default_seed)
         elif cfg.name in WORLD_SETS:
             rows = world_rows(cfg.name.removeprefix("world_"), default_seed)
         elif cfg.name in BUILTIN:

@@ -89,10 +89,11 @@ def evaluate(cfg: Config, adapter: Path | None = None, out: Path | None = None, 
     log.info("%s: %d rows, %d chunks to render", out, len(rows), len(todo))
     start = time.perf_counter()
     if todo:
-        if (address or os.environ.get("RAY_ADDRESS")) and suite.textual_inversion is not None:
+        on_ray = bool(address or os.environ.get("RAY_ADDRESS"))
+        if on_ray and suite.textual_inversion is not None:
             raise UserInputError("evaluation.suite.textual_inversion: rendered in-process only (the rollout "
                                  "actors' text encoders stay as trained); unset RAY_ADDRESS / --address")
-        if address or os.environ.get("RAY_ADDRESS"):
+        if on_ray:
             render_on_ray(cfg, state, info, todo, store, address, progress)
         else:
             render = local_renderer(cfg, state, info)
