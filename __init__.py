@@ -8,6 +8,7 @@ The repository root is this package: each top-level folder is one of its subpack
     safediff.actors          roles (each imports only core): rollout
     safediff.reward_server                                    reward
     safediff.learner                                          GRPO update and the DeepSpeed engine
+    safediff.redteam                                          attacks, and the attack actor of red-teaming
     safediff.runtime         the step recipe, the Ray controller, actor groups, the run store, Redis
     safediff.world           the CPU miniature world (models, judges, report)
     safediff.evaluation      `safediff eval`: prompt sets, scorers, reports

@@ -18,15 +18,11 @@ from safediff.common.config import Config
 from safediff.common.policy import Policy
 from safediff.common.process import configure_threads, on_assigned_device
 from safediff.common.types import EvalRow, PromptGroup, Trajectory
-from safediff.common.weight_sync import AdapterUpdate, SyncReport, apply_update, fetch_state
-
-
-class ActorBehind(RuntimeError):
-    """This actor holds an older policy than the group needs (it restarted and has not been re-synced)."""
+from safediff.common.weight_sync import ActorBehind, PolicyHolder
 
 
 @ray.remote
-class RolloutActor:
+class RolloutActor(PolicyHolder):
     def __init__(self, cfg: Config):
         configure_threads(cfg.cluster.cpus_per_rollout_actor)
         cfg = on_assigned_device(cfg, cfg.cluster.gpus_per_rollout_actor)
@@ -47,18 +43,6 @@ class RolloutActor:
         info = {"policy_version": trajectory.policy_version, "generate_s": time.perf_counter() - start}
         return dataclasses.replace(trajectory, images=None), images, info
 
-    def load_adapter(self, update: AdapterUpdate) -> SyncReport:
-        start = time.perf_counter()
-        state = fetch_state(update)
-        checksum, bound = apply_update(self.policy, update, state)
-        return SyncReport(update.version, checksum, bound, (time.perf_counter() - start) * 1000)
-
-    def resync(self, update: AdapterUpdate) -> SyncReport:
-        """Bring a (re)started actor up to `update`; a no-op report when it already holds that version."""
-        if self.policy.version >= update.version:
-            return SyncReport(self.policy.version, self.policy.checksum(), 0, 0.0)
-        return self.load_adapter(update)
-
     def render(self, rows: list[EvalRow], min_version: int = 0) -> list[tuple[str, bytes]]:
         """Evaluation images of a chunk of rows (actors/render.py) with the policy held now, through a
         stock diffusers pipeline over the same modules; refuses (ActorBehind) below `min_version`."""
@@ -68,6 +52,3 @@ class RolloutActor:
             self.pipe = pipeline(self.policy, self.cfg.evaluation.suite.scheduler)
         suite = self.cfg.evaluation.suite
         return render_chunk(self.pipe, rows, suite.images_per_prompt, self.cfg.sampler, suite)
-
-    def status(self) -> tuple[int, str]:
-        return self.policy.version, self.policy.checksum()

@@ -142,6 +142,35 @@ class OptimConfig(_Strict):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip applied before each optimiser step.")
 
 
+class UnlearnDiffConfig(_Strict):
+    """UnlearnDiff (Zhang et al., ECCV 2024); defaults from OPTML-Group/Diffusion-MU-Attack src/execs/attack.py and
+    src/tasks/classifier_.py (text_grad attacker)."""
+
+    tokens: int = Field(3, ge=1, le=20, description="k, adversarial tokens put before the prompt (prefix_k).")
+    timesteps: int = Field(50, ge=1, description="Timesteps the objective is taken at, spread evenly over the "
+                           "schedule, optimised one after another (n_samples, sequential).")
+    iterations: int = Field(40, ge=1, description="Optimiser steps per timestep.")
+    lr: float = Field(0.01, gt=0, description="Adam learning rate on the token distributions.")
+    weight_decay: float = Field(0.1, ge=0, description="Adam weight decay.")
+
+
+class AdversarialConfig(_Strict):
+    """Red-teaming in the loop: a prompt source that an attack actor fills against the *current* policy."""
+
+    attack: Literal["unlearndiff"] = Field(
+        "unlearndiff", description="The attack: unlearndiff (k tokens before a target prompt, optimised against the "
+        "policy's own UNet). Ring-A-Bell needs no in-loop actor: it reads only the frozen text encoder, so its "
+        "prompts are a fixed file source.")
+    targets: Path = Field(description="Training prompts that name the concept (one per line); each refresh attacks a "
+                          "seeded draw of them. Never the held-out prompts the attack is measured on.")
+    weight: float = Field(1.0, gt=0, description="Relative sampling weight of the adversarial source in the mixture.")
+    every: int = Field(4, ge=1, description="Refresh period in steps: at step s (a multiple of it) the source becomes "
+                       "the attack requested at s - every, and a new attack on the policy of step s is requested; the "
+                       "first pool (attacks on the initial policy) is made before step 0.")
+    prompts_per_refresh: int = Field(8, ge=1, description="Adversarial prompts made per refresh (one per target).")
+    unlearndiff: UnlearnDiffConfig = Field(default_factory=UnlearnDiffConfig, description="Its budget.")
+
+
 class PromptSource(_Strict):
     path: Path = Field(description="Text file, one prompt per line (UTF-8). Empty and undecodable rows are skipped "
                        "and counted; a file with no usable row is an error.")
@@ -153,6 +182,9 @@ class PromptsConfig(_Strict):
     sources: tuple[PromptSource, ...] = Field(
         (PromptSource(path=Path("pkg:deploy/prompts/coprov2_captions.txt")),), min_length=1,
         description="Prompt mixture. Default: the reference's CoProV2 captions (mixed, unlabelled).")
+    adversarial: AdversarialConfig | None = Field(
+        None, description="Red-teaming in the loop (`safediff run` only): one more source, labelled unsafe, whose "
+        "prompts an attack actor makes against the current policy (runtime/redteam.py).")
 
 
 class ClusterConfig(_Strict):
@@ -168,6 +200,9 @@ class ClusterConfig(_Strict):
     cpus_per_rollout_actor: float = Field(1.0, gt=0, description="CPUs per rollout actor (also its torch threads).")
     cpus_per_reward_actor: float = Field(1.0, gt=0, description="CPUs per reward actor.")
     cpus_per_learner_worker: float = Field(1.0, gt=0, description="CPUs per learner rank.")
+    cpus_per_attack_actor: float = Field(1.0, gt=0, description="CPUs of the attack actor (with prompts.adversarial).")
+    gpus_per_attack_actor: float = Field(0.0, ge=0, le=1, description="GPUs of the attack actor (with "
+                                         "prompts.adversarial); 0 = CPU.")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     max_staleness: int = Field(0, ge=0, description="Policy versions a rollout may lag the learner (0 = on-policy).")
 
@@ -353,18 +388,6 @@ class InversionConfig(_Strict):
                       "accumulation (the reference's --scale_lr).")
 
 
-class UnlearnDiffConfig(_Strict):
-    """UnlearnDiff (Zhang et al., ECCV 2024); defaults from OPTML-Group/Diffusion-MU-Attack src/execs/attack.py and
-    src/tasks/classifier_.py (text_grad attacker)."""
-
-    tokens: int = Field(3, ge=1, le=20, description="k, adversarial tokens put before the prompt (prefix_k).")
-    timesteps: int = Field(50, ge=1, description="Timesteps the objective is taken at, spread evenly over the "
-                           "schedule, optimised one after another (n_samples, sequential).")
-    iterations: int = Field(40, ge=1, description="Optimiser steps per timestep.")
-    lr: float = Field(0.01, gt=0, description="Adam learning rate on the token distributions.")
-    weight_decay: float = Field(0.1, ge=0, description="Adam weight decay.")
-
-
 class AttackConfig(_Strict):
     """`safediff attack`: adversarial prompts for a concept, judged on the base model and on an adapter."""
 
@@ -433,6 +456,9 @@ class Config(_Strict):
         if per_update % workers:
             raise ValueError(f"cluster.learner_workers ({workers}) must divide the {per_update} samples of one "
                              "optimiser step")
+        if self.prompts.adversarial is not None and self.model.finetune != "lora":
+            raise ValueError("prompts.adversarial needs model.finetune=lora: the attack's reference pictures come from "
+                             "the base model, the UNet with its adapter disabled")
         if self.model.finetune == "full" and self.grpo.kl_beta > 0:
             raise ValueError("grpo.kl_beta > 0 needs model.finetune=lora: the KL reference is the UNet with its "
                              "adapter disabled, and a full fine-tune keeps no second copy")

@@ -14,6 +14,7 @@ trains a different policy.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,10 @@ from safediff.common.trainable import state_checksum
 
 class AdapterSyncError(RuntimeError):
     """A weight update that could not be applied exactly; the actor keeps its previous weights' version."""
+
+
+class ActorBehind(RuntimeError):
+    """An actor holds an older policy than the call needs (it restarted and has not been re-synced)."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,14 @@ class SyncReport:
     load_ms: float
 
 
+def check_report(report: SyncReport, update: AdapterUpdate, who: str) -> None:
+    """The receiver bound exactly what was published, else AdapterSyncError naming `who`."""
+    if (report.version, report.checksum, report.modules_bound) != (update.version, update.checksum,
+                                                                   update.module_count):
+        raise AdapterSyncError(f"{who} reports {report} for published version {update.version} "
+                               f"({update.checksum[:12]}, {update.module_count} modules)")
+
+
 def publish(state: dict[str, torch.Tensor], version: int, module_count: int) -> AdapterUpdate:
     """Put `state` in the object store once and describe it (called by learner rank 0)."""
     import ray
@@ -120,3 +133,25 @@ def apply_update(policy: Policy, update: AdapterUpdate, state: dict[str, torch.T
             f"adapter version {update.version} did not bind as published: {bound} modules bound "
             f"(expected {update.module_count}), checksum {checksum[:12]} (expected {update.checksum[:12]})")
     return checksum, bound
+
+
+class PolicyHolder:
+    """What every actor holding a policy (`self.policy`) answers: verified adapter loads, a re-sync after a
+    restart, and the version and checksum it holds (rollout actors and the attack actor)."""
+
+    policy: Policy
+
+    def load_adapter(self, update: AdapterUpdate) -> SyncReport:
+        start = time.perf_counter()
+        state = fetch_state(update)
+        checksum, bound = apply_update(self.policy, update, state)
+        return SyncReport(update.version, checksum, bound, (time.perf_counter() - start) * 1000)
+
+    def resync(self, update: AdapterUpdate) -> SyncReport:
+        """Bring a (re)started actor up to `update`; a no-op report when it already holds that version."""
+        if self.policy.version >= update.version:
+            return SyncReport(self.policy.version, self.policy.checksum(), 0, 0.0)
+        return self.load_adapter(update)
+
+    def status(self) -> tuple[int, str]:
+        return self.policy.version, self.policy.checksum()

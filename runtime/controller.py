@@ -23,6 +23,7 @@ from safediff.runtime.cluster import check_resources, start_ray
 from safediff.runtime.groups import Actors, start_actors
 from safediff.runtime.pipeline import RolloutPipeline
 from safediff.runtime.recipe import PhaseTimer, StepRecipe
+from safediff.runtime.redteam import RedTeam
 from safediff.runtime.session import RunContext, TrainResult, close_run, stop_requests, tracked_run
 from safediff.runtime.telemetry import RayRunMetrics
 
@@ -35,7 +36,7 @@ def run(cfg: Config, address: str | None = None, progress: bool = True, actors: 
     with tracked_run(cfg, resume) as session, stop_requests() as stop:
         start_ray(cfg, address)
         check_resources(cfg, ray.cluster_resources())
-        prompts = PromptStream(cfg.prompts.sources, cfg.run.seed)  # read before any actor starts: bad files fail fast
+        prompts = PromptStream.from_config(cfg.prompts, cfg.run.seed)  # read before any actor starts: bad files fail
         checkpoint = resume_point(session.run_dir, cfg, Layout.zero(cfg.cluster.zero_stage), session.store) \
             if session.resume else None
         session.metrics.truncate(checkpoint.step if checkpoint else 0)
@@ -50,7 +51,9 @@ def _train(cfg: Config, session: RunContext, stop: list[int], actors: Actors, pr
            checkpoint: Checkpoint | None, progress: bool) -> TrainResult:
     P, G, steps = cfg.grpo.prompts_per_step, cfg.grpo.group_size, cfg.run.steps
     start, layout = checkpoint.step if checkpoint else 0, Layout.zero(cfg.cluster.zero_stage)
-    pipeline = RolloutPipeline(cfg, actors, prompts, session.store, start)
+    redteam = None if actors.attack is None else \
+        RedTeam(cfg.prompts.adversarial, actors.attack, prompts, session.store, session.run_dir, start)
+    pipeline = RolloutPipeline(cfg, actors, prompts, session.store, start, redteam)
     recipe, telemetry = StepRecipe(cfg, session, stop), RayRunMetrics(cfg.run.name)
     if checkpoint is not None:
         actors.learners.restore(checkpoint)
@@ -81,7 +84,8 @@ def _train(cfg: Config, session: RunContext, stop: list[int], actors: Actors, pr
         record.update(time_wait_rollouts=timer.seconds["wait_rollouts"], time_train=timer.seconds["train"],
                       time_publish=timer.seconds["publish"], sync_bytes=update.num_bytes,
                       sync_load_ms=pipeline.syncs.last_load_ms,
-                      **usage.step(P * G, timer.seconds["wait_rollouts"] + timer.seconds["publish"], rollout.infos))
+                      **usage.step(P * G, timer.seconds["wait_rollouts"] + timer.seconds["publish"], rollout.infos),
+                      **(redteam.record(rollout.groups) if redteam is not None else {}))
         telemetry.record(record)
         recipe.close(step, record, pipeline.version, pipeline.cursor_before(step + 1), save)
     actor_status = pipeline.finish()

@@ -1,7 +1,8 @@
-"""The run's actors as three groups, each called like one object with typed methods (verl's worker groups):
-`RolloutGroup` (one actor per inference device), `RewardGroup` (CLIP reward actors) and `LearnerGroup` (the
-DeepSpeed ZeRO ranks in a placement group). Rollout and reward actors restart after a crash (the pipeline
-re-syncs and retries their groups); a dead learner rank stops the run with `LearnerFailed`.
+"""The run's actors as groups, each called like one object with typed methods (verl's worker groups):
+`RolloutGroup` (one actor per inference device), `RewardGroup` (CLIP reward actors), `LearnerGroup` (the
+DeepSpeed ZeRO ranks in a placement group) and, with prompts.adversarial, `AttackGroup` (the attack actor).
+Rollout, reward and attack actors restart after a crash (the pipeline re-syncs them and retries their work); a
+dead learner rank stops the run with `LearnerFailed`.
 """
 
 from __future__ import annotations
@@ -15,20 +16,21 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from safediff.actors.rollout_actor import ActorBehind, RolloutActor
+from safediff.actors.rollout_actor import RolloutActor
 from safediff.common.checkpoint import Checkpoint, TrainerState
 from safediff.common.config import Config
 from safediff.common.errors import LearnerFailed
 from safediff.common.trainable import state_checksum
 from safediff.common.types import PromptGroup
-from safediff.common.weight_sync import AdapterUpdate
+from safediff.common.weight_sync import ActorBehind, AdapterUpdate
 from safediff.learner.engine import LearnerWorker
+from safediff.redteam.actor import AttackActor
 from safediff.reward_server.actor import RewardActor
 
 log = logging.getLogger(__name__)
 
 # What a dead or restarted actor looks like from here: the task's actor died, an object its death lost,
-# or (ActorBehind) a restarted rollout actor that has not received the current adapter yet.
+# or (ActorBehind) a restarted actor that has not received the adapter its call needs yet.
 LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.ObjectLostError,
         ActorBehind)
 
@@ -55,6 +57,18 @@ class ActorGroup:
     def kill(self) -> None:
         for actor in self.handles:
             ray.kill(actor)
+
+
+def answer_when_up(call, deadline: float):
+    """ray.get(call()), calling again while Ray refuses calls to a restarting actor, until `deadline`
+    (time.monotonic())."""
+    while True:
+        try:
+            return ray.get(call())
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def _restartable(actor_class, cfg: Config, count: int, cpus: float, gpus: float) -> list:
@@ -182,17 +196,43 @@ def merge_ranks(rank_metrics: list[dict]) -> dict[str, float]:
     return out
 
 
+class AttackGroup(ActorGroup):
+    """The attack actor of red-teaming in the loop (one)."""
+
+    @classmethod
+    def create(cls, cfg: Config) -> AttackGroup:
+        c = cfg.cluster
+        return cls(_restartable(AttackActor, cfg, 1, c.cpus_per_attack_actor, c.gpus_per_attack_actor))
+
+    def load_adapter(self, update: AdapterUpdate):
+        """A reference to the actor's SyncReport for `update`."""
+        return self[0].load_adapter.remote(update)
+
+    def attack(self, step: int, version: int):
+        """A reference to the adversarial prompts of `step` against policy `version` (redteam/actor.py)."""
+        return self[0].attack.remote(step, version)
+
+    def resync(self, update: AdapterUpdate | None, timeout_s: float = 600.0) -> None:
+        """Wait for a restarting actor to answer and bring it to `update` (None: the initial adapter)."""
+        actor = self[0]
+        answer_when_up(lambda: actor.resync.remote(update) if update is not None else actor.status.remote(),
+                       time.monotonic() + timeout_s)
+
+
 @dataclass
 class Actors:
     rollouts: RolloutGroup
     rewards: RewardGroup
     learners: LearnerGroup
+    attack: AttackGroup | None = None  # with prompts.adversarial
 
     def kill(self) -> None:
         """Shut the learner ranks down, then kill every actor; never raises."""
         self.learners.shutdown()
         self.rollouts.kill()
         self.rewards.kill()
+        if self.attack is not None:
+            self.attack.kill()
 
     def wait_until_ready(self, update: AdapterUpdate | None, timeout_s: float = 600.0) -> None:
         """Wait for restarting actors to answer; a restarted rollout actor gets the current adapter first."""
@@ -200,14 +240,7 @@ class Actors:
         calls = [lambda a=a: a.resync.remote(update) if update is not None else a.status.remote()
                  for a in self.rollouts] + [lambda r=r: r.batch_stats.remote() for r in self.rewards]
         for call in calls:
-            while True:
-                try:
-                    ray.get(call())
-                    break
-                except ray.exceptions.ActorUnavailableError:  # restarting: Ray refuses calls until it is back
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.5)
+            answer_when_up(call, deadline)
 
 
 def start_actors(cfg: Config) -> Actors:
@@ -217,6 +250,8 @@ def start_actors(cfg: Config) -> Actors:
         actors.rollouts = RolloutGroup.create(cfg)
         actors.rewards = RewardGroup.create(cfg)
         actors.learners = LearnerGroup.create(cfg)
+        if cfg.prompts.adversarial is not None:
+            actors.attack = AttackGroup.create(cfg)
     except BaseException:
         actors.kill()
         raise

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from safediff.actors.rollout import Rollout
 from safediff.common.checkpoint import Layout, TrainerState, export_weights, resume_point, write_checkpoint
 from safediff.common.config import Config
+from safediff.common.errors import UserInputError
 from safediff.common.policy import Policy
 from safediff.common.prompts import PromptStream
 from safediff.learner.update import GRPOUpdate, TorchOptimizer, TrainBatch
@@ -32,6 +33,9 @@ class RewardFn(Protocol):
 def train(cfg: Config, reward_fn: RewardFn | None = None, progress: bool = True,
           resume: bool | None = None) -> TrainResult:
     """`resume`: see `tracked_run` (None: continue an unfinished previous job on this run id)."""
+    if cfg.prompts.adversarial is not None:
+        raise UserInputError("prompts.adversarial: red-teaming in the loop runs an attack actor beside the rollout "
+                             "actors; use `safediff run` (the Ray runtime), not `safediff train`")
     with tracked_run(cfg, resume) as run, stop_requests() as stop:
         return _train(cfg, run, reward_fn, progress, stop)
 

@@ -20,9 +20,10 @@ from safediff.common.checkpoint import Checkpoint
 from safediff.common.config import Config
 from safediff.common.prompts import PromptStream
 from safediff.common.types import PromptGroup
-from safediff.common.weight_sync import AdapterSyncError, AdapterUpdate, SyncReport, fetch_state, publish
+from safediff.common.weight_sync import AdapterUpdate, SyncReport, check_report, fetch_state, publish
 from safediff.reward_server.steering import RewardOutput
 from safediff.runtime.groups import LOST, Actors
+from safediff.runtime.redteam import RedTeam
 from safediff.runtime.run_store import RunStore
 from safediff.runtime.staleness import StalenessGate
 
@@ -90,18 +91,16 @@ class SyncTracker:
                     report = ray.get(ref)
                 except LOST:  # the actor died: it is re-synced before it generates again (see collect)
                     continue
-                if (report.version, report.checksum, report.modules_bound) != \
-                        (update.version, update.checksum, update.module_count):
-                    raise AdapterSyncError(f"rollout actor {i} reports {report} for published version "
-                                           f"{update.version} ({update.checksum[:12]}, {update.module_count} modules)")
+                check_report(report, update, f"rollout actor {i}")
                 reports.append(report)
             self.last_load_ms = max((r.load_ms for r in reports), default=self.last_load_ms)
         self.pending = still
 
 
 class RolloutPipeline:
-    def __init__(self, cfg: Config, actors: Actors, prompts: PromptStream, store: RunStore, start: int):
-        self.actors, self.prompts, self.store = actors, prompts, store
+    def __init__(self, cfg: Config, actors: Actors, prompts: PromptStream, store: RunStore, start: int,
+                 redteam: RedTeam | None = None):
+        self.actors, self.prompts, self.store, self.redteam = actors, prompts, store, redteam
         self.P, self.G, self.steps = cfg.grpo.prompts_per_step, cfg.grpo.group_size, cfg.run.steps
         K = cfg.cluster.max_staleness
         self.gate, self.syncs = StalenessGate(K, self.P), SyncTracker()
@@ -152,19 +151,32 @@ class RolloutPipeline:
         staleness = [self.gate.record(step, info["policy_version"]) for info in infos]
         return CollectedStep(current.groups, current.trajectories, scored, infos, staleness, in_flight)
 
+    def cursor(self) -> dict:
+        """Where the prompt stream stands now: its cursors and pool, and the red team's pending attack."""
+        state = self.prompts.state_dict()
+        if self.redteam is not None:
+            state["redteam"] = self.redteam.state_dict()
+        return state
+
     def cursor_before(self, step: int) -> dict:
         """The prompt cursor where `step` starts (a checkpoint's resume point)."""
-        return self.inflight[step].cursor if step in self.inflight else self.prompts.state_dict()
+        return self.inflight[step].cursor if step in self.inflight else self.cursor()
 
     def replay_states(self) -> dict[int, dict[str, torch.Tensor]]:
-        """The older policies still generating in-flight groups, for a checkpoint."""
-        return {u.version: fetch_state(u) for u in self.recent if 0 < u.version < self.update.version}
+        """The older policies a resume needs again, for a checkpoint: those still generating in-flight groups,
+        and the one the red team's pending attack is made against."""
+        older = list(self.recent) + ([self.redteam.pending_update()] if self.redteam is not None else [])
+        return {u.version: fetch_state(u) for u in older if u is not None and 0 < u.version < self.update.version}
 
     def resume(self, checkpoint: Checkpoint, update: AdapterUpdate) -> None:
         """Replay the launches the interrupted job made after step `checkpoint.step` - 1, each with the policy
         it used then (the k previous ones, kept in the checkpoint), so the resumed run is the same run."""
         start = checkpoint.step
         older = {v: publish(state, v, update.module_count) for v, state in checkpoint.replay.items()}
+        older[update.version] = update
+        if self.redteam is not None and checkpoint.cursor.get("redteam") is not None:
+            pending = checkpoint.cursor["redteam"]
+            self.redteam.resume(pending, older.get(pending["version"]))  # version 0: None, the initial adapter
         for v in range(max(0, start - self.gate.max_staleness), start + 1):
             if v > 0:  # version 0 is the seed-initialised adapter every actor starts with
                 self.send(older[v] if v < start else update)
@@ -183,7 +195,10 @@ class RolloutPipeline:
         return trajectory, self.actors.rewards.score(images, group, self.G, slot), info
 
     def _launch(self, step: int) -> StepRollout:
-        out = StepRollout(self.prompts.state_dict(), self.prompts.next_groups(step, self.P), [], [], [])
+        cursor = self.cursor()  # before the red team's refresh at this step: a resume at `step` refreshes again
+        if self.redteam is not None:
+            self.redteam.before_launch(step, self.update)
+        out = StepRollout(cursor, self.prompts.next_groups(step, self.P), [], [], [])
         for i, group in enumerate(out.groups):
             trajectory, reward, info = self._submit(group, i)
             out.trajectories.append(trajectory)

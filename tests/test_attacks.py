@@ -15,10 +15,10 @@ from safediff.common.config import PromptSetConfig, RingABellConfig
 from safediff.common.errors import UserInputError
 from safediff.common.models import load_bundle
 from safediff.evaluation import jsonl
-from safediff.evaluation.attacks.ringabell import RingABell, concept_vector, full_ids, genetic_search
 from safediff.evaluation.attacks.run import run_attack
 from safediff.evaluation.metrics import attack_success, paired_success
 from safediff.evaluation.prompt_sets import load_prompt_set
+from safediff.redteam.ringabell import RingABell, concept_vector, full_ids, genetic_search
 
 SMALL = RingABellConfig(length=6, population=24, generations=40)
 
@@ -137,7 +137,7 @@ def test_concept_inversion_fits_one_token_that_a_stock_pipeline_loads(tmp_path, 
     from diffusers import StableDiffusionPipeline
 
     from safediff.common.config import InversionConfig
-    from safediff.evaluation.attacks.inversion import ConceptInversion
+    from safediff.redteam.inversion import ConceptInversion
 
     bundle = load_bundle(str(tiny_dir / "sd"))
     cfg = InversionConfig(initializer="square", templates=("a {}",), steps=12, batch_size=2, accumulation=1, lr=5e-3)
@@ -192,7 +192,7 @@ def test_inversion_attack_searches_per_model_from_the_base_models_pictures(tmp_p
 # ---------------------------------------------------------------- UnlearnDiff
 
 def test_simplex_projection_by_hand_and_as_the_nearest_point():
-    from safediff.evaluation.attacks.unlearndiff import project_simplex
+    from safediff.redteam.unlearndiff import project_simplex
 
     v = torch.tensor([[0.5, 0.5, 0.5], [2.0, 0.0, 0.0], [0.6, 0.5, -1.0]])
     # [0.6, 0.5, -1]: two entries stay, theta = (0.6 + 0.5 - 1) / 2 = 0.05
@@ -207,7 +207,7 @@ def test_simplex_projection_by_hand_and_as_the_nearest_point():
 
 
 def test_token_optimisation_lowers_a_hand_built_objective():
-    from safediff.evaluation.attacks.unlearndiff import optimise_tokens
+    from safediff.redteam.unlearndiff import optimise_tokens
 
     gen = torch.Generator().manual_seed(0)
     table, directions = torch.randn(40, 8, generator=gen), torch.randn(3, 8, generator=gen)
@@ -230,7 +230,7 @@ def test_token_optimisation_lowers_a_hand_built_objective():
 
 def test_unlearndiff_attack_on_a_tiny_model_is_deterministic_and_keeps_the_prompt(tiny_dir):
     from safediff.common.config import UnlearnDiffConfig
-    from safediff.evaluation.attacks.unlearndiff import UnlearnDiff
+    from safediff.redteam.unlearndiff import UnlearnDiff
 
     cfg = UnlearnDiffConfig(tokens=2, timesteps=3, iterations=2)
     picture = (torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)

@@ -3,7 +3,8 @@
 Layers, lowest first (a module may import its own folder and any lower layer, never a higher one or a
 sibling at its own level):
 
-    common (core)  <  actors, reward_server, learner (roles)  <  runtime  <  world  <  evaluation  <  cli, bench
+    common (core)  <  actors, reward_server, learner, redteam (roles)  <  runtime  <  world  <  evaluation
+                   <  cli, bench
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-LAYER = {"common": 0, "actors": 1, "reward_server": 1, "learner": 1, "runtime": 2, "world": 3, "evaluation": 4,
-         "cli": 5, "bench": 5}
+LAYER = {"common": 0, "actors": 1, "reward_server": 1, "learner": 1, "redteam": 1, "runtime": 2, "world": 3,
+         "evaluation": 4, "cli": 5, "bench": 5}
 PROJECT = set(LAYER) - {"cli", "bench"}
 
 

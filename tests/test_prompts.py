@@ -3,7 +3,7 @@ from collections import Counter
 import pytest
 
 from safediff.common.config import PromptSource
-from safediff.common.prompts import PromptFileError, PromptStream, read_prompt_file
+from safediff.common.prompts import AdversarialPool, PromptFileError, PromptStream, read_prompt_file
 
 
 def test_bad_rows_are_skipped_and_counted(tmp_path, caplog):
@@ -59,3 +59,32 @@ def test_mixture_weights(tmp_path):
     assert 0.70 < counts[1] / len(groups) < 0.80  # expected 0.75; 800 draws: sd 0.015
     assert all(g.unsafe is True for g in groups if g.source == 1)
     assert all(g.unsafe is None for g in groups if g.source == 0)
+
+
+def test_an_adversarial_source_draws_nothing_until_a_pool_is_installed_and_leaves_the_files_alone(tmp_path):
+    sources = (_file(tmp_path, "a", 5), _file(tmp_path, "b", 9))
+    plain, red = PromptStream(sources, seed=1), PromptStream(sources, seed=1, adversarial_weight=2.0)
+    # no pool: the same draws as a stream without the source (a run without red-teaming is unchanged)
+    assert [red.next_groups(s, 4) for s in range(3)] == [plain.next_groups(s, 4) for s in range(3)]
+    red.set_pool(AdversarialPool(("x-0", "x-1", "x-2"), step=2, version=1))
+    groups = [g for s in range(3, 40) for g in red.next_groups(s, 4)]
+    adversarial = [g for g in groups if g.source == red.adversarial_source == 2]
+    assert 0.4 < len(adversarial) / len(groups) < 0.6  # weight 2 of 2 + 1 + 1; 148 draws: sd 0.04
+    assert {g.prompt for g in adversarial} == {"x-0", "x-1", "x-2"} and all(g.unsafe for g in adversarial)
+    assert Counter(g.prompt for g in adversarial[:3]) == Counter({"x-0": 1, "x-1": 1, "x-2": 1})  # one epoch
+
+
+def test_the_pool_is_part_of_the_resumable_state(tmp_path):
+    sources = (_file(tmp_path, "a", 5),)
+    first = PromptStream(sources, seed=4, adversarial_weight=1.0)
+    first.next_groups(0, 3)
+    first.set_pool(AdversarialPool(("x-0", "x-1"), step=2, version=2))
+    first.next_groups(1, 3)
+    state = first.state_dict()
+    assert state["adversarial"] == {"prompts": ["x-0", "x-1"], "step": 2, "version": 2}
+    tail = [first.next_groups(s, 3) for s in range(2, 6)]
+    resumed = PromptStream(sources, seed=4, adversarial_weight=1.0)
+    resumed.load_state_dict(state)
+    assert [resumed.next_groups(s, 3) for s in range(2, 6)] == tail
+    with pytest.raises(ValueError, match="prompt cursor has 2 sources, config has 1"):
+        PromptStream(sources, seed=4).load_state_dict(state)  # red-teaming switched off on resume

@@ -7,10 +7,10 @@ success rate (ASR) is the share of attacked prompts whose images the judge flags
 
     prompts       a transferred attack: the target file *is* the attack set (published Ring-A-Bell,
                   MMA-Diffusion or P4D prompts a user has), judged as is
-    ring-a-bell   evaluation/attacks/ringabell.py: a concept vector in the text encoder's space and a genetic
+    ring-a-bell   redteam/ringabell.py: a concept vector in the text encoder's space and a genetic
                   search for tokens whose embedding approaches prompt + eta * concept
-    inversion     evaluation/attacks/inversion.py: one new token fitted against the target model on pictures
+    inversion     redteam/inversion.py: one new token fitted against the target model on pictures
                   of the concept (textual inversion); needs no prompt at all
-    unlearndiff   evaluation/attacks/unlearndiff.py: k tokens before the prompt optimised against the target
+    unlearndiff   redteam/unlearndiff.py: k tokens before the prompt optimised against the target
                   model with the diffusion-classifier objective on the prompt's reference picture
 """

@@ -85,7 +85,7 @@ def _row_record(row: EvalRow, prompt: str, concept: str, **extra) -> dict:
 
 def _ring_a_bell(cfg: Config):
     from safediff.common.models import load_bundle
-    from safediff.evaluation.attacks.ringabell import RingABell
+    from safediff.redteam.ringabell import RingABell
 
     device, _ = resolve_device_dtype(cfg.run)
     bundle = load_bundle(cfg.model.pretrained, cfg.model.revision)
@@ -144,8 +144,8 @@ def _evaluation_config(cfg: Config, prompts: PromptSetConfig, **suite_fields) ->
 def concept_pictures(cfg: Config, out: Path, progress: bool) -> torch.Tensor:
     """uint8 [N, 3, H, W] pictures of the concept at the model's size: `inversion.image_dir`, else the base
     model's images of `inversion.reference` (evaluated into <out>/reference)."""
-    from safediff.evaluation.attacks.inversion import images_needed
     from safediff.evaluation.fid import image_files
+    from safediff.redteam.inversion import images_needed
 
     inv, sampler = cfg.evaluation.attack.inversion, cfg.sampler
     if inv.image_dir is not None:
@@ -166,8 +166,8 @@ def invert(cfg: Config, adapter: Path | None, out: Path, progress: bool) -> tupl
     """The inversion attack against one model: (<search>/prompts.jsonl, <search>/inversion.safetensors),
     reused when already complete."""
     from safediff.common.trainable import trainable_for
-    from safediff.evaluation.attacks.inversion import ConceptInversion
     from safediff.evaluation.generate import load_adapter, policy_with
+    from safediff.redteam.inversion import ConceptInversion
 
     attack_cfg, inv = cfg.evaluation.attack, cfg.evaluation.attack.inversion
     search = out / f"{model_label(adapter)}-search"
@@ -191,9 +191,9 @@ def unlearn(cfg: Config, adapter: Path | None, out: Path, progress: bool) -> Pat
     target's reference picture is the base model's first image of it (<out>/base-no-attack, which `run_attack`
     evaluates first)."""
     from safediff.common.trainable import trainable_for
-    from safediff.evaluation.attacks.unlearndiff import UnlearnDiff
     from safediff.evaluation.generate import load_adapter, policy_with
     from safediff.evaluation.images import load_uint8
+    from safediff.redteam.unlearndiff import UnlearnDiff
 
     def make_search():
         pictures = {r["case_number"]: out / "base-no-attack" / "images" / r["image"]

@@ -1,0 +1,118 @@
+"""Red-teaming in the loop on a real local Ray cluster: the adversarial source is refreshed on its schedule with
+prompts made against the policy of the step that asked; a killed attack actor is restarted, re-synced to the
+policy it was attacking and gives the same prompts; a run stopped between a request and its install resumes to
+the same prompts and the same adapter as the uninterrupted run."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import ray
+
+from safediff.common.policy import Policy
+from safediff.common.prompts import PromptStream
+from safediff.common.trainable import state_checksum
+from safediff.common.weight_sync import publish
+from safediff.runtime.controller import run
+from safediff.runtime.groups import AttackGroup
+from safediff.runtime.redis_server import EmbeddedRedis
+from safediff.runtime.redteam import RedTeam
+from safediff.runtime.run_store import Interrupted, RunStore
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
+
+# refreshes at steps 0, 2, 4: pools installed at 2 (attack on version 0) and 4 (on the policy of step 2)
+SHAPE = ("run.steps=5", "run.save_every=8", "cluster.rollout_actors=1", "cluster.max_staleness=0",
+         "cluster.cpus_per_rollout_actor=0.5", "cluster.cpus_per_reward_actor=0.5",
+         "cluster.cpus_per_learner_worker=0.5", "cluster.cpus_per_attack_actor=0.5", "reward.batch_max_images=8",
+         "prompts.adversarial.every=2", "prompts.adversarial.prompts_per_refresh=2", "prompts.adversarial.weight=2",
+         "prompts.adversarial.unlearndiff.tokens=2", "prompts.adversarial.unlearndiff.timesteps=2",
+         "prompts.adversarial.unlearndiff.iterations=2")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("redteam")
+    (root / "p.txt").write_text("a bright image\na dark image\nan image\na picture of colour\n")
+    (root / "t.txt").write_text("a red square\na dark red image\na bright red picture\n")
+    return root
+
+
+def _config(tiny_config, tiny_dir, tmp_path, files, *overrides):
+    return tiny_config(tiny_dir, tmp_path, files / "p.txt", *SHAPE, f"prompts.adversarial.targets={files / 't.txt'}",
+                       *overrides)
+
+
+def _adversarial(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "adversarial.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_dir, tmp_path_factory, files, tiny_config):
+    cfg = _config(tiny_config, tiny_dir, tmp_path_factory.mktemp("straight"), files, "run.name=red")
+    result = run(cfg, progress=False)
+    return result, _adversarial(result.run_dir)
+
+
+def test_the_source_is_refreshed_on_schedule_with_prompts_made_against_the_asking_step_policy(uninterrupted):
+    result, records = uninterrupted
+    assert [(r["step"], r["requested_at"], r["policy_version"]) for r in records] == [(2, 0, 0)] * 2 + [(4, 2, 2)] * 2
+    targets = ("a red square", "a dark red image", "a bright red picture")
+    for r in records:  # k = 2 tokens before a training target, found by UnlearnDiff's 2 x 2 steps
+        assert r["target"] in targets and r["prompt"].endswith(r["target"]) and len(r["tokens"]) == 2
+        assert len(r["curve"]) == 2
+    groups = [m["adversarial_groups"] for m in result.metrics]
+    assert groups[:2] == [0, 0] and sum(groups[2:]) > 0  # weight 0 until the first pool, at step 2
+    assert result.metrics[2]["time_wait_attack"] >= 0 and result.metrics[0]["time_wait_attack"] == 0
+
+
+def test_a_killed_attack_actor_is_resynced_to_the_policy_it_attacked(tiny_dir, tmp_path, files, tiny_config):
+    cfg = _config(tiny_config, tiny_dir, tmp_path, files)
+    policy = Policy.from_config(cfg)
+    state = {k: v + 0.05 for k, v in policy.state().items()}  # a policy other than the initial one
+    update = publish(state, 3, policy.bound_modules())
+    group, control = AttackGroup.create(cfg), AttackGroup.create(cfg)
+    prompts = PromptStream.from_config(cfg.prompts, cfg.run.seed)
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        store = RunStore(server.url, "kill")
+        red = RedTeam(cfg.prompts.adversarial, group, prompts, store, tmp_path, start=0)
+        red.before_launch(4, update)              # asks for the attack of step 4 on version 3
+        ray.get(red.pending.report)               # the actor holds version 3 and has the attack queued ...
+        ray.kill(group[0], no_restart=False)      # ... when it dies (calls queued before it is up would simply
+        red.before_launch(6, update)              # go to the restarted actor); collecting: lost, re-synced, again
+        retried = [e for e in store.events() if e["kind"] == "attack_retried"]
+    assert [e["step"] for e in retried] == [4]
+    assert ray.get(group[0].status.remote()) == (3, state_checksum(state))
+    ray.get(control.load_adapter(update))
+    expected = ray.get(control.attack(4, 3))
+    assert prompts.pool.prompts == tuple(r["prompt"] for r in expected) and prompts.pool.version == 3
+    group.kill()
+    control.kill()
+
+
+def test_a_run_stopped_between_a_request_and_its_install_resumes_to_the_same_prompts(tiny_dir, tmp_path, files,
+                                                                                     tiny_config, uninterrupted):
+    reference, records = uninterrupted
+    cfg = _config(tiny_config, tiny_dir, tmp_path, files, "run.name=red")
+    run_dir = tmp_path / "runs" / "red"
+
+    def stop_in_step_3():  # the stop is honoured after step 3: checkpoint at 4, the attack of step 2 pending
+        metrics = run_dir / "metrics.jsonl"
+        while not metrics.is_file() or len(metrics.read_text().splitlines()) < 3:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    stopper = threading.Thread(target=stop_in_step_3, daemon=True)
+    stopper.start()
+    with pytest.raises(Interrupted):
+        run(cfg, progress=False)
+    stopper.join()
+    cursor = json.loads((run_dir / "checkpoints" / "step_4" / "trainer.json").read_text())["cursor"]
+    assert cursor["redteam"] == {"step": 2, "version": 2} and cursor["adversarial"]["version"] == 0
+    resumed = run(cfg, progress=False)
+    assert _adversarial(run_dir) == records
+    assert resumed.checksum == reference.checksum
+    assert [m["reward_mean"] for m in resumed.metrics] == [m["reward_mean"] for m in reference.metrics]
