@@ -7,7 +7,8 @@ attention, an NCCL learner group of 1, the full Ray runtime.
 Builds an SD v1.x-shaped bundle and an open_clip ViT-H-14 with random weights (the real weights are not
 needed for throughput), runs `deploy/configs/gpu1.yaml` (1 rollout, 1 reward, 1 learner sharing the
 GPU) for a few steps at 512 px, and prints rollout images/s, learner steps/s and sync ms with the
-card's name. Writes the same as JSON to $OUT/gpu_check.json when OUT is set.
+card's name, and step 0's first-update max |log ratio| (rollout vs learner log-probs in the run's dtype). Writes
+the same as JSON to $OUT/gpu_check.json when OUT is set.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ def main() -> None:
         "learner_steps_per_s": 1 / mean("time_train"),
         "sync_ms": 1000 * mean("time_publish") + mean("sync_load_ms"),
         "sync_bytes": steady[-1]["sync_bytes"], "pipeline_images_per_s": steady[-1]["images_per_s"],
+        # step 0 is on-policy whatever max_staleness is: its first minibatch recomputes exactly what the rollout
+        # recorded, so this is the rollout-vs-learner log-prob mismatch of the run's dtype (alarm above 1e-3)
+        "first_update_max_abs_log_ratio": records[0].get("first_update_max_abs_log_ratio"),
         "build_s": built, "total_s": time.perf_counter() - t0,
     }
     print(json.dumps(result, indent=1))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from safediff.common.assets import AssetError, config_path
 from safediff.common.errors import UserInputError
@@ -27,7 +27,8 @@ class _Strict(BaseModel):
 
 class RunConfig(_Strict):
     name: str = Field("safediff", description="Run name; outputs go to <output_dir>/<name>.")
-    seed: int = Field(0, ge=0, description="Run seed: every sample's noise derives from (seed, step, group, sample).")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="Run seed (below 2^63): every sample's noise derives from "
+                      "a hash of (seed, step, group, sample).")
     steps: int = Field(300, ge=1, description="Training steps (rollout, reward, GRPO update). Reference: ~300.")
     output_dir: Path = Field(Path("runs"), description="Directory under which the run directory is created.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks cuda when available, else cpu.")
@@ -54,7 +55,19 @@ class LoraConfig(_Strict):
     target_modules: tuple[str, ...] = Field(
         ("to_q", "to_k", "to_v", "to_out.0"), min_length=1,
         description="UNet attention projections that get an adapter (peft target_modules).")
-    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout: must be 0. GRPO's importance ratio compares "
+                           "the policy's log-prob of a recorded step in rollout and in training; dropout would make "
+                           "them different random functions of the same noise (peft's dropout is active whenever "
+                           "its module is in training mode).")
+
+    @field_validator("dropout")
+    @classmethod
+    def _no_dropout(cls, value: float) -> float:
+        if value != 0:
+            raise ValueError(f"{value} is refused: dropout makes the rollout's and the learner's log-probs of the "
+                             "same recorded step differ (the first update's |log ratio| reached 27 with 0.1), "
+                             "so the PPO ratio and its clipping lose their meaning; use 0")
+        return value
 
 
 class SamplerConfig(_Strict):
@@ -125,8 +138,11 @@ class GRPOConfig(_Strict):
     clip_range: float = Field(1e-4, gt=0, description="PPO clip epsilon on the importance ratio.")
     train_timesteps: int = Field(49, ge=1, description="Each sample trains on the first K trajectory steps "
                                  "(reference: 49 of 50, the last dropped), in its own shuffled order.")
-    kl_beta: float = Field(0.0, ge=0, description="KL penalty beta * |mu - mu_ref|^2 / (2 sigma^2) to the base "
-                           "model (LoRA disabled); 0 reproduces the reference, which only logs approx_kl.")
+    kl_beta: float = Field(0.0, ge=0, description="KL penalty beta * KL to the base model (LoRA disabled), where KL "
+                           "is |mu - mu_ref|^2 / (2 sigma^2) averaged over the latent's C x h x w dimensions (like the "
+                           "log-probs), then over samples and trained timesteps: flow_grpo's convention, so its beta "
+                           "carries over (a per-latent sum would be C h w = 16,384 times larger at 512 px). 0 "
+                           "reproduces the reference, which only logs approx_kl.")
     updates_per_step: int = Field(16, ge=1, description="Optimiser steps per training step: the step's samples "
                                   "are shuffled and split into this many equal minibatches.")
     micro_batch_size: int = Field(4, ge=1, description="Samples per forward/backward (gradients accumulate "

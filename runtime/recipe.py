@@ -60,6 +60,12 @@ def _mean(values: torch.Tensor | None) -> float | None:
     return None if values is None else float(values.float().mean())
 
 
+# An on-policy step's first minibatch recomputes log-probs of exactly what the rollout recorded: its |log ratio|
+# should be float noise (about 1e-6 in fp32 when batch shapes differ). Above this it signals rollout and training
+# computing different functions (dropout, a stale adapter, a dtype or kernel mismatch).
+LOG_RATIO_ALARM = 1e-3
+
+
 class StepRecipe:
     def __init__(self, cfg: Config, run: RunContext, stop: list[int]):
         self.cfg, self.run, self.stop = cfg, run, stop
@@ -88,6 +94,11 @@ class StepRecipe:
         """Log the finished step (policy `version` after it, prompt `cursor` where step + 1 starts), write a
         checkpoint when one is due (`save(steps_done)`), and stop here if a signal asked for it."""
         steps = self.cfg.run.steps
+        first = record.get("first_update_max_abs_log_ratio")
+        if first is not None and first > LOG_RATIO_ALARM and not record.get("staleness_max"):
+            log.warning("step %d: the first update's max |log ratio| is %.3g on on-policy data (> %g): rollout and "
+                        "learner log-probs disagree", step, first, LOG_RATIO_ALARM)
+            self.run.store.event("log_ratio_alarm", step=step, value=first)
         self.run.metrics.write(record)
         self.run.store.record_step(step, version, cursor, record)
         if (step + 1) % self.cfg.run.save_every == 0 or step + 1 == steps or self.stop:

@@ -89,3 +89,28 @@ def test_merge_ranks_averages_diagnostics_and_takes_the_worst_times():
                           {"loss": 3.0, "fetch_s": 0.2, "first_update_max_abs_log_ratio": 2e-7, "kl_ref": None}])
     assert merged == {"loss": 2.0, "fetch_s": 0.5, "first_update_max_abs_log_ratio": 2e-7}
     assert not math.isnan(merged["loss"])
+
+
+def test_an_on_policy_first_update_far_from_ratio_one_raises_an_alarm(tiny_config, tiny_dir, tmp_path, prompt_file,
+                                                                       caplog):
+    cfg = tiny_config(tiny_dir, tmp_path, prompt_file, "run.steps=9", "run.save_every=9")
+    with tracked_run(cfg, resume=False) as run:
+        recipe = StepRecipe(cfg, run, [])
+        for step, (first, stale) in enumerate([(2e-7, 0), (5e-3, 1), (5e-3, 0), (None, 0)]):
+            recipe.close(step, {"step": step, "first_update_max_abs_log_ratio": first, "staleness_max": stale},
+                         step + 1, {}, lambda done: None)
+        alarms = [e for e in run.store.events() if e["kind"] == "log_ratio_alarm"]
+    assert [(e["step"], e["value"]) for e in alarms] == [(2, 5e-3)]  # stale data (step 1) is expected to differ
+    assert "step 2: the first update's max |log ratio| is 0.005" in caplog.text
+
+
+def test_seeds_up_to_the_largest_accepted_give_every_sample_its_own_noise():
+    from safediff.common.config import ConfigError, load_config
+    from safediff.common.seeds import sample_seed
+
+    top = load_config(None, [f"run.seed={2**63 - 1}"]).run.seed
+    assert len({sample_seed(top, 0, 0, i) for i in range(16)}) == 16
+    with pytest.raises(ConfigError, match="run.seed"):
+        load_config(None, [f"run.seed={2**63}"])
+    with pytest.raises(ConfigError, match="lora.dropout: 0.1 is refused"):
+        load_config(None, ["lora.dropout=0.1"])
