@@ -136,6 +136,14 @@ class GRPOConfig(_Strict):
         "whose rewards barely differ get small advantages instead of unit-size ones, and each source keeps "
         "the share of the push its mixture weight gives it.")
     clip_range: float = Field(1e-4, gt=0, description="PPO clip epsilon on the importance ratio.")
+    objective: Literal["standard", "decoupled"] = Field(
+        "standard", description="'standard': PPO-clip of pi_theta / pi_behav, the policy that generated the group "
+        "(the reference). 'decoupled' (AReaL's decoupled PPO, for cluster.max_staleness > 0): the learner first "
+        "recomputes every trained log-prob under its own policy pi_prox, then clips pi_theta / pi_prox and weights "
+        "each term by min(pi_prox / pi_behav, behaviour_weight_cap) (common/grpo.py); on-policy both give the same "
+        "update. Costs one forward pass over the step's trained timesteps.")
+    behaviour_weight_cap: float = Field(5.0, ge=1, description="Truncation of the decoupled objective's behaviour "
+                                        "weights pi_prox / pi_behav.")
     train_timesteps: int = Field(49, ge=1, description="Each sample trains on the first K trajectory steps "
                                  "(reference: 49 of 50, the last dropped), in its own shuffled order.")
     kl_beta: float = Field(0.0, ge=0, description="KL penalty beta * KL to the base model (LoRA disabled), where KL "

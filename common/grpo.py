@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+# log-ratios are clamped before exp (as verl does): a far off-policy term gives a large finite ratio, never inf
+LOG_RATIO_CLAMP = 20.0
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-8, clip: float = 2.5,
@@ -49,15 +53,31 @@ class PPOTerms:
 
 
 def ppo_clip_loss(advantages: torch.Tensor, log_prob: torch.Tensor, old_log_prob: torch.Tensor,
-                  clip_range: float) -> PPOTerms:
-    """loss = mean( max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) ), ratio = exp(logp - logp_old)."""
-    ratio = torch.exp(log_prob - old_log_prob)
+                  clip_range: float, weights: torch.Tensor | None = None) -> PPOTerms:
+    """loss = mean( w * max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) ) over the batch [B], with
+    ratio = exp(clamp(logp - logp_old, -20, 20)) and w = 1 (`weights` None) or the decoupled objective's behaviour
+    weights [B] (`behaviour_weights`; logp_old is then the proximal policy's)."""
+    log_ratio = (log_prob - old_log_prob).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
+    per_sample = torch.maximum(unclipped, clipped)
+    loss = (per_sample * weights).mean() if weights is not None else per_sample.mean()
     diff = (log_prob - old_log_prob).detach()
     return PPOTerms(loss=loss, ratio=ratio.detach(), clipped=(ratio.detach() - 1).abs() > clip_range,
                     approx_kl=0.5 * (diff**2).mean())
+
+
+def behaviour_weights(prox_log_prob: torch.Tensor, behav_log_prob: torch.Tensor, cap: float) -> torch.Tensor:
+    """The decoupled objective's truncated importance weights [B] (AReaL's decoupled PPO):
+
+        w = min(pi_prox / pi_behav, cap) = exp(min(logp_prox - logp_behav, log cap))
+
+    pi_behav generated the step (its log-probs were recorded at rollout), pi_prox is the learner's policy at the
+    start of the step; PPO then clips pi_theta / pi_prox, so a stale group is trusted as far as the policy it was
+    drawn from is close to the one being improved, and the clip bounds each update's move from the latter.
+    Truncated at `cap` (AReaL instead drops the terms above its cap). No gradient flows through w."""
+    return torch.exp((prox_log_prob - behav_log_prob).clamp(-LOG_RATIO_CLAMP, math.log(cap))).detach()
 
 
 def kl_to_reference(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,9 @@ optimiser step whose gradient accumulates over micro-batches and over each sampl
 (the first `train_timesteps` of its trajectory, visited in a per-sample shuffled order). Each
 (micro-batch, timestep) term is weighted by its share of the minibatch, so the optimiser sees the
 mean PPO-clip loss over the minibatch's (sample, timestep) pairs, even when dropped groups leave
-minibatches of unequal size.
+minibatches of unequal size. With `grpo.objective: decoupled` the log-probs the ratio is taken against are
+recomputed under the learner's policy before the step's first update (the proximal policy), and each term is
+weighted by its truncated behaviour weight (common/grpo.py `behaviour_weights`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Protocol
 import torch
 
 from safediff.common.config import GRPOConfig, OptimConfig, SamplerConfig
-from safediff.common.grpo import kl_to_reference, ppo_clip_loss
+from safediff.common.grpo import behaviour_weights, kl_to_reference, ppo_clip_loss
 from safediff.common.policy import Policy
 from safediff.common.sampling import ddim_step_with_logprob, guided_noise_prediction
 from safediff.common.seeds import derive_seed, generator
@@ -99,8 +101,9 @@ class GRPOUpdate:
     def _zero_backward(self) -> None:
         self.optimizer.backward(sum(p.sum() * 0.0 for p in self.policy.trainable_parameters()))
 
-    def _term(self, batch: TrainBatch, rows: torch.Tensor, t_idx: torch.Tensor, stats: dict) -> torch.Tensor:
-        """PPO-clip (+ KL) loss of samples `rows`, each at its own trajectory step `t_idx`."""
+    def _step(self, batch: TrainBatch, rows: torch.Tensor, t_idx: torch.Tensor):
+        """The policy's DDIM step (mean, std, log-prob of the recorded next latent) for samples `rows`, each at
+        its own trajectory step `t_idx`; also returns the step's inputs for the KL reference."""
         dev, scheduler = self.policy.device, self.policy.bundle.scheduler
         x_t = batch.latents[rows, t_idx].to(dev)
         x_prev = batch.latents[rows, t_idx + 1].to(dev)
@@ -110,8 +113,33 @@ class GRPOUpdate:
             eps = guided_noise_prediction(self.policy.unet, x_t, t, cond, uncond, self.sampler.guidance_scale)
         step = ddim_step_with_logprob(scheduler, eps, t, x_t, self.sampler.num_steps, self.sampler.eta,
                                       prev_sample=x_prev)
-        old = batch.log_probs[rows, t_idx].to(dev)
-        terms = ppo_clip_loss(batch.advantages[rows].to(dev), step.log_prob, old, self.cfg.clip_range)
+        return step, (x_t, x_prev, t, cond, uncond)
+
+    @torch.no_grad()
+    def proximal_log_probs(self, batch: TrainBatch, rows: torch.Tensor) -> torch.Tensor:
+        """[N, K] log-probs of the first K = train_timesteps recorded steps under the policy held now, filled for
+        `rows` (NaN elsewhere): the decoupled objective's pi_prox, taken before the step's first update."""
+        K, out = self.cfg.train_timesteps, torch.full((len(batch), self.cfg.train_timesteps), float("nan"))
+        for chunk in torch.split(rows, self.cfg.micro_batch_size):
+            for k in range(K):
+                step, _ = self._step(batch, chunk, torch.full_like(chunk, k))
+                out[chunk, k] = step.log_prob.float().cpu()
+        return out
+
+    def _term(self, batch: TrainBatch, rows: torch.Tensor, t_idx: torch.Tensor, stats: dict,
+              prox: torch.Tensor | None) -> torch.Tensor:
+        """PPO-clip (+ KL) loss of samples `rows`, each at its own trajectory step `t_idx`; `prox` [N, K] the
+        proximal log-probs (decoupled objective) or None (standard)."""
+        dev, scheduler = self.policy.device, self.policy.bundle.scheduler
+        step, (x_t, x_prev, t, cond, uncond) = self._step(batch, rows, t_idx)
+        behav, weights = batch.log_probs[rows, t_idx].to(dev), None
+        old = behav
+        if prox is not None:
+            old = prox[rows, t_idx].to(dev)
+            weights = behaviour_weights(old, behav, self.cfg.behaviour_weight_cap)
+            stats["behaviour_weight"].append(weights.cpu())
+            stats["behaviour_log_ratio"].append((old - behav).abs().cpu())
+        terms = ppo_clip_loss(batch.advantages[rows].to(dev), step.log_prob, old, self.cfg.clip_range, weights)
         loss = terms.loss
         if self.cfg.kl_beta > 0:
             with torch.no_grad(), self.policy.reference(), self.policy.autocast():
@@ -139,11 +167,18 @@ class GRPOUpdate:
         cfg, N, K = self.cfg, len(batch), self.cfg.train_timesteps
         stats: dict[str, list] = defaultdict(list)
         grad_norms, first_update_log_ratio = [], None
-        self.policy.unet.train()
+        orders = []
         for epoch in range(cfg.inner_epochs):
             rng = generator(derive_seed("train-order", self.run_seed, step, epoch))
             order = torch.randperm(N, generator=rng)
-            t_order = torch.stack([torch.randperm(K, generator=rng) for _ in range(N)])  # [N, K]
+            orders.append((order, torch.stack([torch.randperm(K, generator=rng) for _ in range(N)])))  # [N], [N, K]
+        prox = None
+        if cfg.objective == "decoupled":  # pi_prox: this rank's rows, before any update of the step
+            mine = torch.cat([mb[rank::world_size] for order, _ in orders
+                              for mb in torch.tensor_split(order, cfg.updates_per_step)]).unique()
+            prox = self.proximal_log_probs(batch, mine)
+        self.policy.unet.train()
+        for order, t_order in orders:
             for minibatch in torch.tensor_split(order, cfg.updates_per_step):
                 if minibatch.numel() == 0:  # fewer samples than minibatches (groups were dropped)
                     continue
@@ -151,7 +186,7 @@ class GRPOUpdate:
                 micro_batches = torch.split(shard, cfg.micro_batch_size)
                 for rows in micro_batches:
                     for j in range(K):
-                        loss = self._term(batch, rows, t_order[rows, j], stats)
+                        loss = self._term(batch, rows, t_order[rows, j], stats, prox)
                         # weight so the minibatch gradient is that of the mean over its (sample, step) pairs
                         self.optimizer.backward(loss * (world_size * len(rows) / (len(minibatch) * K)))
                 # ZeRO-2/3 reduce inside every backward: all ranks must make the same number of calls, also
@@ -178,4 +213,9 @@ class GRPOUpdate:
         }
         if stats["kl_ref"]:
             out["kl_ref"] = sum(stats["kl_ref"]) / len(stats["kl_ref"])
+        if stats["behaviour_weight"]:  # decoupled: how far the behaviour policies were from the proximal one
+            weights = torch.cat(stats["behaviour_weight"])
+            out.update(behaviour_weight_mean=float(weights.mean()),
+                       behaviour_weight_capped_frac=float((weights >= cfg.behaviour_weight_cap).float().mean()),
+                       behaviour_max_abs_log_ratio=float(torch.cat(stats["behaviour_log_ratio"]).max()))
         return out

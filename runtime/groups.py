@@ -191,7 +191,7 @@ def merge_ranks(rank_metrics: list[dict]) -> dict[str, float]:
         values = [m[key] for m in rank_metrics if m.get(key) is not None]
         if not values:
             continue
-        worst = key.startswith("first_update") or key.endswith("_s")
+        worst = "max_" in key or key.endswith("_s")
         out[key] = max(values) if worst else sum(values) / len(values)
     return out
 

@@ -63,3 +63,17 @@ def test_pooled_advantages_pool_within_each_prompt_source():
     np.testing.assert_allclose(adv[0].numpy(), np.array([-1.5, -0.5, 0.5, 1.5]) / s0, rtol=1e-5)
     np.testing.assert_allclose(adv[2].numpy(), np.array([-0.05, -0.05, -0.05, 0.15]) / s0, rtol=1e-5)
     np.testing.assert_allclose(adv[1].numpy(), np.array([-0.5, -0.5, -0.5, 1.5]), rtol=1e-5)  # its own std: 0.1
+
+
+def test_decoupled_terms_by_hand():
+    from safediff.common.grpo import behaviour_weights
+
+    prox, behav = torch.tensor([0.0, -1.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, -1.0, -5.0])
+    w = behaviour_weights(prox, behav, cap=2.0)  # exp(prox - behav) = 1, e^-1, e, e^5 -> truncated at 2
+    np.testing.assert_allclose(w.numpy(), [1.0, np.exp(-1.0), 2.0, 2.0], rtol=1e-6)
+    adv, logp = torch.tensor([1.0, 1.0, -1.0, 1.0]), torch.log(torch.tensor([1.5, 1.0, 0.5, 1.0])) + prox
+    terms = ppo_clip_loss(adv, logp, prox, clip_range=0.2, weights=w)
+    # per term max(-A r, -A clip(r)) with r vs prox: -1.2, -1, 0.8, -1; weighted 1, e^-1, 2, 2
+    assert terms.loss.item() == pytest.approx((-1.2 - np.exp(-1.0) + 1.6 - 2.0) / 4, abs=1e-6)
+    far = ppo_clip_loss(torch.ones(1), torch.tensor([1e4]), torch.zeros(1), 0.2)
+    assert torch.isfinite(far.ratio).all() and far.ratio.item() == pytest.approx(np.exp(20.0), rel=1e-5)
