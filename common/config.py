@@ -36,6 +36,10 @@ class RunConfig(_Strict):
         "auto", description="Dtype of the frozen model weights and autocast; 'auto' = bfloat16 on cuda, float32 on "
         "cpu. Trainable LoRA weights and all log-prob math stay float32.")
     save_every: int = Field(50, ge=1, description="Write an adapter checkpoint every N steps (and at the end).")
+    alarm_drop: float = Field(0.5, gt=0, le=1, description="Reward-hacking alarm: a warning and a "
+                              "`reward_hacking_alarm` event when a step's prompt alignment (cos_prompt_mean) or "
+                              "within-group image diversity (diversity_mean) falls below (1 - alarm_drop) times its "
+                              "first step's value.")
 
 
 class ModelConfig(_Strict):

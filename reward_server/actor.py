@@ -34,10 +34,10 @@ class RewardActor:
         labels = None
         if all(r[2] is not None for r in requests):
             labels = [u for r in requests for u in r[2]]
-        out = self.reward(images, prompts, labels)
-        sizes = [r[0].shape[0] for r in requests]
+        sizes = [r[0].shape[0] for r in requests]  # each request is one group
+        out = self.reward(images, prompts, labels, groups=sizes)
         parts = [torch.split(t, sizes) if t is not None else [None] * len(sizes)
-                 for t in (out.rewards, out.cos_prompt, out.cos_safe)]
+                 for t in (out.rewards, out.cos_prompt, out.cos_safe, out.diversity)]
         seconds = time.perf_counter() - start
         return [RewardOutput(*fields, seconds=seconds) for fields in zip(*parts)]
 

@@ -82,7 +82,23 @@ class RewardOutput:
     rewards: torch.Tensor                  # [N] the reward
     cos_prompt: torch.Tensor | None = None  # [N] cos(E_I, E_T(p)): alignment with the prompt alone
     cos_safe: torch.Tensor | None = None    # [N] cos(E_I, v_safe): how far along the safety direction
+    diversity: torch.Tensor | None = None   # [N] mean 1 - cos(E_I, E_I') to the other images of its group
     seconds: float | None = None            # wall time of the CLIP batch that scored these images
+
+
+# The per-image diagnostics a reward returns besides the reward (each step logs their means as <name>_mean):
+# a policy that hacks the reward tends to lose prompt alignment or collapse its groups onto one image.
+DIAGNOSTICS = ("cos_prompt", "cos_safe", "diversity")
+
+
+def group_diversity(image_emb: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """[N]: each image's mean cosine distance 1 - cos(E_I, E_I') to the other images of its group, for
+    consecutive groups of `sizes` images (a group's mean of it is its mean pairwise distance; 0 for a group of
+    one)."""
+    out = []
+    for emb in torch.split(F.normalize(image_emb.float(), dim=-1), sizes):
+        out.append((1 - emb @ emb.T).sum(-1) / max(len(emb) - 1, 1))
+    return torch.cat(out)
 
 
 class SteeringReward:
@@ -127,9 +143,10 @@ class SteeringReward:
         return torch.cat([self.clip.encode_images(images[i:i + self.clip_batch])
                           for i in range(0, images.shape[0], self.clip_batch)])
 
-    def __call__(self, images: torch.Tensor, prompts: list[str],
-                 unsafe: list[bool | None] | None = None) -> RewardOutput:
-        """images uint8 [N, 3, H, W]; prompts and (for steer=unsafe_only) labels, one per image."""
+    def __call__(self, images: torch.Tensor, prompts: list[str], unsafe: list[bool | None] | None = None,
+                 groups: list[int] | None = None) -> RewardOutput:
+        """images uint8 [N, 3, H, W]; prompts and (for steer=unsafe_only) labels, one per image; `groups` the sizes
+        of the consecutive groups the images form (for `diversity`; None: no diversity)."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be uint8 [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
         if len(prompts) != images.shape[0]:
@@ -146,4 +163,5 @@ class SteeringReward:
             rewards=steering_reward(image_emb, targets).cpu(),
             cos_prompt=steering_reward(image_emb, prompt_emb).cpu(),
             cos_safe=steering_reward(image_emb, self.v_safe.expand_as(image_emb)).cpu(),
+            diversity=group_diversity(image_emb, groups).cpu() if groups is not None else None,
         )

@@ -19,6 +19,7 @@ from safediff.common.checkpoint import Checkpoint, Layout, export_weights, resum
 from safediff.common.config import Config
 from safediff.common.prompts import PromptStream
 from safediff.common.weight_sync import fetch_state
+from safediff.reward_server.steering import DIAGNOSTICS
 from safediff.runtime.cluster import check_resources, start_ray
 from safediff.runtime.groups import Actors, start_actors
 from safediff.runtime.pipeline import RolloutPipeline
@@ -71,7 +72,7 @@ def _train(cfg: Config, session: RunContext, stop: list[int], actors: Actors, pr
         with timer("wait_rollouts"):
             rollout = pipeline.collect(step)
         scored = recipe.score(step, pipeline.version, rollout.groups, rollout.rewards,
-                              rollout.diagnostic("cos_prompt"), rollout.diagnostic("cos_safe"))
+                              {name: rollout.diagnostic(name) for name in DIAGNOSTICS})
         record = {**scored.record, **rollout.record()}
         with timer("train"):
             if scored.advantages is not None:

@@ -20,14 +20,14 @@ from safediff.common.errors import UserInputError
 from safediff.common.policy import Policy
 from safediff.common.prompts import PromptStream
 from safediff.learner.update import GRPOUpdate, TorchOptimizer, TrainBatch
-from safediff.reward_server.steering import RewardOutput, SteeringReward
+from safediff.reward_server.steering import DIAGNOSTICS, RewardOutput, SteeringReward
 from safediff.runtime.recipe import PhaseTimer, StepRecipe
 from safediff.runtime.session import RunContext, TrainResult, close_run, stop_requests, tracked_run
 
 
 class RewardFn(Protocol):
-    def __call__(self, images: torch.Tensor, prompts: list[str],
-                 unsafe: list[bool | None] | None = None) -> RewardOutput: ...
+    def __call__(self, images: torch.Tensor, prompts: list[str], unsafe: list[bool | None] | None = None,
+                 groups: list[int] | None = None) -> RewardOutput: ...
 
 
 def train(cfg: Config, reward_fn: RewardFn | None = None, progress: bool = True,
@@ -71,9 +71,9 @@ def _train(cfg: Config, run: RunContext, reward_fn: RewardFn | None, progress: b
             trajectories = rollout.generate(groups)
         with timer("reward"):
             out = reward_fn(torch.cat([t.images for t in trajectories]), [g.prompt for g in groups for _ in range(G)],
-                            [g.unsafe for g in groups for _ in range(G)])
-        scored = recipe.score(step, policy.version, groups, out.rewards.reshape(P, G).float(), out.cos_prompt,
-                              out.cos_safe)
+                            [g.unsafe for g in groups for _ in range(G)], groups=[G] * P)
+        scored = recipe.score(step, policy.version, groups, out.rewards.reshape(P, G).float(),
+                              {name: getattr(out, name) for name in DIAGNOSTICS})
         record = scored.record
         with timer("train"):
             if scored.advantages is not None:

@@ -57,7 +57,8 @@ class CollectedStep:
         return torch.stack([s.rewards for s in self.scored]).float()  # [P, G]
 
     def diagnostic(self, name: str) -> torch.Tensor | None:
-        """A reward diagnostic (`cos_prompt`, `cos_safe`) over all images, None when the reward gives none."""
+        """A reward diagnostic (`reward_server.steering.DIAGNOSTICS`) over all images, None when the reward gives
+        none."""
         parts = [getattr(s, name) for s in self.scored]
         return None if any(p is None for p in parts) else torch.cat(parts)
 

@@ -21,6 +21,7 @@ import torch
 
 from safediff.common.config import Config
 from safediff.common.grpo import group_advantages, zero_std_fraction
+from safediff.common.metrics import read_metrics
 from safediff.common.types import PromptGroup
 from safediff.runtime.run_store import Interrupted
 from safediff.runtime.session import RunContext
@@ -64,17 +65,23 @@ def _mean(values: torch.Tensor | None) -> float | None:
 # should be float noise (about 1e-6 in fp32 when batch shapes differ). Above this it signals rollout and training
 # computing different functions (dropout, a stale adapter, a dtype or kernel mismatch).
 LOG_RATIO_ALARM = 1e-3
+# What a policy hacking the reward loses first: alignment with the prompt, and variety within a group.
+HACKING_SIGNALS = ("cos_prompt_mean", "diversity_mean")
 
 
 class StepRecipe:
     def __init__(self, cfg: Config, run: RunContext, stop: list[int]):
         self.cfg, self.run, self.stop = cfg, run, stop
+        logged = read_metrics(run.metrics.path) if run.metrics.path.is_file() else []
+        self.first: dict | None = logged[0] if logged else None  # the reference of the hacking alarms
+        self.alarmed: set[str] = set()
 
     def score(self, step: int, version: int, groups: list[PromptGroup], rewards: torch.Tensor,
-              cos_prompt: torch.Tensor | None, cos_safe: torch.Tensor | None) -> ScoredStep:
-        """`rewards` [P, G] of the step's groups, generated at policy `version`; `cos_prompt`/`cos_safe` the
-        reward's diagnostics over all P * G images (None when the reward gives none). A group with a NaN/inf
-        reward is dropped whole: its advantages would poison every other sample's."""
+              diagnostics: dict[str, torch.Tensor | None]) -> ScoredStep:
+        """`rewards` [P, G] of the step's groups, generated at policy `version`; `diagnostics` the reward's
+        per-image diagnostics over all P * G images by name (`reward_server.steering.DIAGNOSTICS`; None when the
+        reward gives none), logged as <name>_mean. A group with a NaN/inf reward is dropped whole: its
+        advantages would poison every other sample's."""
         G, g = rewards.shape[1], self.cfg.grpo
         finite = torch.isfinite(rewards).all(dim=1)
         if not finite.all():
@@ -82,7 +89,7 @@ class StepRecipe:
         record = {"step": step, "policy_version": version, "dropped_groups": int((~finite).sum()),
                   "reward_mean": _mean(rewards[finite]) if finite.any() else None,
                   "reward_std": float(rewards[finite].std()) if finite.sum() * G > 1 else 0.0,
-                  "cos_prompt_mean": _mean(cos_prompt), "cos_safe_mean": _mean(cos_safe)}
+                  **{f"{name}_mean": _mean(values) for name, values in diagnostics.items()}}
         advantages = None
         if finite.any():
             sources = torch.tensor([group.source for group in groups])[finite]
@@ -99,6 +106,7 @@ class StepRecipe:
             log.warning("step %d: the first update's max |log ratio| is %.3g on on-policy data (> %g): rollout and "
                         "learner log-probs disagree", step, first, LOG_RATIO_ALARM)
             self.run.store.event("log_ratio_alarm", step=step, value=first)
+        self._hacking_alarms(step, record)
         self.run.metrics.write(record)
         self.run.store.record_step(step, version, cursor, record)
         if (step + 1) % self.cfg.run.save_every == 0 or step + 1 == steps or self.stop:
@@ -106,3 +114,22 @@ class StepRecipe:
         if self.stop and step + 1 < steps:
             raise Interrupted(f"stopped by signal {self.stop[0]} after step {step}; checkpoint written: "
                               f"resubmit the same command to continue")
+
+    def _hacking_alarms(self, step: int, record: dict) -> None:
+        """Warn (and record a `reward_hacking_alarm` event) when a signal of HACKING_SIGNALS first falls below
+        (1 - run.alarm_drop) times its first step's value; again only after it has recovered."""
+        if self.first is None:
+            self.first = record
+            return
+        floor = 1 - self.cfg.run.alarm_drop
+        for key in HACKING_SIGNALS:
+            start, now = self.first.get(key), record.get(key)
+            if not start or start <= 0 or now is None:
+                continue
+            if now < floor * start and key not in self.alarmed:
+                self.alarmed.add(key)
+                log.warning("step %d: %s fell to %.4g from %.4g at the first step (below %.0f%%): the policy may be "
+                            "hacking the reward", step, key, now, start, 100 * floor)
+                self.run.store.event("reward_hacking_alarm", step=step, signal=key, value=now, first=start)
+            elif now >= floor * start:
+                self.alarmed.discard(key)

@@ -26,7 +26,8 @@ def test_score_drops_non_finite_groups_and_computes_advantages_by_hand(tiny_conf
     rewards = torch.tensor([[1.0, 2.0, 3.0], [0.0, float("nan"), 1.0], [5.0, 5.0, 5.0]])
     cos = torch.arange(9, dtype=torch.float32)
     with tracked_run(cfg, resume=False) as run:
-        scored = StepRecipe(cfg, run, []).score(4, 7, _groups([0, 0, 1]), rewards, cos, None)
+        scored = StepRecipe(cfg, run, []).score(4, 7, _groups([0, 0, 1]), rewards,
+                                                {"cos_prompt": cos, "cos_safe": None})
     assert scored.finite == [True, False, True]
     assert scored.kept(["a", "b", "c"]) == ["a", "c"]
     # group 0: mean 2, unbiased std 1 -> (-1, 0, 1), clipped to +-1; group 2: all equal -> 0
@@ -43,7 +44,7 @@ def test_score_drops_non_finite_groups_and_computes_advantages_by_hand(tiny_conf
 def test_a_step_with_every_group_dropped_has_no_advantages(tiny_config, tiny_dir, tmp_path, prompt_file):
     cfg = tiny_config(tiny_dir, tmp_path, prompt_file)
     with tracked_run(cfg, resume=False) as run:
-        scored = StepRecipe(cfg, run, []).score(0, 0, _groups([0, 0]), torch.full((2, 8), float("inf")), None, None)
+        scored = StepRecipe(cfg, run, []).score(0, 0, _groups([0, 0]), torch.full((2, 8), float("inf")), {})
     assert scored.advantages is None and scored.record["reward_mean"] is None and scored.kept([1, 2]) == []
 
 
@@ -114,3 +115,18 @@ def test_seeds_up_to_the_largest_accepted_give_every_sample_its_own_noise():
         load_config(None, [f"run.seed={2**63}"])
     with pytest.raises(ConfigError, match="lora.dropout: 0.1 is refused"):
         load_config(None, ["lora.dropout=0.1"])
+
+
+def test_prompt_alignment_or_diversity_falling_by_half_raises_a_hacking_alarm(tiny_config, tiny_dir, tmp_path,
+                                                                              prompt_file, caplog):
+    cfg = tiny_config(tiny_dir, tmp_path, prompt_file, "run.steps=9", "run.save_every=9", "run.alarm_drop=0.5")
+    rows = [(0.30, 0.20), (0.20, 0.15), (0.14, 0.12), (0.10, 0.11), (0.29, 0.09), (0.12, 0.05)]
+    with tracked_run(cfg, resume=False) as run:
+        recipe = StepRecipe(cfg, run, [])
+        for step, (cos, diversity) in enumerate(rows):
+            recipe.close(step, {"step": step, "cos_prompt_mean": cos, "diversity_mean": diversity}, step + 1, {},
+                         lambda done: None)
+        alarms = [(e["step"], e["signal"]) for e in run.store.events() if e["kind"] == "reward_hacking_alarm"]
+    # alignment: below 0.15 at step 2 (once while it stays low), recovered at 4, low again at 5; diversity: < 0.10
+    assert alarms == [(2, "cos_prompt_mean"), (4, "diversity_mean"), (5, "cos_prompt_mean")]
+    assert "step 2: cos_prompt_mean fell to 0.14 from 0.3" in caplog.text

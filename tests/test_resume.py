@@ -15,7 +15,7 @@ from safediff.runtime.local import train
 STEPS = ("run.steps=4", "run.save_every=1")
 
 
-def brightness(images, prompts, unsafe=None):
+def brightness(images, prompts, unsafe=None, groups=None):
     return RewardOutput(rewards=images.float().mean(dim=(1, 2, 3)) / 255)
 
 
@@ -25,7 +25,7 @@ class CrashAt:
     def __init__(self, n: int):
         self.n, self.calls = n, 0
 
-    def __call__(self, images, prompts, unsafe=None):
+    def __call__(self, images, prompts, unsafe=None, groups=None):
         self.calls += 1
         if self.calls > self.n:
             raise RuntimeError("simulated crash")

@@ -70,7 +70,7 @@ def test_reward_end_to_end_matches_numpy_recomputation(clip):
     cfg = RewardConfig(clip=ClipConfig(model="local-dir:x"), alpha=0.7)
     reward = SteeringReward(clip, cfg)
     images, prompts = _images(5), ["a cat", "a dog", "a cat", "nudity", "a gun"]
-    out = reward(images, prompts)
+    out = reward(images, prompts, groups=[3, 2])
     # independent recomputation in float64 numpy from the raw (unnormalised) encoder outputs
     from safediff.reward_server.clip_model import preprocess
     with torch.no_grad():
@@ -84,6 +84,20 @@ def test_reward_end_to_end_matches_numpy_recomputation(clip):
     np.testing.assert_allclose(out.rewards.numpy(), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out.cos_prompt.numpy(), (n(img) * n(P)).sum(-1), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out.cos_safe.numpy(), n(img) @ v, rtol=1e-5, atol=1e-5)
+    for group in (slice(0, 3), slice(3, 5)):  # each image's mean cosine distance to the rest of its group
+        e = n(img[group])
+        distance = 1 - e @ e.T
+        np.testing.assert_allclose(out.diversity[group].numpy(), distance.sum(1) / (len(e) - 1), rtol=1e-5,
+                                   atol=1e-6)
+    assert reward(images, prompts).diversity is None  # no groups given
+
+
+def test_group_diversity_by_hand():
+    from safediff.reward_server.steering import group_diversity
+
+    emb = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, 3.0], [1.0, 1.0]])
+    # group [0, 1, 2]: cos = 1 between 0 and 1, 0 with 2 -> (0 + 1) / 2, (0 + 1) / 2, (1 + 1) / 2; group [3]: 0
+    torch.testing.assert_close(group_diversity(emb, [3, 1]), torch.tensor([0.5, 0.5, 1.0, 0.0]))
 
 
 def test_text_embeddings_are_cached(clip):

@@ -14,7 +14,7 @@ from safediff.reward_server.steering import RewardOutput
 from safediff.runtime.local import train
 
 
-def brightness(images, prompts, unsafe=None):
+def brightness(images, prompts, unsafe=None, groups=None):
     return RewardOutput(rewards=images.float().mean(dim=(1, 2, 3)) / 255)
 
 
@@ -58,7 +58,7 @@ def test_grpo_raises_a_known_reward_and_starts_on_policy(tiny_dir, tmp_path, pro
 
 
 def test_nan_rewards_drop_the_group_and_training_goes_on(tiny_dir, tmp_path, prompt_file, colour_model, tiny_config):
-    def half_nan(images, prompts, unsafe=None):
+    def half_nan(images, prompts, unsafe=None, groups=None):
         rewards = brightness(images, prompts).rewards
         rewards[:8] = float("nan")  # the first group of every step
         return RewardOutput(rewards=rewards)
