@@ -23,8 +23,7 @@ class Rollout:
         if sampler.height % factor or sampler.width % factor:
             raise ValueError(f"sampler.height/width ({sampler.height}x{sampler.width}) must be multiples of the "
                              f"VAE scale factor {factor}")
-        channels = policy.unet.config.in_channels
-        self.latent_shape = (channels, sampler.height // factor, sampler.width // factor)
+        self.latent_shape = policy.bundle.latent_shape(sampler.height, sampler.width)
         self.negative_embeds = policy.bundle.encode_prompts([sampler.negative_prompt])[0].float()
 
     def seeds(self, group: PromptGroup) -> tuple[int, ...]:

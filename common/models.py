@@ -37,6 +37,11 @@ class ModelBundle:
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) of the UNet's latents for a height x width image."""
+        factor = self.vae_scale_factor
+        return self.unet.config.in_channels, height // factor, width // factor
+
     @property
     def device(self) -> torch.device:
         return self.unet.device

@@ -37,8 +37,7 @@ def base_picture(policy: Policy, sampler: SamplerConfig, prompt: str, seed: int)
     """uint8 [3, H, W]: the base model's (adapter disabled) image of `prompt` with the training sampler, its
     noise seeded by `seed`."""
     bundle, device = policy.bundle, policy.device
-    shape = (policy.unet.config.in_channels, sampler.height // bundle.vae_scale_factor,
-             sampler.width // bundle.vae_scale_factor)
+    shape = bundle.latent_shape(sampler.height, sampler.width)
     cond, uncond = bundle.encode_prompts([prompt, sampler.negative_prompt]).float()
     with policy.reference(), policy.autocast():
         out = sample_with_logprob(policy.unet, bundle.scheduler, cond[None].to(device), uncond[None].to(device),

@@ -10,7 +10,7 @@ import torch
 from safediff.common.config import Config, resolve_device_dtype
 from safediff.common.process import configure_threads, on_assigned_device
 from safediff.reward_server.batching import MicroBatcher
-from safediff.reward_server.steering import RewardOutput, SteeringReward
+from safediff.reward_server.steering import DIAGNOSTICS, RewardOutput, SteeringReward
 
 Request = tuple[torch.Tensor, list[str], list[bool | None] | None]
 
@@ -36,10 +36,11 @@ class RewardActor:
             labels = [u for r in requests for u in r[2]]
         sizes = [r[0].shape[0] for r in requests]  # each request is one group
         out = self.reward(images, prompts, labels, groups=sizes)
+        names = ("rewards", *DIAGNOSTICS)
         parts = [torch.split(t, sizes) if t is not None else [None] * len(sizes)
-                 for t in (out.rewards, out.cos_prompt, out.cos_safe, out.diversity)]
+                 for t in (getattr(out, name) for name in names)]
         seconds = time.perf_counter() - start
-        return [RewardOutput(*fields, seconds=seconds) for fields in zip(*parts)]
+        return [RewardOutput(**dict(zip(names, fields)), seconds=seconds) for fields in zip(*parts)]
 
     async def score(self, images: torch.Tensor, prompts: list[str],
                     unsafe: list[bool | None] | None = None) -> RewardOutput:

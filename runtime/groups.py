@@ -71,6 +71,12 @@ def answer_when_up(call, deadline: float):
             time.sleep(0.5)
 
 
+def _resync(actor, update: AdapterUpdate | None):
+    """A reference to a (re)started policy-holding actor's answer once it holds `update` (None: the initial
+    adapter, nothing to load)."""
+    return actor.resync.remote(update) if update is not None else actor.status.remote()
+
+
 def _restartable(actor_class, cfg: Config, count: int, cpus: float, gpus: float) -> list:
     """`count` actors of `actor_class(cfg)`, each reserving `cpus` and `gpus`, restarted by Ray if they die."""
     return [actor_class.options(num_cpus=cpus, num_gpus=gpus, max_restarts=-1).remote(cfg) for _ in range(count)]
@@ -214,9 +220,7 @@ class AttackGroup(ActorGroup):
 
     def resync(self, update: AdapterUpdate | None, timeout_s: float = 600.0) -> None:
         """Wait for a restarting actor to answer and bring it to `update` (None: the initial adapter)."""
-        actor = self[0]
-        answer_when_up(lambda: actor.resync.remote(update) if update is not None else actor.status.remote(),
-                       time.monotonic() + timeout_s)
+        answer_when_up(lambda: _resync(self[0], update), time.monotonic() + timeout_s)
 
 
 @dataclass
@@ -237,8 +241,8 @@ class Actors:
     def wait_until_ready(self, update: AdapterUpdate | None, timeout_s: float = 600.0) -> None:
         """Wait for restarting actors to answer; a restarted rollout actor gets the current adapter first."""
         deadline = time.monotonic() + timeout_s
-        calls = [lambda a=a: a.resync.remote(update) if update is not None else a.status.remote()
-                 for a in self.rollouts] + [lambda r=r: r.batch_stats.remote() for r in self.rewards]
+        calls = [lambda a=a: _resync(a, update) for a in self.rollouts] + \
+            [lambda r=r: r.batch_stats.remote() for r in self.rewards]
         for call in calls:
             answer_when_up(call, deadline)
 

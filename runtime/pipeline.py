@@ -177,7 +177,7 @@ class RolloutPipeline:
         older[update.version] = update
         if self.redteam is not None and checkpoint.cursor.get("redteam") is not None:
             pending = checkpoint.cursor["redteam"]
-            self.redteam.resume(pending, older.get(pending["version"]))  # version 0: None, the initial adapter
+            self.redteam.resume(pending["step"], older.get(pending["version"]))  # version 0: None, the initial one
         for v in range(max(0, start - self.gate.max_staleness), start + 1):
             if v > 0:  # version 0 is the seed-initialised adapter every actor starts with
                 self.send(older[v] if v < start else update)

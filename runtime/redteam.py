@@ -39,13 +39,10 @@ class Request:
     """An attack asked of the actor: references to its result and to the actor's report of loading the policy."""
 
     step: int
-    update: AdapterUpdate | None  # the policy attacked; None: the initial adapter (version 0)
+    update: AdapterUpdate | None  # the policy attacked; None: the initial adapter
+    version: int                  # its version (0: the initial adapter)
     result: Any                   # ObjectRef[list[dict]]
     report: Any = None            # ObjectRef[SyncReport] when this request loaded `update`
-
-    @property
-    def version(self) -> int:
-        return self.update.version if self.update is not None else 0
 
 
 class RedTeam:
@@ -78,10 +75,9 @@ class RedTeam:
         """The policy the pending request attacks (its weights go into a checkpoint)."""
         return None if self.pending is None else self.pending.update
 
-    def resume(self, state: dict | None, update: AdapterUpdate | None) -> None:
-        """Ask again for the attack a checkpoint's cursor had pending (`update`: its policy, version state's)."""
-        if state is not None:
-            self.pending = self._request(state["step"], update)
+    def resume(self, step: int, update: AdapterUpdate | None) -> None:
+        """Ask again for the attack of `step` a checkpoint's cursor had pending, on `update` (its policy)."""
+        self.pending = self._request(step, update)
 
     def record(self, groups: list) -> dict:
         """The step record's fields: how many of the step's groups (PromptGroup) are adversarial prompts, and the
@@ -91,10 +87,10 @@ class RedTeam:
                 "time_wait_attack": waited}
 
     def _request(self, step: int, update: AdapterUpdate | None, load: bool = True) -> Request:
-        report = None
-        if load and update is not None and update.version > self.loaded:
-            report, self.loaded = self.group.load_adapter(update), update.version
-        return Request(step, update, self.group.attack(step, update.version if update is not None else 0), report)
+        version, report = update.version if update is not None else 0, None
+        if load and version > self.loaded:
+            report, self.loaded = self.group.load_adapter(update), version
+        return Request(step, update, version, self.group.attack(step, version), report)
 
     def _collect(self) -> list[dict]:
         """The pending attack's prompts. If the actor died, it is re-synced to the attacked policy and asked
