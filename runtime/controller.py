@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from safediff.common.checkpoint import Checkpoint, Layout, export_weights, resume_point, write_checkpoint
 from safediff.common.config import Config
-from safediff.common.prompts import PromptStream
+from safediff.common.prompts import PromptStream, read_prompt_file
 from safediff.common.weight_sync import fetch_state
 from safediff.reward_server.steering import DIAGNOSTICS
 from safediff.runtime.cluster import check_resources, start_ray
@@ -38,6 +38,8 @@ def run(cfg: Config, address: str | None = None, progress: bool = True, actors: 
         start_ray(cfg, address)
         check_resources(cfg, ray.cluster_resources())
         prompts = PromptStream.from_config(cfg.prompts, cfg.run.seed)  # read before any actor starts: bad files fail
+        if cfg.prompts.adversarial is not None:  # the attack actor's targets too, here rather than in the actor
+            read_prompt_file(cfg.prompts.adversarial.targets)
         checkpoint = resume_point(session.run_dir, cfg, Layout.zero(cfg.cluster.zero_stage), session.store) \
             if session.resume else None
         session.metrics.truncate(checkpoint.step if checkpoint else 0)

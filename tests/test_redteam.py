@@ -13,7 +13,7 @@ import pytest
 import ray
 
 from safediff.common.policy import Policy
-from safediff.common.prompts import PromptStream
+from safediff.common.prompts import PromptFileError, PromptStream
 from safediff.common.trainable import state_checksum
 from safediff.common.weight_sync import publish
 from safediff.runtime.controller import run
@@ -67,6 +67,12 @@ def test_the_source_is_refreshed_on_schedule_with_prompts_made_against_the_askin
     groups = [m["adversarial_groups"] for m in result.metrics]
     assert groups[:2] == [0, 0] and sum(groups[2:]) > 0  # weight 0 until the first pool, at step 2
     assert result.metrics[2]["time_wait_attack"] >= 0 and result.metrics[0]["time_wait_attack"] == 0
+
+
+def test_a_missing_targets_file_is_named_before_any_actor_starts(tiny_dir, tmp_path, files, tiny_config):
+    cfg = _config(tiny_config, tiny_dir, tmp_path, files, f"prompts.adversarial.targets={tmp_path / 'nope.txt'}")
+    with pytest.raises(PromptFileError, match="nope.txt: cannot read"):
+        run(cfg, progress=False)
 
 
 def test_a_killed_attack_actor_is_resynced_to_the_policy_it_attacked(tiny_dir, tmp_path, files, tiny_config):
