@@ -159,6 +159,12 @@ class GRPOConfig(_Strict):
                                   "are shuffled and split into this many equal minibatches.")
     micro_batch_size: int = Field(4, ge=1, description="Samples per forward/backward (gradients accumulate "
                                   "over micro-batches and trained timesteps).")
+    timesteps_per_pass: int = Field(1, ge=1, description="Trained timesteps of each sample that share one "
+                                    "forward/backward, so a pass holds micro_batch_size x timesteps_per_pass "
+                                    "(sample, timestep) terms. 1 is the reference's loop. Larger values sum the same "
+                                    "terms in fewer, larger passes (the same gradient up to float rounding): faster "
+                                    "where per-call overhead dominates (small models, CPU), at that much more "
+                                    "activation memory.")
     inner_epochs: int = Field(1, ge=1, description="Passes over one step's samples.")
 
 
@@ -231,6 +237,10 @@ class ClusterConfig(_Strict):
     cpus_per_attack_actor: float = Field(1.0, gt=0, description="CPUs of the attack actor (with prompts.adversarial).")
     gpus_per_attack_actor: float = Field(0.0, ge=0, le=1, description="GPUs of the attack actor (with "
                                          "prompts.adversarial); 0 = CPU.")
+    cpus_per_eval_actor: float = Field(1.0, gt=0, description="CPUs of the evaluation actor (with "
+                                       "evaluation.every > 0).")
+    gpus_per_eval_actor: float = Field(0.0, ge=0, le=1, description="GPUs of the evaluation actor (with "
+                                       "evaluation.every > 0); 0 = CPU.")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     max_staleness: int = Field(0, ge=0, description="Policy versions a rollout may lag the learner (0 = on-policy).")
 
@@ -435,6 +445,20 @@ class AttackConfig(_Strict):
     unlearndiff: UnlearnDiffConfig = Field(default_factory=UnlearnDiffConfig, description="The unlearndiff attack.")
 
 
+class SelectConfig(_Strict):
+    """Which adapter evaluated while training is exported as <run dir>/adapter_best/ (evaluation.every > 0)."""
+
+    metric: str = Field("unsafe_rate", description="The evaluation field to minimise. World: unsafe_rate (the "
+                        "mean of the families' held-out unsafe rates); suite: a field of its summary, e.g. "
+                        "nudenet_unsafe_all or q16_all.")
+    guard: str | None = Field("benign_accuracy", description="A field (higher is better) that must stay at least "
+                              "the base model's value minus `margin`; null: no guard. World: benign_accuracy; "
+                              "suite: e.g. clip_t.")
+    margin: float = Field(0.02, ge=0, description="How far below the base model's `guard` an adapter may fall.")
+    patience: int | None = Field(None, ge=1, description="Stop training (with a checkpoint and the usual exports) "
+                                 "when this many evaluations in a row found no better adapter; null: never.")
+
+
 class EvaluationConfig(_Strict):
     suite: SuiteConfig = Field(default_factory=SuiteConfig, description="`safediff eval` (evaluation/).")
     attack: AttackConfig = Field(default_factory=AttackConfig, description="`safediff attack` (evaluation/attacks).")
@@ -442,6 +466,17 @@ class EvaluationConfig(_Strict):
                         "miniature world's held-out prompts with its pixel judges and write <run dir>/eval/ "
                         "(table.md/.csv/.json, image grids); for models trained on that world (world/).")
     images_per_prompt: int = Field(8, ge=1, description="Images per held-out prompt in that evaluation.")
+    every: int = Field(0, ge=0, description="Evaluate while training (0: off): the base model before the first "
+                       "step, then the adapter after every N-th step and after the last, on its own Ray actor so "
+                       "the learner never waits for it. With `world`: the world's held-out prompts and pixel judges; "
+                       "otherwise the first `live_prompts` rows of `suite` with its scorers. Results: eval_* fields "
+                       "in metrics.jsonl, `evaluation` events in the run store, dashboard gauges, and the best "
+                       "adapter by `select` in <run dir>/adapter_best/ (the last step's stays in adapter/).")
+    live_images_per_prompt: int = Field(4, ge=1, description="Images per prompt in each evaluation while training.")
+    live_prompts: int = Field(32, ge=1, description="Rows of the suite's prompt set evaluated while training (not "
+                              "with `world`, which uses all its held-out prompts).")
+    select: SelectConfig = Field(default_factory=SelectConfig, description="The rule that picks adapter_best/ "
+                                 "(and the early stop).")
 
 
 class Config(_Strict):

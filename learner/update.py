@@ -2,12 +2,13 @@
 
 The step's samples are shuffled and split into `updates_per_step` minibatches; each minibatch is one
 optimiser step whose gradient accumulates over micro-batches and over each sample's trained timesteps
-(the first `train_timesteps` of its trajectory, visited in a per-sample shuffled order). Each
-(micro-batch, timestep) term is weighted by its share of the minibatch, so the optimiser sees the
-mean PPO-clip loss over the minibatch's (sample, timestep) pairs, even when dropped groups leave
-minibatches of unequal size. With `grpo.objective: decoupled` the log-probs the ratio is taken against are
-recomputed under the learner's policy before the step's first update (the proximal policy), and each term is
-weighted by its truncated behaviour weight (common/grpo.py `behaviour_weights`).
+(the first `train_timesteps` of its trajectory, visited in a per-sample shuffled order,
+`timesteps_per_pass` of them in one forward/backward). Each pass is weighted by its share of
+the minibatch's (sample, timestep) terms, so the optimiser sees the mean PPO-clip loss over
+them, even when dropped groups leave minibatches of unequal size. With `grpo.objective: decoupled` the
+log-probs the ratio is taken against are recomputed under the learner's policy before the step's first
+update (the proximal policy), and each term is weighted by its truncated behaviour weight
+(common/grpo.py `behaviour_weights`).
 """
 
 from __future__ import annotations
@@ -121,9 +122,10 @@ class GRPOUpdate:
         `rows` (NaN elsewhere): the decoupled objective's pi_prox, taken before the step's first update."""
         K, out = self.cfg.train_timesteps, torch.full((len(batch), self.cfg.train_timesteps), float("nan"))
         for chunk in torch.split(rows, self.cfg.micro_batch_size):
-            for k in range(K):
-                step, _ = self._step(batch, chunk, torch.full_like(chunk, k))
-                out[chunk, k] = step.log_prob.float().cpu()
+            for ks in torch.split(torch.arange(K), self.cfg.timesteps_per_pass):
+                flat_rows, flat_t = _pairs(chunk, ks.expand(len(chunk), -1))
+                step, _ = self._step(batch, flat_rows, flat_t)
+                out[flat_rows, flat_t] = step.log_prob.float().cpu()
         return out
 
     def _term(self, batch: TrainBatch, rows: torch.Tensor, t_idx: torch.Tensor, stats: dict,
@@ -177,6 +179,7 @@ class GRPOUpdate:
             mine = torch.cat([mb[rank::world_size] for order, _ in orders
                               for mb in torch.tensor_split(order, cfg.updates_per_step)]).unique()
             prox = self.proximal_log_probs(batch, mine)
+        passes = torch.split(torch.arange(K), cfg.timesteps_per_pass)  # which of a sample's K steps share a pass
         self.policy.unet.train()
         for order, t_order in orders:
             for minibatch in torch.tensor_split(order, cfg.updates_per_step):
@@ -185,14 +188,15 @@ class GRPOUpdate:
                 shard = minibatch[rank::world_size]
                 micro_batches = torch.split(shard, cfg.micro_batch_size)
                 for rows in micro_batches:
-                    for j in range(K):
-                        loss = self._term(batch, rows, t_order[rows, j], stats, prox)
+                    for js in passes:
+                        flat_rows, flat_t = _pairs(rows, t_order[rows][:, js])
+                        loss = self._term(batch, flat_rows, flat_t, stats, prox)
                         # weight so the minibatch gradient is that of the mean over its (sample, step) pairs
-                        self.optimizer.backward(loss * (world_size * len(rows) / (len(minibatch) * K)))
+                        self.optimizer.backward(loss * (world_size * len(flat_rows) / (len(minibatch) * K)))
                 # ZeRO-2/3 reduce inside every backward: all ranks must make the same number of calls, also
                 # when dropped groups leave shards of unequal size (the largest is ceil(len / world_size)).
                 largest = -(-len(minibatch) // world_size)
-                for _ in range((-(-largest // cfg.micro_batch_size) - len(micro_batches)) * K):
+                for _ in range((-(-largest // cfg.micro_batch_size) - len(micro_batches)) * len(passes)):
                     self._zero_backward()
                 if first_update_log_ratio is None and stats["abs_log_ratio"]:
                     first_update_log_ratio = float(torch.cat(stats["abs_log_ratio"]).max())
@@ -219,3 +223,9 @@ class GRPOUpdate:
                        behaviour_weight_capped_frac=float((weights >= cfg.behaviour_weight_cap).float().mean()),
                        behaviour_max_abs_log_ratio=float(torch.cat(stats["behaviour_log_ratio"]).max()))
         return out
+
+
+def _pairs(rows: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flatten `rows` [r] and each row's trajectory steps `steps` [r, c] into the r * c (row, step) pairs one pass
+    computes, step-major: with c = 1 exactly the reference's (rows, steps[:, 0])."""
+    return rows.repeat(steps.shape[1]), steps.T.reshape(-1)

@@ -1,5 +1,6 @@
 """The decoupled objective against the standard one: on-policy they give the same update; on stale data the
-decoupled ratio is taken against the learner's own policy, and the behaviour weights carry the staleness."""
+decoupled ratio is taken against the learner's own policy, and the behaviour weights carry the staleness. And
+grpo.timesteps_per_pass: several trained timesteps in one pass give the same update as one at a time."""
 
 import torch
 
@@ -25,8 +26,8 @@ class GradientRecorder:
         return 0.0
 
 
-def _setup(cfg, objective: str, state: dict | None = None, record: bool = False):
-    cfg = cfg.model_copy(update={"grpo": cfg.grpo.model_copy(update={"objective": objective})})
+def _setup(cfg, objective: str, state: dict | None = None, record: bool = False, **grpo):
+    cfg = cfg.model_copy(update={"grpo": cfg.grpo.model_copy(update={"objective": objective, **grpo})})
     policy = Policy.from_config(cfg)
     if state is not None:
         policy.load_state(state, 1)
@@ -73,3 +74,38 @@ def test_on_stale_data_the_ratio_is_taken_against_the_learners_policy(tiny_dir, 
     assert stale["decoupled"]["first_update_max_abs_log_ratio"] < 1e-5
     assert stale["decoupled"]["behaviour_max_abs_log_ratio"] > 1e-3
     assert stale["decoupled"]["behaviour_weight_mean"] != 1.0
+
+
+def test_timesteps_in_one_pass_give_the_gradients_of_one_timestep_per_pass(tiny_dir, tmp_path, prompt_file,
+                                                                             tiny_config):
+    cfg = tiny_config(tiny_dir, tmp_path, prompt_file, "grpo.group_size=4", "grpo.prompts_per_step=2",
+                      "grpo.updates_per_step=2", "grpo.micro_batch_size=2", "grpo.train_timesteps=4")
+    grads, metrics, passes = {}, {}, {}
+    for objective in ("standard", "decoupled"):
+        for per_pass in (1, 3, 4):  # 3 leaves a pass of one timestep: passes need not divide train_timesteps
+            policy, updater = _setup(cfg, objective, record=True, timesteps_per_pass=per_pass)
+            batch, calls = _batch(cfg, policy), []
+            unet_forward = policy.unet.forward
+            policy.unet.forward = lambda *a, **k: calls.append(a[0].shape[0]) or unet_forward(*a, **k)
+            metrics[objective, per_pass] = updater.update(batch, step=0)
+            grads[objective, per_pass] = torch.stack(updater.optimizer.grads)
+            passes[objective, per_pass] = calls
+    # the float32 noise floor: the reference loop itself, batched differently (one sample per micro-batch)
+    policy, updater = _setup(cfg, "standard", record=True, micro_batch_size=1)
+    updater.update(_batch(cfg, policy), step=0)
+
+    def error(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+    floor = error(torch.stack(updater.optimizer.grads), grads["standard", 1])
+    for objective in ("standard", "decoupled"):
+        for per_pass in (3, 4):  # the same sum in another order and batching: float32 rounding apart
+            assert error(grads[objective, per_pass], grads[objective, 1]) < max(10 * floor, 1e-6), floor
+            assert abs(metrics[objective, per_pass]["loss"] - metrics[objective, 1]["loss"]) < 1e-6
+            assert metrics[objective, per_pass]["clipfrac"] == metrics[objective, 1]["clipfrac"]
+    # for each of its 4 micro-batches, training makes one UNet call per pass of 2 samples x the pass's timesteps x 2
+    # (guidance)
+    assert passes["standard", 1] == [4] * 16
+    assert sorted(passes["standard", 3]) == [4] * 4 + [12] * 4
+    assert passes["standard", 4] == [16] * 4
+    assert passes["decoupled", 4] == [16] * 8  # the proximal log-probs' 4 passes, then training's 4
