@@ -50,10 +50,12 @@ class Rollout:
         latents = torch.cat([p.latents for p in parts]).cpu()
         log_probs = torch.cat([p.log_probs for p in parts]).cpu()
         images = torch.cat(images)
+        # each group gets its own copies: a pickled slice would carry the whole batch's storage with it
+        rows = [slice(i * G, (i + 1) * G) for i in range(len(groups))]
         return [
-            Trajectory(group=g, latents=latents[i * G:(i + 1) * G], log_probs=log_probs[i * G:(i + 1) * G],
-                       timesteps=parts[0].timesteps, prompt_embeds=prompt_embeds[i].cpu(),
-                       negative_embeds=self.negative_embeds.cpu(), images=images[i * G:(i + 1) * G],
+            Trajectory(group=g, latents=latents[r].clone(), log_probs=log_probs[r].clone(),
+                       timesteps=parts[0].timesteps, prompt_embeds=prompt_embeds[i].cpu().clone(),
+                       negative_embeds=self.negative_embeds.cpu(), images=images[r].clone(),
                        seeds=seeds[i], policy_version=self.policy.version)
-            for i, g in enumerate(groups)
+            for i, (g, r) in enumerate(zip(groups, rows))
         ]

@@ -10,14 +10,13 @@ import dataclasses
 import time
 
 import ray
-import torch
 
 from safediff.actors.render import pipeline, render_chunk
 from safediff.actors.rollout import Rollout
 from safediff.common.config import Config
 from safediff.common.policy import Policy
 from safediff.common.process import configure_threads, on_assigned_device
-from safediff.common.types import EvalRow, PromptGroup, Trajectory
+from safediff.common.types import EvalRow, PromptGroup
 from safediff.common.weight_sync import ActorBehind, PolicyHolder
 
 
@@ -30,18 +29,22 @@ class RolloutActor(PolicyHolder):
         self.policy = Policy.from_config(cfg)
         self.rollout = Rollout(self.policy, cfg.sampler, cfg.grpo.group_size, cfg.run.seed)
 
-    @ray.method(num_returns=3)
-    def generate(self, group: PromptGroup, min_version: int = 0) -> tuple[Trajectory, torch.Tensor, dict]:
-        """Three objects: the trajectory without images (for the learner), the images uint8 [G, 3, H, W]
-        (for the reward actor, by reference) and a small info dict (for the controller). Refuses (ActorBehind)
-        when holding a policy older than `min_version`, the version the controller last sent."""
+    def generate(self, groups: list[PromptGroup], min_version: int = 0) -> tuple:
+        """Three objects per group, in order, for the caller to split (call with `num_returns=3 * len(groups)`):
+        the trajectory without images (for the learner), the images uint8 [G, 3, H, W] (for the reward actor, by
+        reference) and a small info dict (for the controller; `generate_s` is the group's share of the call). The
+        groups share UNet batches of `sampler.batch_size` images. Refuses (ActorBehind) when holding a policy
+        older than `min_version`, the version the controller last sent."""
         if self.policy.version < min_version:
-            raise ActorBehind(f"actor holds version {self.policy.version}, the group needs >= {min_version}")
+            raise ActorBehind(f"actor holds version {self.policy.version}, the groups need >= {min_version}")
         start = time.perf_counter()
-        [trajectory] = self.rollout.generate([group])
-        images = trajectory.images
-        info = {"policy_version": trajectory.policy_version, "generate_s": time.perf_counter() - start}
-        return dataclasses.replace(trajectory, images=None), images, info
+        trajectories = self.rollout.generate(groups)
+        share = (time.perf_counter() - start) / len(groups)
+        out = []
+        for trajectory in trajectories:
+            info = {"policy_version": trajectory.policy_version, "generate_s": share}
+            out += [dataclasses.replace(trajectory, images=None), trajectory.images, info]
+        return tuple(out)
 
     def render(self, rows: list[EvalRow], min_version: int = 0) -> list[tuple[str, bytes]]:
         """Evaluation images of a chunk of rows (actors/render.py) with the policy held now, through a

@@ -33,9 +33,9 @@ class NoopRollout:
     def __init__(self):
         self.version = 0
 
-    @ray.method(num_returns=3)
-    def generate(self, group, min_version=0):
-        return None, torch.zeros(1, dtype=torch.uint8), {"policy_version": self.version, "generate_s": 0.0}
+    def generate(self, groups, min_version=0):
+        info = {"policy_version": self.version, "generate_s": 0.0}
+        return tuple(x for _ in groups for x in (None, torch.zeros(1, dtype=torch.uint8), info))
 
     def load_adapter(self, update):
         self.version = update.version

@@ -89,9 +89,11 @@ class RolloutGroup(ActorGroup):
         return cls(_restartable(RolloutActor, cfg, c.rollout_actors, c.cpus_per_rollout_actor,
                                 c.gpus_per_rollout_actor))
 
-    def generate(self, group: PromptGroup, slot: int, min_version: int) -> tuple:
-        """References to (trajectory without images, images, info) of `group` rendered on actor `slot`."""
-        return self.at(slot).generate.remote(group, min_version)
+    def generate(self, groups: list[PromptGroup], slot: int, min_version: int) -> list[tuple]:
+        """References to (trajectory without images, images, info) of each of `groups`, rendered together on actor
+        `slot`."""
+        refs = self.at(slot).generate.options(num_returns=3 * len(groups)).remote(groups, min_version)
+        return [tuple(refs[3 * i:3 * i + 3]) for i in range(len(groups))]
 
     def load_adapter(self, update: AdapterUpdate) -> list:
         """Send `update` to every actor; references to their SyncReports."""

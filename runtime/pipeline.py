@@ -191,18 +191,23 @@ class RolloutPipeline:
         return self.actors.rollouts.status()
 
     def _submit(self, group: PromptGroup, slot: int) -> tuple:
-        """Generate on rollout actor `slot` and score on reward actor `slot`: three references."""
-        trajectory, images, info = self.actors.rollouts.generate(group, slot, self.version)
+        """Generate one group on rollout actor `slot` and score it on reward actor `slot`: three references."""
+        [(trajectory, images, info)] = self.actors.rollouts.generate([group], slot, self.version)
         return trajectory, self.actors.rewards.score(images, group, self.G, slot), info
 
     def _launch(self, step: int) -> StepRollout:
+        """Draw step `step`'s groups and send them out: group i to rollout actor i mod n (each actor renders its
+        groups in one call, in shared UNet batches) and then to reward actor i mod m."""
         cursor = self.cursor()  # before the red team's refresh at this step: a resume at `step` refreshes again
         if self.redteam is not None:
             self.redteam.before_launch(step, self.update)
-        out = StepRollout(cursor, self.prompts.next_groups(step, self.P), [], [], [])
-        for i, group in enumerate(out.groups):
-            trajectory, reward, info = self._submit(group, i)
-            out.trajectories.append(trajectory)
-            out.rewards.append(reward)
-            out.infos.append(info)
+        groups = self.prompts.next_groups(step, self.P)
+        out = StepRollout(cursor, groups, [None] * len(groups), [None] * len(groups), [None] * len(groups))
+        actors = len(self.actors.rollouts)
+        for slot in range(min(actors, len(groups))):
+            mine = list(range(slot, len(groups), actors))
+            rendered = self.actors.rollouts.generate([groups[i] for i in mine], slot, self.version)
+            for i, (trajectory, images, info) in zip(mine, rendered):
+                out.trajectories[i], out.infos[i] = trajectory, info
+                out.rewards[i] = self.actors.rewards.score(images, groups[i], self.G, i)
         return out
