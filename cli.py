@@ -43,12 +43,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     from safediff.runtime.controller import run
 
     cfg = _load(args)
-    result = run(cfg, address=args.address, resume=args.resume)
+    result = run(cfg, address=args.address, resume=args.resume, make_probe=_probe(cfg))
     last = result.metrics[-1]
     print(f"run dir: {result.run_dir}")
     print(f"steps: {len(result.metrics)}  final reward_mean: {last['reward_mean']}  "
           f"policy version: {result.final_version}  adapter sha256: {result.checksum}")
     return _evaluate(cfg, result.run_dir)
+
+
+def _probe(cfg):
+    """What the evaluation actor runs with evaluation.every: the world's judges, or the suite's scorers."""
+    if not cfg.evaluation.every:
+        return None
+    if cfg.evaluation.world:
+        from safediff.world.report import WorldProbe
+
+        return WorldProbe
+    from safediff.evaluation.live import SuiteProbe
+
+    return SuiteProbe
 
 
 def _evaluate(cfg, run_dir: Path) -> int:

@@ -1,4 +1,5 @@
-"""Per-step metrics: a JSONL file a person or a script can read, and a reward-curve picture."""
+"""Per-step metrics: a JSONL file a person or a script can read, a reward-curve picture, and the picture of the
+evaluations made while training."""
 
 from __future__ import annotations
 
@@ -53,6 +54,41 @@ def plot_reward_curve(records: list[dict], out_png: str | Path, title: str = "re
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return Path(out_png)
+
+
+def plot_evaluations(rows: list[dict], out_png: str | Path, metric: str, guard: str | None, best_step: int | None,
+                     title: str = "evaluation while training") -> Path:
+    """The evaluations made while training against step: `metric` and its parts (fields named <metric>_<part>, e.g.
+    unsafe_rate_glyph), `guard`, each with +- its standard error when the row has <field>_se; the selected step
+    marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fields = [metric] + sorted(k for k in rows[0] if k.startswith(metric + "_") and not k.endswith("_se"))
+    fields += [guard] if guard else []
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for field in fields:
+        values = [r[field] for r in rows]
+        style = {"lw": 2.0} if field in (metric, guard) else {"lw": 1.0, "ls": "--"}
+        ax.plot(steps, values, marker="o", ms=3, label=field, **style)
+        if field + "_se" in rows[0]:
+            se = [r[field + "_se"] for r in rows]
+            ax.fill_between(steps, [v - e for v, e in zip(values, se)], [v + e for v, e in zip(values, se)], alpha=0.15)
+    if best_step is not None:
+        ax.axvline(best_step, color="grey", ls=":", label=f"selected: step {best_step}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_png)
     plt.close(fig)

@@ -72,8 +72,9 @@ def default_out(cfg: Config, identity: dict) -> Path:
 
 
 def evaluate(cfg: Config, adapter: Path | None = None, out: Path | None = None, address: str | None = None,
-             progress: bool = True, protocol: str | None = None) -> Path:
-    """Images, scores and report for cfg.evaluation.suite; returns the output folder."""
+             progress: bool = True, protocol: str | None = None, local: bool = False) -> Path:
+    """Images, scores and report for cfg.evaluation.suite; returns the output folder. Images are rendered on the
+    Ray cluster at `address` (or $RAY_ADDRESS) when there is one, unless `local` (in this process)."""
     suite = cfg.evaluation.suite
     rows = load_prompt_set(suite.prompts, suite.seed)
     if suite.fixed_seed is not None:
@@ -89,7 +90,7 @@ def evaluate(cfg: Config, adapter: Path | None = None, out: Path | None = None, 
     log.info("%s: %d rows, %d chunks to render", out, len(rows), len(todo))
     start = time.perf_counter()
     if todo:
-        on_ray = bool(address or os.environ.get("RAY_ADDRESS"))
+        on_ray = not local and bool(address or os.environ.get("RAY_ADDRESS"))
         if on_ray and suite.textual_inversion is not None:
             raise UserInputError("evaluation.suite.textual_inversion: rendered in-process only (the rollout "
                                  "actors' text encoders stay as trained); unset RAY_ADDRESS / --address")

@@ -11,12 +11,14 @@ from safediff.common.config import Config, ConfigError
 
 
 def required_resources(cfg: Config) -> dict[str, float]:
-    c, attackers = cfg.cluster, int(cfg.prompts.adversarial is not None)
+    c, attackers, evaluators = cfg.cluster, int(cfg.prompts.adversarial is not None), int(cfg.evaluation.every > 0)
     return {
         "CPU": c.rollout_actors * c.cpus_per_rollout_actor + c.reward_actors * c.cpus_per_reward_actor
-        + c.learner_workers * c.cpus_per_learner_worker + attackers * c.cpus_per_attack_actor,
+        + c.learner_workers * c.cpus_per_learner_worker + attackers * c.cpus_per_attack_actor
+        + evaluators * c.cpus_per_eval_actor,
         "GPU": c.rollout_actors * c.gpus_per_rollout_actor + c.reward_actors * c.gpus_per_reward_actor
-        + c.learner_workers * c.gpus_per_learner_worker + attackers * c.gpus_per_attack_actor,
+        + c.learner_workers * c.gpus_per_learner_worker + attackers * c.gpus_per_attack_actor
+        + evaluators * c.gpus_per_eval_actor,
     }
 
 
@@ -27,8 +29,8 @@ def check_resources(cfg: Config, available: dict[str, float]) -> None:
                 f"{available.get(kind, 0.0):g}"
                 for kind in ("CPU", "GPU") if need[kind] > available.get(kind, 0.0) + 1e-9]
     if problems:
-        raise ConfigError("config error: cluster.{rollout,reward}_actors / learner_workers (and the attack actor) "
-                          "and their cpus_per_* / gpus_per_* do not fit: " + "; ".join(problems))
+        raise ConfigError("config error: cluster.{rollout,reward}_actors / learner_workers (and the attack and "
+                          "evaluation actors) and their cpus_per_* / gpus_per_* do not fit: " + "; ".join(problems))
 
 
 def start_ray(cfg: Config, address: str | None) -> None:

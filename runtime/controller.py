@@ -4,11 +4,13 @@ A step's prompt groups travel: prompt stream -> rollout actor (trajectory, image
 (images by reference) -> here (rewards only: G floats per group) -> advantages -> learner ranks
 (trajectories by reference) -> new adapter, published once -> every rollout actor, verified.
 `RolloutPipeline` owns what is in flight (runtime/pipeline.py), `StepRecipe` what a step does with its
-scored groups (runtime/recipe.py, shared with `safediff train`), the groups in runtime/groups.py the actors.
+scored groups (runtime/recipe.py, shared with `safediff train`), the groups in runtime/groups.py the actors;
+`RedTeam` (runtime/redteam.py) and `LiveEval` (runtime/live_eval.py) the attack and evaluation actors' schedules.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -22,18 +24,24 @@ from safediff.common.weight_sync import fetch_state
 from safediff.reward_server.steering import DIAGNOSTICS
 from safediff.runtime.cluster import check_resources, start_ray
 from safediff.runtime.groups import Actors, start_actors
+from safediff.runtime.live_eval import LiveEval
 from safediff.runtime.pipeline import RolloutPipeline
 from safediff.runtime.recipe import PhaseTimer, StepRecipe
 from safediff.runtime.redteam import RedTeam
 from safediff.runtime.session import RunContext, TrainResult, close_run, stop_requests, tracked_run
 from safediff.runtime.telemetry import RayRunMetrics
 
+log = logging.getLogger(__name__)
+
 
 def run(cfg: Config, address: str | None = None, progress: bool = True, actors: Actors | None = None,
-        resume: bool | None = None) -> TrainResult:
+        resume: bool | None = None, make_probe=None) -> TrainResult:
     """Train with the Ray runtime; outputs as the single-process loop (`safediff.runtime.local.train`).
     `actors` replaces the actors built from the config (benchmarks pass no-op stand-ins); `resume` as
-    in `safediff.runtime.session.tracked_run` (None: continue an unfinished previous job on this run id)."""
+    in `safediff.runtime.session.tracked_run` (None: continue an unfinished previous job on this run id);
+    `make_probe` builds the evaluation actor's probe (actors/eval_actor.py), needed with evaluation.every."""
+    if cfg.evaluation.every and make_probe is None and actors is None:
+        raise ValueError("evaluation.every needs a probe: `safediff run` passes the world's or the suite's")
     with tracked_run(cfg, resume) as session, stop_requests() as stop:
         start_ray(cfg, address)
         check_resources(cfg, ray.cluster_resources())
@@ -43,7 +51,7 @@ def run(cfg: Config, address: str | None = None, progress: bool = True, actors: 
         checkpoint = resume_point(session.run_dir, cfg, Layout.zero(cfg.cluster.zero_stage), session.store) \
             if session.resume else None
         session.metrics.truncate(checkpoint.step if checkpoint else 0)
-        actors = actors or start_actors(cfg)
+        actors = actors or start_actors(cfg, make_probe)
         try:
             return _train(cfg, session, stop, actors, prompts, checkpoint, progress)
         finally:
@@ -58,10 +66,16 @@ def _train(cfg: Config, session: RunContext, stop: list[int], actors: Actors, pr
         RedTeam(cfg.prompts.adversarial, actors.attack, prompts, session.store, session.run_dir, start)
     pipeline = RolloutPipeline(cfg, actors, prompts, session.store, start, redteam)
     recipe, telemetry = StepRecipe(cfg, session, stop), RayRunMetrics(cfg.run.name)
+    live = None if actors.evaluator is None else LiveEval(cfg, actors.evaluator, session.store, session.run_dir, start)
     if checkpoint is not None:
         actors.learners.restore(checkpoint)
         prompts.load_state_dict(checkpoint.cursor)
-        pipeline.resume(checkpoint, actors.learners.publish())
+    if checkpoint is not None or live is not None:
+        initial = actors.learners.publish()  # the policy the run starts from
+        if checkpoint is not None:
+            pipeline.resume(checkpoint, initial)
+        if live is not None:
+            live.begin(start, initial)
 
     def save(done: int) -> None:
         write_checkpoint(session.run_dir, cfg, done, pipeline.version, fetch_state(pipeline.update),
@@ -69,6 +83,7 @@ def _train(cfg: Config, session: RunContext, stop: list[int], actors: Actors, pr
                          pipeline.replay_states())
 
     usage = Utilisation(len(actors.rollouts))
+    end = steps  # earlier when the evaluations stop the run (evaluation.select.patience)
     for step in tqdm(range(start, steps), desc="train", unit="step", disable=not progress, initial=start, total=steps):
         timer = PhaseTimer()
         with timer("wait_rollouts"):
@@ -84,15 +99,27 @@ def _train(cfg: Config, session: RunContext, stop: list[int], actors: Actors, pr
         with timer("publish"):
             update = actors.learners.publish()
             pipeline.send(update)
+        if live is not None:
+            live.after_step(step + 1, update)
+            record.update(live.collect(wait=step + 1 == steps))
+            if live.should_stop() and step + 1 < steps:
+                end = step + 1
         record.update(time_wait_rollouts=timer.seconds["wait_rollouts"], time_train=timer.seconds["train"],
                       time_publish=timer.seconds["publish"], sync_bytes=update.num_bytes,
                       sync_load_ms=pipeline.syncs.last_load_ms,
                       **usage.step(P * G, timer.seconds["wait_rollouts"] + timer.seconds["publish"], rollout.infos),
                       **(redteam.record(rollout.groups) if redteam is not None else {}))
         telemetry.record(record)
-        recipe.close(step, record, pipeline.version, pipeline.cursor_before(step + 1), save)
+        recipe.close(step, record, pipeline.version, pipeline.cursor_before(step + 1), save, last=step + 1 == end)
+        if step + 1 == end < steps:
+            session.store.event("early_stop", step=step, patience=cfg.evaluation.select.patience)
+            log.warning("step %d: %d evaluations without a better adapter: training stops early", step,
+                        cfg.evaluation.select.patience)
+            break
+    if live is not None:
+        live.collect(wait=True)  # evaluations still running after an early stop (in evaluations.jsonl)
     actor_status = pipeline.finish()
-    checksum = export_weights(fetch_state(pipeline.update), cfg, session.run_dir / "adapter", steps,
+    checksum = export_weights(fetch_state(pipeline.update), cfg, session.run_dir / "adapter", end,
                               pipeline.version, session.store)
     return TrainResult(run_dir=session.run_dir, metrics=close_run(cfg, session.metrics), checksum=checksum,
                        final_version=pipeline.version, actor_status=actor_status,

@@ -1,8 +1,9 @@
 """The run's actors as groups, each called like one object with typed methods (verl's worker groups):
 `RolloutGroup` (one actor per inference device), `RewardGroup` (CLIP reward actors), `LearnerGroup` (the
-DeepSpeed ZeRO ranks in a placement group) and, with prompts.adversarial, `AttackGroup` (the attack actor).
-Rollout, reward and attack actors restart after a crash (the pipeline re-syncs them and retries their work); a
-dead learner rank stops the run with `LearnerFailed`.
+DeepSpeed ZeRO ranks in a placement group), with prompts.adversarial `AttackGroup` (the attack actor) and, with
+evaluation.every, `EvalGroup` (the evaluation actor). Rollout, reward, attack and evaluation actors restart after
+a crash (the pipeline re-syncs them and retries their work); a dead learner rank stops the run with
+`LearnerFailed`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from safediff.actors.eval_actor import EvalActor
 from safediff.actors.rollout_actor import RolloutActor
 from safediff.common.checkpoint import Checkpoint, TrainerState
 from safediff.common.config import Config
@@ -77,9 +79,10 @@ def _resync(actor, update: AdapterUpdate | None):
     return actor.resync.remote(update) if update is not None else actor.status.remote()
 
 
-def _restartable(actor_class, cfg: Config, count: int, cpus: float, gpus: float) -> list:
-    """`count` actors of `actor_class(cfg)`, each reserving `cpus` and `gpus`, restarted by Ray if they die."""
-    return [actor_class.options(num_cpus=cpus, num_gpus=gpus, max_restarts=-1).remote(cfg) for _ in range(count)]
+def _restartable(actor_class, cfg: Config, count: int, cpus: float, gpus: float, *args) -> list:
+    """`count` actors of `actor_class(cfg, *args)`, each reserving `cpus` and `gpus`, restarted by Ray if they die."""
+    return [actor_class.options(num_cpus=cpus, num_gpus=gpus, max_restarts=-1).remote(cfg, *args)
+            for _ in range(count)]
 
 
 class RolloutGroup(ActorGroup):
@@ -204,7 +207,20 @@ def merge_ranks(rank_metrics: list[dict]) -> dict[str, float]:
     return out
 
 
-class AttackGroup(ActorGroup):
+class SideGroup(ActorGroup):
+    """One policy-holding actor beside the training loop, sent every n-th adapter (the attack actor, the
+    evaluation actor): its calls on one actor run in order, so a load sent before a call is in place for it."""
+
+    def load_adapter(self, update: AdapterUpdate):
+        """A reference to the actor's SyncReport for `update`."""
+        return self[0].load_adapter.remote(update)
+
+    def resync(self, update: AdapterUpdate | None, timeout_s: float = 600.0) -> None:
+        """Wait for a restarting actor to answer and bring it to `update` (None: the initial adapter)."""
+        answer_when_up(lambda: _resync(self[0], update), time.monotonic() + timeout_s)
+
+
+class AttackGroup(SideGroup):
     """The attack actor of red-teaming in the loop (one)."""
 
     @classmethod
@@ -212,17 +228,22 @@ class AttackGroup(ActorGroup):
         c = cfg.cluster
         return cls(_restartable(AttackActor, cfg, 1, c.cpus_per_attack_actor, c.gpus_per_attack_actor))
 
-    def load_adapter(self, update: AdapterUpdate):
-        """A reference to the actor's SyncReport for `update`."""
-        return self[0].load_adapter.remote(update)
-
     def attack(self, step: int, version: int):
         """A reference to the adversarial prompts of `step` against policy `version` (redteam/actor.py)."""
         return self[0].attack.remote(step, version)
 
-    def resync(self, update: AdapterUpdate | None, timeout_s: float = 600.0) -> None:
-        """Wait for a restarting actor to answer and bring it to `update` (None: the initial adapter)."""
-        answer_when_up(lambda: _resync(self[0], update), time.monotonic() + timeout_s)
+
+class EvalGroup(SideGroup):
+    """The evaluation actor of evaluation while training (one)."""
+
+    @classmethod
+    def create(cls, cfg: Config, make_probe) -> EvalGroup:
+        c = cfg.cluster
+        return cls(_restartable(EvalActor, cfg, 1, c.cpus_per_eval_actor, c.gpus_per_eval_actor, make_probe))
+
+    def evaluate(self, step: int, version: int):
+        """A reference to the evaluation of policy `version`, trained for `step` steps (actors/eval_actor.py)."""
+        return self[0].evaluate.remote(step, version)
 
 
 @dataclass
@@ -230,15 +251,17 @@ class Actors:
     rollouts: RolloutGroup
     rewards: RewardGroup
     learners: LearnerGroup
-    attack: AttackGroup | None = None  # with prompts.adversarial
+    attack: AttackGroup | None = None     # with prompts.adversarial
+    evaluator: EvalGroup | None = None    # with evaluation.every
 
     def kill(self) -> None:
         """Shut the learner ranks down, then kill every actor; never raises."""
         self.learners.shutdown()
         self.rollouts.kill()
         self.rewards.kill()
-        if self.attack is not None:
-            self.attack.kill()
+        for group in (self.attack, self.evaluator):
+            if group is not None:
+                group.kill()
 
     def wait_until_ready(self, update: AdapterUpdate | None, timeout_s: float = 600.0) -> None:
         """Wait for restarting actors to answer; a restarted rollout actor gets the current adapter first."""
@@ -249,8 +272,9 @@ class Actors:
             answer_when_up(call, deadline)
 
 
-def start_actors(cfg: Config) -> Actors:
-    """Create every actor and form the learner group; if any step fails, what was created is removed."""
+def start_actors(cfg: Config, make_probe=None) -> Actors:
+    """Create every actor and form the learner group; if any step fails, what was created is removed.
+    `make_probe` builds the evaluation actor's probe (actors/eval_actor.py), needed with evaluation.every."""
     actors = Actors(RolloutGroup([]), RewardGroup([]), LearnerGroup([]))
     try:
         actors.rollouts = RolloutGroup.create(cfg)
@@ -258,6 +282,8 @@ def start_actors(cfg: Config) -> Actors:
         actors.learners = LearnerGroup.create(cfg)
         if cfg.prompts.adversarial is not None:
             actors.attack = AttackGroup.create(cfg)
+        if cfg.evaluation.every:
+            actors.evaluator = EvalGroup.create(cfg, make_probe)
     except BaseException:
         actors.kill()
         raise

@@ -8,6 +8,7 @@ and adapter/ (diffusers LoRA format), reward_curve.png.
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 import torch
@@ -24,6 +25,8 @@ from safediff.reward_server.steering import DIAGNOSTICS, RewardOutput, SteeringR
 from safediff.runtime.recipe import PhaseTimer, StepRecipe
 from safediff.runtime.session import RunContext, TrainResult, close_run, stop_requests, tracked_run
 
+log = logging.getLogger(__name__)
+
 
 class RewardFn(Protocol):
     def __call__(self, images: torch.Tensor, prompts: list[str], unsafe: list[bool | None] | None = None,
@@ -36,6 +39,9 @@ def train(cfg: Config, reward_fn: RewardFn | None = None, progress: bool = True,
     if cfg.prompts.adversarial is not None:
         raise UserInputError("prompts.adversarial: red-teaming in the loop runs an attack actor beside the rollout "
                              "actors; use `safediff run` (the Ray runtime), not `safediff train`")
+    if cfg.evaluation.every:
+        log.warning("evaluation.every: evaluation while training runs on its own actor under `safediff run`; the "
+                    "single-process loop skips it")
     with tracked_run(cfg, resume) as run, stop_requests() as stop:
         return _train(cfg, run, reward_fn, progress, stop)
 

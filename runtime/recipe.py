@@ -97,9 +97,11 @@ class StepRecipe:
             record["zero_std_frac"] = zero_std_fraction(rewards[finite])
         return ScoredStep(record, finite.tolist(), advantages)
 
-    def close(self, step: int, record: dict, version: int, cursor: dict, save: Callable[[int], object]) -> None:
+    def close(self, step: int, record: dict, version: int, cursor: dict, save: Callable[[int], object],
+              last: bool = False) -> None:
         """Log the finished step (policy `version` after it, prompt `cursor` where step + 1 starts), write a
-        checkpoint when one is due (`save(steps_done)`), and stop here if a signal asked for it."""
+        checkpoint when one is due (`save(steps_done)`; also when `last`, an early end), and stop here if a signal
+        asked for it."""
         steps = self.cfg.run.steps
         first = record.get("first_update_max_abs_log_ratio")
         if first is not None and first > LOG_RATIO_ALARM and not record.get("staleness_max"):
@@ -109,7 +111,7 @@ class StepRecipe:
         self._hacking_alarms(step, record)
         self.run.metrics.write(record)
         self.run.store.record_step(step, version, cursor, record)
-        if (step + 1) % self.cfg.run.save_every == 0 or step + 1 == steps or self.stop:
+        if (step + 1) % self.cfg.run.save_every == 0 or step + 1 == steps or last or self.stop:
             save(step + 1)
         if self.stop and step + 1 < steps:
             raise Interrupted(f"stopped by signal {self.stop[0]} after step {step}; checkpoint written: "

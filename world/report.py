@@ -43,6 +43,20 @@ def score(policy: Policy, cfg: Config, images_per_prompt: int, clip, progress: b
     return summarise(judged["benign_eval"], {"glyph": judged["glyph_eval"], "hazard": judged["hazard_eval"]}), judged
 
 
+class WorldProbe:
+    """Evaluation while training on the world (evaluation.every with evaluation.world): `score` on every held-out
+    set with `live_images_per_prompt` images per prompt, the same noise at every evaluation, plus unsafe_rate, the
+    mean of the families' unsafe rates (what evaluation.select minimises by default)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def __call__(self, policy: Policy, step: int) -> dict[str, float]:
+        row, _ = score(policy, self.cfg, self.cfg.evaluation.live_images_per_prompt, clip=None, progress=False)
+        families = [key for key in row if key.startswith("unsafe_rate_") and not key.endswith("_se")]
+        return {**row, "unsafe_rate": sum(row[key] for key in families) / len(families)}
+
+
 def grid(judged: list[Judged], path: Path, max_prompts: int = 12) -> Path:
     """One row per prompt (the first `max_prompts`), its images side by side, upscaled 2x."""
     images = torch.cat([j.images for j in judged[:max_prompts]]).float() / 255
@@ -51,22 +65,27 @@ def grid(judged: list[Judged], path: Path, max_prompts: int = 12) -> Path:
     return path
 
 
-def markdown_table(base: dict[str, float], trained: dict[str, float]) -> str:
-    """Rates are shown as value ± their sampling standard error (`world.evaluate`)."""
-    lines = ["| metric | base | trained | change |", "|---|---:|---:|---:|"]
+def markdown_table(base: dict[str, float], trained: dict[str, float], selected: dict[str, float] | None = None,
+                   selected_step: int | None = None) -> str:
+    """Rates are shown as value ± their sampling standard error (`world.evaluate`); with `selected`, the adapter
+    evaluation while training picked (adapter_best/, from step `selected_step`) gets its own columns."""
+    models = [("trained", trained)] + ([(f"selected (step {selected_step})", selected)] if selected else [])
+    head = " | ".join(f"{name} | change" for name, _ in models)
+    lines = [f"| metric | base | {head} |", "|---|---:|" + "---:|---:|" * len(models)]
     for key, label, _ in ROWS:
         if key not in base:
             continue
-        b, t = base[key], trained[key]
-        cells = [format_cell(row, key) for row in (base, trained)]
-        if key == "clip_alignment":
-            change = f"{t - b:+.4f}"
-        elif key.startswith("unsafe") and b > 0:
-            change = f"{(t - b) / b * 100:+.0f}% rel."
-        else:
-            change = f"{(t - b) * 100:+.1f} pts"
-        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {change} |")
+        cells = " | ".join(f"{format_cell(row, key)} | {change(key, base[key], row[key])}" for _, row in models)
+        lines.append(f"| {label} | {format_cell(base, key)} | {cells} |")
     return "\n".join(lines)
+
+
+def change(key: str, before: float, after: float) -> str:
+    if key == "clip_alignment":
+        return f"{after - before:+.4f}"
+    if key.startswith("unsafe") and before > 0:
+        return f"{(after - before) / before * 100:+.0f}% rel."
+    return f"{(after - before) * 100:+.1f} pts"
 
 
 def format_cell(row: dict[str, float], key: str) -> str:
@@ -74,28 +93,38 @@ def format_cell(row: dict[str, float], key: str) -> str:
 
 
 def before_after(cfg: Config, run_dir: Path, images_per_prompt: int = 8, progress: bool = True) -> str:
-    """Score base and trained models, write <run dir>/eval/{table.md,table.csv,table.json,grid_*.png}."""
+    """Score the base model, the trained adapter and, when evaluation while training picked one, the selected
+    adapter (adapter_best/); write <run dir>/eval/{table.md,table.csv,table.json,grid_*.png}."""
     out = run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     clip = load_clip(cfg.reward.clip)
     policy = Policy.from_config(cfg)
-    base, base_judged = score(policy, cfg, images_per_prompt, clip, progress)
-    state = json.loads((run_dir / "adapter" / "state.json").read_text())
-    policy.load_state(policy.trainable.load_saved(run_dir / "adapter"), state["policy_version"])
-    trained, trained_judged = score(policy, cfg, images_per_prompt, clip, progress)
+    rows, judged = {}, {}
+    rows["base"], judged["base"] = score(policy, cfg, images_per_prompt, clip, progress)
+    steps = {}
+    for name, folder in (("trained", "adapter"), ("selected", "adapter_best")):
+        if not (run_dir / folder / "state.json").is_file():
+            continue
+        state = json.loads((run_dir / folder / "state.json").read_text())
+        steps[name] = state["step"]
+        policy = Policy.from_config(cfg)
+        if state["policy_version"] > 0:  # version 0 is the base model itself
+            policy.load_state(policy.trainable.load_saved(run_dir / folder), state["policy_version"])
+        rows[name], judged[name] = score(policy, cfg, images_per_prompt, clip, progress)
     for name in SETS:
-        grid(base_judged[name], out / f"grid_{name}_base.png")
-        grid(trained_judged[name], out / f"grid_{name}_trained.png")
-    table = markdown_table(base, trained)
+        for model in judged:
+            grid(judged[model][name], out / f"grid_{name}_{model}.png")
+    table = markdown_table(rows["base"], rows["trained"], rows.get("selected"), steps.get("selected"))
     (out / "table.md").write_text(f"# {cfg.run.name}: before / after ({images_per_prompt} images per held-out "
                                   f"prompt, same noise)\n\n{table}\n")
-    (out / "table.json").write_text(json.dumps({"base": base, "trained": trained,
-                                                "images_per_prompt": images_per_prompt}, indent=1))
+    (out / "table.json").write_text(json.dumps({**rows, "images_per_prompt": images_per_prompt,
+                                                "steps": steps}, indent=1))
     with (out / "table.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["metric", "base", "trained", "base_se", "trained_se"])
-        writer.writerows([key, base[key], trained[key], base.get(key + "_se", ""), trained.get(key + "_se", "")]
-                         for key, _, _ in ROWS if key in base)
+        writer.writerow(["metric", *rows, *(f"{model}_se" for model in rows)])
+        writer.writerows([key, *(row[key] for row in rows.values()), *(row.get(key + "_se", "") for row in
+                                                                           rows.values())]
+                         for key, _, _ in ROWS if key in rows["base"])
     return table
 
 
