@@ -24,7 +24,7 @@ from safediff.common.config import Config
 from safediff.common.errors import LearnerFailed
 from safediff.common.trainable import state_checksum
 from safediff.common.types import PromptGroup
-from safediff.common.weight_sync import ActorBehind, AdapterUpdate
+from safediff.common.weight_sync import ActorBehind, AdapterUpdate, check_report
 from safediff.learner.engine import LearnerWorker
 from safediff.redteam.actor import AttackActor
 from safediff.reward_server.actor import RewardActor
@@ -211,6 +211,9 @@ class SideGroup(ActorGroup):
     """One policy-holding actor beside the training loop, sent every n-th adapter (the attack actor, the
     evaluation actor): its calls on one actor run in order, so a load sent before a call is in place for it."""
 
+    name = "side actor"  # in messages
+    retried = "side_call_retried"  # the run store event of a lost call asked again
+
     def load_adapter(self, update: AdapterUpdate):
         """A reference to the actor's SyncReport for `update`."""
         return self[0].load_adapter.remote(update)
@@ -219,9 +222,30 @@ class SideGroup(ActorGroup):
         """Wait for a restarting actor to answer and bring it to `update` (None: the initial adapter)."""
         answer_when_up(lambda: _resync(self[0], update), time.monotonic() + timeout_s)
 
+    def answer(self, step: int, update: AdapterUpdate | None, report, result, ask_again, store):
+        """The answer of a call for `step` (`result`), made on policy `update` (None: the initial adapter) after the
+        load `report` (None: nothing loaded for it). If the actor died, it is re-synced to `update` and asked again,
+        once, with `ask_again()`: the call is a function of the step and the policy, so the answer is the same."""
+        for attempt in (0, 1):
+            try:
+                if report is not None:
+                    check_report(ray.get(report), update, self.name)
+                return ray.get(result)
+            except LOST as err:
+                if attempt:
+                    raise
+                log.warning("%s: the call of step %d was lost (%s); re-syncing it", self.name, step,
+                            type(err).__name__)
+                store.event(self.retried, step=step, error=type(err).__name__)
+                self.resync(update)
+                report, result = None, ask_again()
+        raise AssertionError("unreachable")
+
 
 class AttackGroup(SideGroup):
     """The attack actor of red-teaming in the loop (one)."""
+
+    name, retried = "attack actor", "attack_retried"
 
     @classmethod
     def create(cls, cfg: Config) -> AttackGroup:
@@ -235,6 +259,8 @@ class AttackGroup(SideGroup):
 
 class EvalGroup(SideGroup):
     """The evaluation actor of evaluation while training (one)."""
+
+    name, retried = "evaluation actor", "evaluation_retried"
 
     @classmethod
     def create(cls, cfg: Config, make_probe) -> EvalGroup:

@@ -30,8 +30,8 @@ from safediff.common.checkpoint import export_weights
 from safediff.common.config import Config, SelectConfig
 from safediff.common.errors import UserInputError
 from safediff.common.metrics import MetricsLog, plot_evaluations, read_metrics
-from safediff.common.weight_sync import AdapterUpdate, check_report, fetch_state
-from safediff.runtime.groups import LOST, EvalGroup
+from safediff.common.weight_sync import AdapterUpdate, fetch_state
+from safediff.runtime.groups import EvalGroup
 from safediff.runtime.run_store import RunStore
 
 log = logging.getLogger(__name__)
@@ -122,26 +122,14 @@ class LiveEval:
             report, self.loaded = self.group.load_adapter(update), update.version
         self.pending.append(Request(step, update, self.group.evaluate(step, update.version), report))
 
-    def _result(self, request: Request) -> dict[str, float]:
-        """The evaluation's fields. If the actor died, it is re-synced to the evaluated policy and asked again,
-        once (the evaluation's noise is fixed, so the retry gives the same numbers); requests queued behind it
-        fail the same way and are retried in their turn."""
-        for attempt in (0, 1):
-            try:
-                if request.report is not None:
-                    check_report(ray.get(request.report), request.update, "evaluation actor")
-                return ray.get(request.result)
-            except LOST as err:
-                if attempt:
-                    raise
-                log.warning("evaluation after step %d lost (%s); re-syncing the evaluation actor", request.step,
-                            type(err).__name__)
-                self.store.event("evaluation_retried", step=request.step, error=type(err).__name__)
-                self.group.resync(request.update if request.update.version else None)
-                self.loaded = max(self.loaded, request.update.version)
-                request = Request(request.step, request.update, self.group.evaluate(request.step,
-                                                                                    request.update.version))
-        raise AssertionError("unreachable")
+    def _result(self, r: Request) -> dict[str, float]:
+        """The evaluation's fields (asked again, once, of a restarted evaluation actor: `SideGroup.answer`; the
+        requests queued behind a lost one fail the same way and are asked again in their turn)."""
+        update = r.update if r.update.version else None  # version 0: the adapter a restarted actor starts with
+        fields = self.group.answer(r.step, update, r.report, r.result,
+                                   lambda: self.group.evaluate(r.step, r.update.version), self.store)
+        self.loaded = max(self.loaded, r.update.version)
+        return fields
 
     def _record(self, request: Request, fields: dict[str, float]) -> None:
         row = {"step": request.step, "policy_version": request.update.version, "checksum": request.update.checksum,

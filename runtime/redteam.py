@@ -22,13 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
-
 from safediff.common.config import AdversarialConfig
 from safediff.common.metrics import MetricsLog
 from safediff.common.prompts import AdversarialPool, PromptStream
-from safediff.common.weight_sync import AdapterUpdate, check_report
-from safediff.runtime.groups import LOST, AttackGroup
+from safediff.common.weight_sync import AdapterUpdate
+from safediff.runtime.groups import AttackGroup
 from safediff.runtime.run_store import RunStore
 
 log = logging.getLogger(__name__)
@@ -86,31 +84,18 @@ class RedTeam:
         return {"adversarial_groups": sum(g.source == self.prompts.adversarial_source for g in groups),
                 "time_wait_attack": waited}
 
-    def _request(self, step: int, update: AdapterUpdate | None, load: bool = True) -> Request:
+    def _request(self, step: int, update: AdapterUpdate | None) -> Request:
         version, report = update.version if update is not None else 0, None
-        if load and version > self.loaded:
+        if version > self.loaded:
             report, self.loaded = self.group.load_adapter(update), version
         return Request(step, update, version, self.group.attack(step, version), report)
 
     def _collect(self) -> list[dict]:
-        """The pending attack's prompts. If the actor died, it is re-synced to the attacked policy and asked
-        again, once: the attack is a function of (step, policy), so the retry gives the same prompts."""
-        request = self.pending
-        for attempt in (0, 1):
-            try:
-                if request.report is not None:
-                    check_report(ray.get(request.report), request.update, "attack actor")
-                found = ray.get(request.result)
-                break
-            except LOST as err:
-                if attempt:
-                    raise
-                log.warning("attack of step %d lost (%s); re-syncing the attack actor", request.step,
-                            type(err).__name__)
-                self.store.event("attack_retried", step=request.step, error=type(err).__name__)
-                self.group.resync(request.update)
-                self.loaded = request.version
-                request = self._request(request.step, request.update, load=False)
+        """The pending attack's prompts (asked again, once, of a restarted attack actor: `SideGroup.answer`)."""
+        r = self.pending
+        found = self.group.answer(r.step, r.update, r.report, r.result, lambda: self.group.attack(r.step, r.version),
+                                  self.store)
+        self.loaded = max(self.loaded, r.version)
         return found
 
     def _install(self, step: int, found: list[dict], waited: float) -> None:

@@ -101,12 +101,16 @@ def before_after(cfg: Config, run_dir: Path, images_per_prompt: int = 8, progres
     policy = Policy.from_config(cfg)
     rows, judged = {}, {}
     rows["base"], judged["base"] = score(policy, cfg, images_per_prompt, clip, progress)
-    steps = {}
+    steps, checksums = {}, {}
     for name, folder in (("trained", "adapter"), ("selected", "adapter_best")):
         if not (run_dir / folder / "state.json").is_file():
             continue
         state = json.loads((run_dir / folder / "state.json").read_text())
         steps[name] = state["step"]
+        if state["checksum"] in checksums:  # the selected adapter is the last one: the same numbers
+            rows[name], judged[name] = rows[checksums[state["checksum"]]], judged[checksums[state["checksum"]]]
+            continue
+        checksums[state["checksum"]] = name
         policy = Policy.from_config(cfg)
         if state["policy_version"] > 0:  # version 0 is the base model itself
             policy.load_state(policy.trainable.load_saved(run_dir / folder), state["policy_version"])

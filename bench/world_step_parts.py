@@ -1,0 +1,77 @@
+"""Where a world step's time goes, and what the two batching knobs buy, measured in one process and one run:
+
+    python -m bench.world_step_parts [--repeats 2] [key.sub=value ...]
+
+    rollout   the step's prompts_per_step groups rendered one group per call (as before) and all in one call
+              (as a rollout actor now does), on the world's models and sampler
+    learner   one GRPO update of a step's samples with grpo.timesteps_per_pass 1 (the reference's loop) and the
+              config's value, from the same trajectories and advantages; the single-process optimiser, no Ray
+
+Each is timed `--repeats` times after one warm-up and the best time is reported, with the ratio. Threads: the
+learner's and rollout actor's count from the config (cluster.cpus_per_*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from safediff.actors.rollout import Rollout
+from safediff.common.config import load_config
+from safediff.common.policy import Policy
+from safediff.common.process import configure_threads
+from safediff.common.prompts import PromptStream
+from safediff.learner.update import GRPOUpdate, TorchOptimizer, TrainBatch
+
+
+def best_of(repeats: int, work) -> float:
+    work()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    cfg = load_config("world", args.overrides)
+    configure_threads(cfg.cluster.cpus_per_learner_worker)
+    print(f"CPU: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
+    policy = Policy.from_config(cfg)
+    groups = PromptStream.from_config(cfg.prompts, cfg.run.seed).next_groups(0, cfg.grpo.prompts_per_step)
+    rollout = Rollout(policy, cfg.sampler, cfg.grpo.group_size, cfg.run.seed)
+    one_by_one = best_of(args.repeats, lambda: [rollout.generate([g]) for g in groups])
+    together = best_of(args.repeats, lambda: rollout.generate(groups))
+    print(f"rollout, {len(groups)} groups x {cfg.grpo.group_size} images: one group per call {one_by_one:.1f} s, "
+          f"one call {together:.1f} s ({one_by_one / together:.2f}x)")
+
+    advantages = torch.randn(len(groups), cfg.grpo.group_size, generator=torch.Generator().manual_seed(0))
+    batch = TrainBatch.from_trajectories(rollout.generate(groups), advantages)
+    start_state = policy.state()
+    seconds = {}
+    for per_pass in sorted({1, cfg.grpo.timesteps_per_pass}):
+        grpo = cfg.grpo.model_copy(update={"timesteps_per_pass": per_pass})
+
+        def update(grpo=grpo):
+            policy.load_state(start_state, 0)
+            optimizer = TorchOptimizer(policy.trainable_parameters(), cfg.optim)
+            GRPOUpdate(policy, grpo, cfg.sampler, cfg.run.seed, optimizer).update(batch, step=0)
+
+        seconds[per_pass] = best_of(args.repeats, update)
+        print(f"learner, {len(batch)} samples x {cfg.grpo.train_timesteps} timesteps, timesteps_per_pass "
+              f"{per_pass}: {seconds[per_pass]:.1f} s")
+    if len(seconds) == 2:
+        print(f"learner ratio: {seconds[1] / seconds[cfg.grpo.timesteps_per_pass]:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
