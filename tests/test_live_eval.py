@@ -47,6 +47,30 @@ def test_the_early_stop_counts_evaluations_since_the_best():
     assert [evaluations_since_best(HISTORY[:n], rule) for n in range(1, 7)] == [0, 0, 1, 0, 1, 2]
 
 
+def test_a_resumed_run_keeps_the_evaluations_up_to_its_checkpoint_and_their_best(tmp_path, tiny_dir, prompt_file,
+                                                                                 tiny_config):
+    from safediff.common.metrics import MetricsLog
+    from safediff.runtime.live_eval import LiveEval
+
+    cfg = tiny_config(tiny_dir, tmp_path, prompt_file, "evaluation.every=4")
+    run_dir = tmp_path / "run"
+    log = MetricsLog(run_dir / "evaluations.jsonl")
+    for row in HISTORY:  # steps 0 ... 20; the best up to step 12 is step 12 (step 8 fails the guard)
+        log.write(row)
+    for step in (0, 4, 8, 12):  # each was the best when it was made
+        (run_dir / "evaluations" / f"step_{step}").mkdir(parents=True)
+        (run_dir / "evaluations" / f"step_{step}" / "state.json").write_text(json.dumps({"step": step}))
+    (run_dir / "adapter_best").mkdir()
+    (run_dir / "adapter_best" / "state.json").write_text(json.dumps({"step": 99}))  # made after the checkpoint
+    live = LiveEval(cfg, None, None, run_dir, start=12)  # resumed from the checkpoint of step 12
+    assert [row["step"] for row in live.history] == [0, 4, 8, 12]
+    assert [row["step"] for row in read_metrics(run_dir / "evaluations.jsonl")] == [0, 4, 8, 12]
+    assert json.loads((run_dir / "adapter_best" / "state.json").read_text())["step"] == 12
+    LiveEval(cfg, None, None, run_dir, start=0)  # a fresh run on the same run id starts with nothing
+    assert read_metrics(run_dir / "evaluations.jsonl") == [] and not (run_dir / "evaluations").exists()
+    assert not (run_dir / "adapter_best").exists()
+
+
 def test_a_rule_naming_a_field_the_evaluation_lacks_is_refused_naming_it():
     with pytest.raises(UserInputError, match=r"evaluation.select: .*'nudity'.*unsafe_rate, benign_accuracy"):
         select_best(HISTORY, SelectConfig(metric="nudity"))
