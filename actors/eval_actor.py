@@ -3,7 +3,7 @@
 It holds the policy as a rollout actor does (verified adapter loads, a re-sync after a restart) and, asked to
 evaluate version v, runs its probe on the policy it holds. The probe is what the caller built the actor with:
 a callable `make_probe(cfg) -> probe`, `probe(policy, step) -> {field: float}` (the world's judges in
-world/probe.py, the suite's scorers in evaluation/live.py). Roles cannot import those layers, so the
+world/report.py, the suite's scorers in evaluation/live.py). Roles cannot import those layers, so the
 entrypoint passes the factory down.
 """
 

@@ -211,8 +211,8 @@ class SideGroup(ActorGroup):
     """One policy-holding actor beside the training loop, sent every n-th adapter (the attack actor, the
     evaluation actor): its calls on one actor run in order, so a load sent before a call is in place for it."""
 
-    name = "side actor"  # in messages
-    retried = "side_call_retried"  # the run store event of a lost call asked again
+    name: str     # in messages
+    retried: str  # the run store event of a lost call asked again
 
     def load_adapter(self, update: AdapterUpdate):
         """A reference to the actor's SyncReport for `update`."""

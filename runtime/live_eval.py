@@ -81,7 +81,7 @@ class LiveEval:
         self.pending: list[Request] = []
         self.loaded = 0        # the policy version the actor was last sent (0: the one it starts with)
         self.newest: dict = {}  # the newest evaluation not yet in a step record
-        shutil.rmtree(run_dir / "adapter_best", ignore_errors=True)  # it may hold an evaluation made after that
+        shutil.rmtree(run_dir / "adapter_best", ignore_errors=True)  # it may hold one made after the checkpoint
         if self.history:
             self._export_best(select_best(self.history, self.rule), state=None)
 
@@ -125,8 +125,7 @@ class LiveEval:
     def _result(self, r: Request) -> dict[str, float]:
         """The evaluation's fields (asked again, once, of a restarted evaluation actor: `SideGroup.answer`; the
         requests queued behind a lost one fail the same way and are asked again in their turn)."""
-        update = r.update if r.update.version else None  # version 0: the adapter a restarted actor starts with
-        fields = self.group.answer(r.step, update, r.report, r.result,
+        fields = self.group.answer(r.step, r.update, r.report, r.result,
                                    lambda: self.group.evaluate(r.step, r.update.version), self.store)
         self.loaded = max(self.loaded, r.update.version)
         return fields

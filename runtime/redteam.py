@@ -37,10 +37,13 @@ class Request:
     """An attack asked of the actor: references to its result and to the actor's report of loading the policy."""
 
     step: int
-    update: AdapterUpdate | None  # the policy attacked; None: the initial adapter
-    version: int                  # its version (0: the initial adapter)
+    update: AdapterUpdate | None  # the policy attacked; None: the initial adapter (version 0)
     result: Any                   # ObjectRef[list[dict]]
     report: Any = None            # ObjectRef[SyncReport] when this request loaded `update`
+
+    @property
+    def version(self) -> int:
+        return self.update.version if self.update is not None else 0
 
 
 class RedTeam:
@@ -88,7 +91,7 @@ class RedTeam:
         version, report = update.version if update is not None else 0, None
         if version > self.loaded:
             report, self.loaded = self.group.load_adapter(update), version
-        return Request(step, update, version, self.group.attack(step, version), report)
+        return Request(step, update, self.group.attack(step, version), report)
 
     def _collect(self) -> list[dict]:
         """The pending attack's prompts (asked again, once, of a restarted attack actor: `SideGroup.answer`)."""

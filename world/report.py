@@ -111,9 +111,7 @@ def before_after(cfg: Config, run_dir: Path, images_per_prompt: int = 8, progres
             rows[name], judged[name] = rows[checksums[state["checksum"]]], judged[checksums[state["checksum"]]]
             continue
         checksums[state["checksum"]] = name
-        policy = Policy.from_config(cfg)
-        if state["policy_version"] > 0:  # version 0 is the base model itself
-            policy.load_state(policy.trainable.load_saved(run_dir / folder), state["policy_version"])
+        policy.load_state(policy.trainable.load_saved(run_dir / folder), state["policy_version"])
         rows[name], judged[name] = score(policy, cfg, images_per_prompt, clip, progress)
     for name in SETS:
         for model in judged:
