@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from safediff.common.assets import AssetError, config_path
 from safediff.common.errors import UserInputError
+from safediff.common.secrets import has_password, redact_url
 
 
 class ConfigError(UserInputError, ValueError):
@@ -246,10 +247,22 @@ class ClusterConfig(_Strict):
 
 
 class StoreConfig(_Strict):
-    url: str | None = Field(None, description="redis:// or rediss:// URL with password for the run store; unset: "
-                            "$SAFEDIFF_REDIS_URL, else an embedded redis-server on 127.0.0.1 under the run dir.")
+    url: str | None = Field(None, description="redis:// or rediss:// URL of the run store, with its password or with "
+                            "store.password_file; unset: $SAFEDIFF_REDIS_URL, else an embedded redis-server on "
+                            "127.0.0.1 under the run dir with a generated password. Its password is masked in every "
+                            "config the project writes or prints.")
+    password_file: Path | None = Field(None, description="A file whose first line is the store's password, read when "
+                                       "the job starts on the driver's node, so the password is in no config file, "
+                                       "job entrypoint, dashboard page or process list; the URL (store.url or "
+                                       "$SAFEDIFF_REDIS_URL) then has none.")
     lease_ttl_s: float = Field(30.0, gt=1, description="Run lease TTL: a dead job's run id is free after this long.")
     metrics_maxlen: int = Field(10_000, ge=10, description="Step records kept in the Redis metrics stream.")
+
+    @model_validator(mode="after")
+    def _one_password(self) -> StoreConfig:
+        if self.password_file is not None and self.url is not None and has_password(self.url):
+            raise ValueError("store.password_file: store.url already has a password; give it in one place")
+        return self
 
 
 PROMPT_FIELDS = ("prompt", "case_number", "seed", "guidance", "width", "height", "categories")
@@ -614,8 +627,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def dump_config(cfg: Config) -> str:
-    """YAML text that `load_config` reads back to an equal Config."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """YAML text that `load_config` reads back to an equal Config, except that a password in store.url is masked
+    (redis://:***@host): every config the project writes or prints goes through here."""
+    tree = cfg.model_dump(mode="json")
+    if tree["store"]["url"] is not None:
+        tree["store"]["url"] = redact_url(tree["store"]["url"])
+    return yaml.safe_dump(tree, sort_keys=False)
 
 
 # What a checkpoint's numbers depend on: resuming with any of these changed would not continue the same run.

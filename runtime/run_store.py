@@ -34,6 +34,7 @@ from typing import Any
 import redis
 
 from safediff.common.errors import UserInputError
+from safediff.common.secrets import with_password_file, write_private
 
 log = logging.getLogger(__name__)
 URL_ENV = "SAFEDIFF_REDIS_URL"
@@ -192,6 +193,18 @@ class RunStore:
         return self.client.get(self.key("status"))
 
 
+def store_url(url: str | None, password_file: Path | None) -> str | None:
+    """The run store's URL: store.url, else $SAFEDIFF_REDIS_URL, with store.password_file's password when set;
+    None: start the embedded server."""
+    url = url or os.environ.get(URL_ENV)
+    if password_file is None:
+        return url
+    if url is None:
+        raise UserInputError("store.password_file: set store.url or $SAFEDIFF_REDIS_URL to the server it is the "
+                             "password of (the embedded server makes its own)")
+    return with_password_file(url, password_file, "store.password_file")
+
+
 @contextlib.contextmanager
 def open_run_store(url: str | None, run_id: str, run_dir: Path, lease_ttl_s: float = 30.0,
                    metrics_maxlen: int = 10_000) -> Iterator[RunStore]:
@@ -215,8 +228,7 @@ def open_run_store(url: str | None, run_id: str, run_dir: Path, lease_ttl_s: flo
             server = EmbeddedRedis(run_dir / "redis").start()
             url = server.url
         if server is not None or adopted:
-            info.write_text(json.dumps({"url": url, "pid": os.getpid()}))
-            info.chmod(0o600)
+            write_private(info, json.dumps({"url": url, "pid": os.getpid()}))  # the embedded server's password
     try:
         store = RunStore(url, run_id, lease_ttl_s, metrics_maxlen)
         store.acquire_lease()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from safediff.common.config import Config, dump_config
 from safediff.common.metrics import MetricsLog, plot_reward_curve, read_metrics
-from safediff.runtime.run_store import Interrupted, RunStore, open_run_store
+from safediff.runtime.run_store import Interrupted, RunStore, open_run_store, store_url
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ def tracked_run(cfg: Config, resume: bool | None = None) -> Iterator[RunContext]
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     s = cfg.store
-    with open_run_store(s.url, cfg.run.name, run_dir, s.lease_ttl_s, s.metrics_maxlen) as store:
+    url = store_url(s.url, s.password_file)
+    with open_run_store(url, cfg.run.name, run_dir, s.lease_ttl_s, s.metrics_maxlen) as store:
         if resume is None:
             previous = store.status()
             resume = previous in ("running", "interrupted", "failed")
