@@ -25,12 +25,13 @@ def required_resources(cfg: Config) -> dict[str, float]:
 def check_resources(cfg: Config, available: dict[str, float]) -> None:
     """Refuse a topology the cluster cannot hold, naming the config fields to change."""
     need = required_resources(cfg)
-    problems = [f"{kind}: the cluster section asks for {need[kind]:g}, the Ray cluster has "
-                f"{available.get(kind, 0.0):g}"
-                for kind in ("CPU", "GPU") if need[kind] > available.get(kind, 0.0) + 1e-9]
-    if problems:
+    short = [kind for kind in ("CPU", "GPU") if need[kind] > available.get(kind, 0.0) + 1e-9]
+    if short:
+        problems = "; ".join(f"{kind}: the cluster section asks for {need[kind]:g}, the Ray cluster has "
+                             f"{available.get(kind, 0.0):g}" for kind in short)
+        hint = " (`ray start --num-cpus=N` offers a node N logical CPUs)" if "CPU" in short else ""
         raise ConfigError("config error: cluster.{rollout,reward}_actors / learner_workers (and the attack and "
-                          "evaluation actors) and their cpus_per_* / gpus_per_* do not fit: " + "; ".join(problems))
+                          f"evaluation actors) and their cpus_per_* / gpus_per_* do not fit: {problems}{hint}")
 
 
 def start_ray(cfg: Config, address: str | None) -> None:

@@ -1,10 +1,13 @@
 """The real CLI through `ray job submit` against a `ray start --head` cluster; job status and a custom metric
 are read back over HTTP from the dashboard API and the node's metrics endpoint."""
 
+import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -74,3 +77,50 @@ def test_job_submit_runs_the_cli_and_exports_metrics(head, tiny_dir, tmp_path):
     assert "adapter sha256" in logs.stdout
     assert seen_metric, "the run's reward gauge never appeared on the metrics endpoint"
     assert (tmp_path / "runs" / "jobtest" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def _readme_cluster_commands() -> str:
+    """The first bash block under the README's "On a cluster" heading, as printed."""
+    section = (REPO / "README.md").read_text().split("\n## On a cluster\n", 1)[1]
+    return section.split("```bash\n", 1)[1].split("\n```", 1)[0]
+
+
+@pytest.mark.slow
+def test_the_readme_cluster_commands_run_as_printed(tmp_path):
+    """A new user's shell: no token yet, RAY_AUTH_MODE unset, a token left by an earlier local ray.init() (the
+    case that used to be refused), the README's commands run verbatim; the submitted world job must train a step.
+    Only where Ray keeps its files (RAY_TMPDIR) and the home directory are this test's own."""
+    commands = _readme_cluster_commands()
+    assert "ray job submit" in commands and "RAY_AUTH_MODE=token" in commands
+    home = tmp_path / "home"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("0" * 64)  # left by an earlier local ray.init()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+    env.update(HOME=str(home), RAY_TMPDIR=str(ray_tmp),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    shell = subprocess.Popen(["bash", "-euo", "pipefail", "-c", commands], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, metrics = time.time() + 900, []
+        while time.time() < deadline and shell.poll() is None and not metrics:
+            metrics = [p for p in ray_tmp.glob("**/runs/world/metrics.jsonl") if p.read_text().strip()]
+            time.sleep(2)
+        assert metrics, f"no training step (shell exit {shell.poll()}):\n" + (
+            shell.stdout.read()[-3000:] if shell.poll() is not None else "still running")
+        assert (home / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600
+    finally:
+        shell.kill()
+        _kill_under(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _kill_under(root: Path) -> None:
+    """Stop this head only: the processes whose command line or working directory is under `root` (the job's
+    driver runs in its working-directory copy there; `ray stop` would stop every Ray cluster on the machine)."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        with contextlib.suppress(psutil.Error):
+            if str(root) in " ".join(proc.info["cmdline"] or ()) or str(root) in (proc.info["cwd"] or ""):
+                proc.kill()
