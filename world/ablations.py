@@ -76,14 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_variant(config: Path, overrides: list[str], images: int, threads: int) -> dict[str, float]:
-    """Train one variant with the single-process loop and score its final adapter (in a worker process)."""
+def run_variant(config: Path, overrides: list[str], images: int, threads: int, clip: bool = True) -> dict[str, float]:
+    """Train one variant with the single-process loop and score its final adapter (in a worker process); without
+    `clip` the CLIP alignment column is left out (the judges' columns are the same)."""
     torch.set_num_threads(threads)
     cfg = load_config(config, overrides)
     result = train(cfg, resume=False)
     policy = Policy.from_config(cfg)
     policy.load_state(policy.trainable.load_saved(result.run_dir / "adapter"), result.final_version)
-    return score(policy, cfg, images, load_clip(cfg.reward.clip), progress=False)[0]
+    return score(policy, cfg, images, load_clip(cfg.reward.clip) if clip else None, progress=False)[0]
 
 
 def write_tables(rows: dict[str, dict[str, float]], out: Path) -> None:
