@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
@@ -134,3 +135,25 @@ def test_kuberay_manifests_wire_gcs_fault_tolerance_to_the_redis_they_define():
     redis_env = redis_docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": secret["name"], "key": secret["key"]} in [e["valueFrom"]["secretKeyRef"] for e in redis_env]
     assert service["spec"]["type"] == "ClusterIP" and job["spec"]["backoffLimit"] >= 1
+
+
+def test_kuberay_run_store_uses_tls_a_password_file_and_a_network_policy():
+    """The driver's store URL carries no password and speaks TLS to the port the Service exposes; the password file
+    the entrypoint names is mounted from the Redis Secret; only Pods labelled as clients reach Redis."""
+    import yaml
+
+    job = yaml.safe_load((package_root() / "deploy/kuberay-rayjob.yaml").read_text())
+    redis_docs = {d["kind"]: d for d in yaml.safe_load_all((package_root() / "deploy/kuberay-redis.yaml").read_text())}
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
+    container = head["spec"]["containers"][0]
+    url = next(e["value"] for e in container["env"] if e["name"] == "SAFEDIFF_REDIS_URL")
+    tls_port = next(p["port"] for p in redis_docs["Service"]["spec"]["ports"] if p["name"] == "redis-tls")
+    assert url.startswith(f"rediss://safediff-redis:{tls_port}/") and "@" not in url
+    password_file = Path(job["spec"]["entrypoint"].split("store.password_file=")[1].split()[0])
+    mount = next(m for m in container["volumeMounts"] if Path(m["mountPath"]) == password_file.parent)
+    volume = next(v for v in head["spec"]["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"] == "safediff-redis" and password_file.name == "password"
+    policy = redis_docs["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == redis_docs["Deployment"]["spec"]["selector"]["matchLabels"]
+    allowed = policy["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    assert allowed.items() <= head["metadata"]["labels"].items()
