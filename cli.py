@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 from safediff.common.assets import builtin_configs
@@ -153,6 +154,7 @@ def cmd_build_tiny(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safediff", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('safediff')}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, helptext in (("run", cmd_run, "distributed GRPO training on Ray (the service)"),
                                  ("train", cmd_train, "single-process GRPO training (reference loop)"),

@@ -157,3 +157,11 @@ def test_kuberay_run_store_uses_tls_a_password_file_and_a_network_policy():
     assert policy["podSelector"]["matchLabels"] == redis_docs["Deployment"]["spec"]["selector"]["matchLabels"]
     allowed = policy["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
     assert allowed.items() <= head["metadata"]["labels"].items()
+
+
+def test_cli_version_is_the_installed_package_version():
+    from importlib.metadata import version
+
+    proc = subprocess.run([sys.executable, "-m", "safediff.cli", "--version"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"safediff {version('safediff')}"
