@@ -613,7 +613,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            raise ConfigError(f"config error in {path}: not valid YAML: {err}".replace("\n", " ")) from err
+            mark = getattr(err, "problem_mark", None)  # 0-based; absent for errors without a position
+            where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+            problem = getattr(err, "problem", None) or str(err).replace("\n", " ")
+            raise ConfigError(f"config error in {where}: not valid YAML: {problem}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config error in {path}: the top level must be a mapping of sections")
         tree = loaded or {}

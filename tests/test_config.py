@@ -82,6 +82,10 @@ def test_malformed_yaml_and_bad_override(tmp_path):
     path.write_text("run: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml.*not valid YAML"):
         load_config(path)
+    path.write_text("run:\n  name: x\n grpo: [\n")  # the file and the line, not "<unicode string>"
+    with pytest.raises(ConfigError, match=f"^config error in {path}, line 3, column 2: not valid YAML") as err:
+        load_config(path)
+    assert "unicode string" not in str(err.value)
     path.write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(path)
