@@ -7,6 +7,8 @@ code); the configs in deploy/configs shrink or scale them.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -581,12 +583,34 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _models_in(annotation: Any) -> Iterator[type[BaseModel]]:
+    """The pydantic models an annotation holds (X, X | None, tuple[X, ...])."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield annotation
+    for arg in get_args(annotation):
+        yield from _models_in(arg)
+
+
+def _field_names_at(path: tuple) -> list[str]:
+    """The field names of the config section at `path` (list indices skipped); [] when there is none."""
+    model: type[BaseModel] = Config
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        model = next(_models_in(field.annotation), None) if field is not None else None
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            reason = "unknown field"
+            close = difflib.get_close_matches(str(e["loc"][-1]), _field_names_at(e["loc"][:-1]), n=1)
+            reason = "unknown field" + (f" (did you mean '{close[0]}'?)" if close else "")
         else:
             reason = e["msg"].removeprefix("Value error, ")
         lines.append(f"config error in {source}: {loc + ': ' if loc else ''}{reason}")

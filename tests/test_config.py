@@ -169,3 +169,16 @@ def test_cli_version_is_the_installed_package_version():
     proc = subprocess.run([sys.executable, "-m", "safediff.cli", "--version"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == f"safediff {version('safediff')}"
+
+
+def test_a_mistyped_field_gets_a_did_you_mean_from_its_own_section():
+    for override, expected in [("grpo.group_szie=4", "grpo.group_szie: unknown field (did you mean 'group_size'?)"),
+                               ("gpro.group_size=4", "gpro: unknown field (did you mean 'grpo'?)"),
+                               ("prompts.sources=[{path: a.txt, wieght: 2}]",
+                                "prompts.sources.0.wieght: unknown field (did you mean 'weight'?)")]:
+        with pytest.raises(ConfigError) as err:
+            load_config("world", [override])
+        assert expected in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config("world", ["grpo.zzz=1"])
+    assert str(err.value).endswith("grpo.zzz: unknown field")  # nothing close: no guess
