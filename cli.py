@@ -256,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     except LearnerFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:
+        if err.filename is None:  # not a path the user gave: a real fault, keep its traceback
+            raise
+        print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

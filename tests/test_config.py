@@ -182,3 +182,10 @@ def test_a_mistyped_field_gets_a_did_you_mean_from_its_own_section():
     with pytest.raises(ConfigError) as err:
         load_config("world", ["grpo.zzz=1"])
     assert str(err.value).endswith("grpo.zzz: unknown field")  # nothing close: no guess
+
+
+def test_a_path_the_cli_cannot_write_is_one_line_not_a_traceback():
+    proc = subprocess.run([sys.executable, "-m", "safediff.cli", "build-tiny", "/proc/forbidden"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: /proc/forbidden: No such file or directory"]
