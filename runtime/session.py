@@ -45,7 +45,7 @@ def tracked_run(cfg: Config, resume: bool | None = None) -> Iterator[RunContext]
     refused before it touches any file); writes the resolved config; the store's status ends 'finished',
     'interrupted' or 'failed'. `resume`: True continues from the newest checkpoint, False starts over
     (a fresh metrics.jsonl), None decides from the store: a job resubmitted on a run id whose previous job
-    did not finish continues it."""
+    did not finish continues it, unless that job failed before its first checkpoint (then it starts over)."""
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     s = cfg.store
@@ -53,9 +53,13 @@ def tracked_run(cfg: Config, resume: bool | None = None) -> Iterator[RunContext]
     with open_run_store(url, cfg.run.name, run_dir, s.lease_ttl_s, s.metrics_maxlen) as store:
         if resume is None:
             previous = store.status()
-            resume = previous in ("running", "interrupted", "failed")
+            unfinished = previous in ("running", "interrupted", "failed")
+            resume = unfinished and bool(store.manifest())  # nothing to continue before the first checkpoint
             if resume:
                 log.warning("run '%s': the previous job ended '%s'; continuing it (--fresh to start over)",
+                            cfg.run.name, previous)
+            elif unfinished:
+                log.warning("run '%s': the previous job ended '%s' before its first checkpoint; starting over",
                             cfg.run.name, previous)
         config_yaml = dump_config(cfg)
         (run_dir / "config.yaml").write_text(config_yaml)

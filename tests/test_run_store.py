@@ -131,3 +131,20 @@ def test_a_second_train_on_a_held_run_is_refused_before_touching_its_files(tiny_
         with pytest.raises(LeaseHeld):
             train(cfg, progress=False)
     assert (run_dir / "metrics.jsonl").read_text() == '{"step": 0}\n'
+
+
+def test_a_job_that_failed_before_its_first_checkpoint_is_started_over_not_continued(tmp_path, caplog):
+    from safediff.common.config import load_config
+    from safediff.runtime.session import tracked_run
+
+    cfg = load_config("cpu_demo", [f"run.output_dir={tmp_path}", "run.name=early"])
+    with pytest.raises(RuntimeError), tracked_run(cfg) as run:
+        run.metrics.path.write_text('{"step": 0}\n')  # a partial record the failed job left
+        raise RuntimeError("model not found")
+    with pytest.raises(RuntimeError), tracked_run(cfg) as run:
+        assert run.resume is False and not run.metrics.path.exists()
+        assert "before its first checkpoint; starting over" in caplog.text
+        run.store.add_checkpoint("ckpt/step_1", 1, 1, {"a": "00"})
+        raise RuntimeError("node lost")  # a failure after a checkpoint ...
+    with tracked_run(cfg) as run:  # ... is continued
+        assert run.resume is True
