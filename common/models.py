@@ -13,12 +13,19 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
+import transformers
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from safediff.common.assets import resolve
 from safediff.common.errors import UserInputError
+
+# Their per-load progress bars ("Loading weights: 100%|...") repeat in every actor's log for models that load in
+# a blink; the project reports its own progress.
+diffusers.utils.logging.disable_progress_bar()
+transformers.utils.logging.disable_progress_bar()
 
 
 class ModelLoadError(UserInputError, RuntimeError):

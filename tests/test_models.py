@@ -50,3 +50,11 @@ def test_missing_path_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="model.pretrained: cannot load"):
         load_bundle(str(tmp_path / "empty"))
+
+
+def test_loading_a_bundle_prints_no_third_party_progress_bars(tiny_dir, capfd):
+    from safediff.common.models import load_bundle
+
+    load_bundle(str(tiny_dir / "sd"))
+    out, err = capfd.readouterr()
+    assert "Loading" not in out + err and "%|" not in out + err
