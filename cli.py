@@ -20,7 +20,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from safediff.common.assets import builtin_configs
-from safediff.common.config import ConfigError, dump_config, load_config
+from safediff.common.config import ConfigError, describe_fields, dump_config, load_config
 from safediff.common.errors import LearnerFailed, UserInputError
 from safediff.runtime.run_store import Interrupted
 
@@ -76,6 +76,10 @@ def _evaluate(cfg, run_dir: Path) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.describe:
+        for field, default, description in describe_fields():
+            print(f"{field} = {default}\n    {description}")
+        return 0
     sys.stdout.write(dump_config(_load(args)))
     return 0
 
@@ -164,7 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
                        f"({', '.join(builtin_configs())}); defaults when omitted")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the file")
         p.set_defaults(func=func)
-        if name != "config":
+        if name == "config":
+            p.add_argument("--describe", action="store_true", help="print every field with its default and "
+                           "description instead (the configuration reference)")
+        else:
             when = p.add_mutually_exclusive_group()
             when.add_argument("--resume", dest="resume", action="store_const", const=True, default=None,
                               help="continue this run (run.name) from its newest complete checkpoint (the default "

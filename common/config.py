@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import to_jsonable_python
 
 from safediff.common.assets import AssetError, config_path
 from safediff.common.errors import UserInputError
@@ -651,6 +652,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return Config.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def describe_fields(model: type[BaseModel] = Config, prefix: str = "",
+                    values: BaseModel | None = None) -> Iterator[tuple[str, str, str]]:
+    """(dotted field, its default as YAML, its description) for every leaf field and every optional section (null
+    by default), sections depth first after a section's own fields. `values`: the section's default instance, whose
+    values win over the class's field defaults (a parent may default a section to a non-default instance)."""
+    nested = []
+    for name, field in model.model_fields.items():
+        sub = next(_models_in(field.annotation), None)
+        required = field.is_required() and values is None
+        default = getattr(values, name) if values is not None else \
+            None if required else field.get_default(call_default_factory=True)
+        if sub is not None and (default is None or isinstance(default, BaseModel)):
+            nested.append((name, sub, default))
+            if default is None and not required:  # an optional section, off by default
+                yield f"{prefix}{name}", "null", field.description or ""
+            continue
+        shown = "(required)" if required else yaml.safe_dump(
+            to_jsonable_python(default), default_flow_style=True, width=1 << 30).strip().removesuffix("\n...")
+        yield f"{prefix}{name}", shown, field.description or ""
+    for name, sub, default in nested:
+        yield from describe_fields(sub, f"{prefix}{name}.", default)
 
 
 def dump_config(cfg: Config) -> str:

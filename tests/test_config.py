@@ -189,3 +189,23 @@ def test_a_path_the_cli_cannot_write_is_one_line_not_a_traceback():
                           text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == ["error: /proc/forbidden: No such file or directory"]
+
+
+def test_config_describe_lists_every_field_with_its_default_and_description():
+    import yaml
+
+    proc = subprocess.run([sys.executable, "-m", "safediff.cli", "config", "--describe"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0
+    lines = proc.stdout.splitlines()
+    described = dict(line.split(" = ", 1) for line in lines[0::2])
+    assert all(line.startswith("    ") and line.strip() for line in lines[1::2])  # a description under each
+
+    def leaves(tree, prefix=""):
+        for key, value in tree.items():
+            yield from leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else [(f"{prefix}{key}", value)]
+
+    defaults = dict(leaves(yaml.safe_load(dump_config(load_config(None)))))  # independent: the dumped defaults
+    assert defaults.keys() <= described.keys()
+    for field, value in defaults.items():
+        assert yaml.safe_load(described[field]) == value, field
