@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 URL_ENV = "SAFEDIFF_REDIS_URL"
 MIN_BACKOFF_S, MAX_BACKOFF_S = 0.5, 30.0
 _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+# compare-and-delete in one step: a GET then DEL could delete a lease another job took in between
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 _UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
 
 
@@ -108,8 +110,7 @@ class RunStore:
             self._heartbeat.join(timeout=5)
             self._heartbeat = None
         with contextlib.suppress(*_UNAVAILABLE):
-            if self.client.get(self.key("lease")) == self.owner:
-                self.client.delete(self.key("lease"))
+            self.client.eval(_RELEASE, 1, self.key("lease"), self.owner)
 
     # -- buffered writes -----------------------------------------------------------------------
 

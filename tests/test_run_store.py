@@ -30,6 +30,21 @@ def test_a_second_job_on_the_same_run_is_refused_until_the_lease_is_free(server)
     second.release_lease()
 
 
+def test_a_late_release_never_frees_a_lease_another_job_took(server):
+    """The old holder's lease expired and a new job took it: the old holder's release must leave it alone."""
+    old = RunStore(server.url, "run-l", lease_ttl_s=1.5)
+    old.acquire_lease()
+    old._stop.set()  # stalled: no more renewals
+    old._heartbeat.join()
+    time.sleep(1.7)
+    new = RunStore(server.url, "run-l", lease_ttl_s=30)
+    new.acquire_lease()
+    old.release_lease()
+    with pytest.raises(LeaseHeld):
+        RunStore(server.url, "run-l").acquire_lease()
+    new.release_lease()
+
+
 def test_a_dead_holders_lease_expires(server):
     dead = RunStore(server.url, "run-x", lease_ttl_s=1.5)
     dead.acquire_lease()
