@@ -7,7 +7,6 @@ $RAY_AUTH_TOKEN or ~/.ray/auth_token when present.
 
 from __future__ import annotations
 
-import json
 import os
 import urllib.request
 from pathlib import Path
@@ -28,20 +27,16 @@ def http_get(url: str, timeout: float = 10.0) -> bytes:
 
 
 def job_status(dashboard_url: str, submission_id: str) -> str:
-    """'PENDING' | 'RUNNING' | 'SUCCEEDED' | 'FAILED' | 'STOPPED'."""
-    return json.loads(http_get(f"{dashboard_url.rstrip('/')}/api/jobs/{submission_id}"))["status"]
+    """'PENDING' | 'RUNNING' | 'SUCCEEDED' | 'FAILED' | 'STOPPED', from Ray's own job client."""
+    from ray.job_submission import JobSubmissionClient
+
+    return str(JobSubmissionClient(dashboard_url, headers=auth_headers()).get_job_status(submission_id).value)
 
 
 def prometheus_samples(metrics_url: str, name: str) -> list[tuple[dict[str, str], float]]:
-    """(labels, value) of every sample of metric `name` in a Prometheus text page."""
-    out = []
-    for line in http_get(metrics_url).decode().splitlines():
-        if not line.startswith(name) or line.startswith("#"):
-            continue
-        head, _, value = line.rpartition(" ")
-        metric, _, labels = head.partition("{")
-        if metric != name:
-            continue
-        pairs = [p.split("=", 1) for p in labels.rstrip("}").split(",") if "=" in p]
-        out.append(({k: v.strip('"') for k, v in pairs}, float(value)))
-    return out
+    """(labels, value) of every sample of metric `name` in a Prometheus text page (prometheus_client's parser)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [(dict(sample.labels), sample.value)
+            for family in text_string_to_metric_families(http_get(metrics_url).decode())
+            for sample in family.samples if sample.name == name]
