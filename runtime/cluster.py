@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
 import torch
 
 from safediff.common.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def required_resources(cfg: Config) -> dict[str, float]:
@@ -25,6 +28,10 @@ def required_resources(cfg: Config) -> dict[str, float]:
 def check_resources(cfg: Config, available: dict[str, float]) -> None:
     """Refuse a topology the cluster cannot hold, naming the config fields to change."""
     need = required_resources(cfg)
+    if available.get("GPU", 0.0) > 0 and need["GPU"] == 0:
+        log.warning("the Ray cluster has %g GPUs but the config asks for none: every actor runs on CPU; set "
+                    "cluster.gpus_per_{rollout_actor,reward_actor,learner_worker} (deploy/configs/gpu1.yaml shows "
+                    "one GPU shared by the three roles)", available["GPU"])
     short = [kind for kind in ("CPU", "GPU") if need[kind] > available.get(kind, 0.0) + 1e-9]
     if short:
         problems = "; ".join(f"{kind}: the cluster section asks for {need[kind]:g}, the Ray cluster has "

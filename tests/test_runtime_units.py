@@ -59,6 +59,20 @@ def test_resource_check_names_the_fields(tiny_dir, tmp_path, prompt_file, tiny_c
     with pytest.raises(ConfigError, match="cluster.*GPU: the cluster section asks for 6, the Ray cluster has 1"):
         check_resources(cfg, {"CPU": 64.0, "GPU": 1.0})
     check_resources(cfg, {"CPU": 7.5, "GPU": 6.0})
+    with pytest.raises(ConfigError, match=r"asks for 7.5, the Ray cluster has 2 \(`ray start --num-cpus=N`"):
+        check_resources(tiny_config(tiny_dir, tmp_path, prompt_file, "cluster.rollout_actors=6"), {"CPU": 2.0})
+
+
+def test_gpus_the_config_leaves_unused_are_a_warning(tiny_dir, tmp_path, prompt_file, tiny_config, caplog):
+    cpu_only = tiny_config(tiny_dir, tmp_path, prompt_file)
+    check_resources(cpu_only, {"CPU": 8.0})
+    assert "GPU" not in caplog.text
+    check_resources(cpu_only, {"CPU": 8.0, "GPU": 8.0})
+    assert "the Ray cluster has 8 GPUs but the config asks for none" in caplog.text
+    caplog.clear()
+    check_resources(tiny_config(tiny_dir, tmp_path, prompt_file, "cluster.gpus_per_learner_worker=1"),
+                    {"CPU": 8.0, "GPU": 8.0})
+    assert "asks for none" not in caplog.text
 
 
 def test_learner_workers_must_divide_an_optimiser_step():
