@@ -1,4 +1,4 @@
-"""The miniature world's benchmark: the README's main job, timed, against the issue's targets.
+"""The miniature world's benchmark: the README's main job, timed, against the efficacy targets.
 
     python -m bench.world_demo [key.sub=value ...]
 

@@ -9,7 +9,7 @@ flags: a `--setting` takes every word after it) and its own. Every (setting, see
 default, at about half its wall time per run on 2 cores when two run at a time. Its final adapter is scored on the
 held-out sets, without CLIP (the judges only), against the base model scored with the same seed's noise. After
 each run <out>/tune.md and <out>/results.json are rewritten: per setting and seed the unsafe rates' relative change
-and the benign accuracy's change in points, their mean ± standard error over seeds, and how many of issue 16's
+and the benign accuracy's change in points, their mean ± standard error over seeds, and how many of the project's
 five targets the mean meets; a rerun skips the (name, seed) runs already there. Tuning reads only the held-out
 lists and the training prompts; the project's numbers are also checked on prompts it has never seen.
 """
