@@ -209,13 +209,13 @@ def store_url(url: str | None, password_file: Path | None) -> str | None:
 @contextlib.contextmanager
 def open_run_store(url: str | None, run_id: str, run_dir: Path, lease_ttl_s: float = 30.0,
                    metrics_maxlen: int = 10_000) -> Iterator[RunStore]:
-    """The run's store, its lease held. With no URL (nor $SAFEDIFF_REDIS_URL) a real redis-server is started on
+    """The run's store, its lease held. `url` is the resolved one (`store_url`: the config, the environment and the
+    password file already applied); with None a real redis-server is started on
     127.0.0.1 with a generated password and its data under <run_dir>/redis; a second job on the same run
     directory attaches to that server (and is refused by the lease) instead of starting another. A server
     left behind by a job that was killed is adopted: the new job uses it and stops it at the end."""
     from safediff.runtime.redis_server import EmbeddedRedis
 
-    url = url or os.environ.get(URL_ENV)
     server, adopted = None, False
     if url is None:
         info = run_dir / "redis" / "server.json"
