@@ -39,9 +39,7 @@ def head(tmp_path_factory):
                     "--disable-usage-stats", f"--temp-dir={temp}"],
                    check=True, capture_output=True, timeout=180, env=env)
     yield ports
-    # stop this head only: every one of its processes names its temp dir (`ray stop` would stop every Ray
-    # cluster on the machine, a user's own included); its workers exit with their raylet
-    subprocess.run(["pkill", "-f", str(temp)], capture_output=True, timeout=60)
+    _kill_under(temp)
 
 
 def test_job_submit_runs_the_cli_and_exports_metrics(head, tiny_dir, tmp_path):
