@@ -29,13 +29,16 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    ports = {"gcs": _free_port(), "dashboard": _free_port(), "metrics": _free_port()}
+    # every port Ray would otherwise take at a fixed default is chosen here, so that this head, alive for the whole
+    # module, leaves the README test's defaults (6379, 8265, 8080, 52365, 10001) free
+    ports = {name: _free_port() for name in ("gcs", "dashboard", "metrics", "agent", "client")}
     temp = tmp_path_factory.mktemp("ray")
     # as a user with the virtual environment activated: jobs then find its `python`
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={ports['gcs']}",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
-                    f"--metrics-export-port={ports['metrics']}", "--num-cpus=4", "--include-dashboard=true",
+                    f"--metrics-export-port={ports['metrics']}", f"--dashboard-agent-listen-port={ports['agent']}",
+                    f"--ray-client-server-port={ports['client']}", "--num-cpus=4", "--include-dashboard=true",
                     "--disable-usage-stats", f"--temp-dir={temp}"],
                    check=True, capture_output=True, timeout=180, env=env)
     yield ports
@@ -90,6 +93,8 @@ def test_the_readme_cluster_commands_run_as_printed(tmp_path):
     Only where Ray keeps its files (RAY_TMPDIR) and the home directory are this test's own."""
     commands = _readme_cluster_commands()
     assert "ray job submit" in commands and "RAY_AUTH_MODE=token" in commands
+    taken = {port: holder for port in README_DEFAULT_PORTS if (holder := _listener(port))}
+    assert not taken, f"the README's `ray start --head` needs these default ports, in use here: {taken}"
     home = tmp_path / "home"
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     (home / ".ray").mkdir(parents=True)
@@ -101,12 +106,16 @@ def test_the_readme_cluster_commands_run_as_printed(tmp_path):
     shell = subprocess.Popen(["bash", "-euo", "pipefail", "-c", commands], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline, metrics, output = time.time() + 900, [], ""
+        deadline, agent_deadline, metrics, output = time.time() + 900, time.time() + 120, [], ""
         while time.time() < deadline and not metrics:
             if shell.poll() is not None:
                 output = shell.stdout.read()
                 if "No available agent to submit job, please try again later" not in output:
                     break
+                agent_log = next(ray_tmp.glob("**/session_latest/logs/dashboard_agent.log"), None)
+                assert time.time() < agent_deadline, (
+                    "the head's job agent did not come up in 120 s; its log ends:\n"
+                    + (agent_log.read_text()[-3000:] if agent_log else "(no dashboard_agent.log)"))
                 # a fresh head's job agent can take a few seconds to come up: do as Ray says, submit again
                 shell = subprocess.Popen(["bash", "-euo", "pipefail", "-c", f"export RAY_AUTH_MODE=token\n{submit}"],
                                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -119,6 +128,23 @@ def test_the_readme_cluster_commands_run_as_printed(tmp_path):
         shell.kill()
         _kill_under(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+README_DEFAULT_PORTS = (6379, 8265, 8080, 52365, 10001)  # GCS, dashboard, metrics, job agent, Ray client
+
+
+def _listener(port: int) -> str | None:
+    """The process listening on 127.0.0.1:`port` (its command line, or just "in use"), None if the port is free."""
+    import psutil
+
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", port)) != 0:
+            return None
+    with contextlib.suppress(psutil.Error):
+        for conn in psutil.net_connections("tcp"):
+            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+                return " ".join(psutil.Process(conn.pid).cmdline())[:200]
+    return "in use"
 
 
 def _kill_under(root: Path) -> None:
