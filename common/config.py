@@ -7,6 +7,7 @@ code); the configs in deploy/configs shrink or scale them.
 
 from __future__ import annotations
 
+import copy
 import difflib
 from collections.abc import Iterator
 from pathlib import Path
@@ -548,19 +549,93 @@ class Config(_Strict):
 # Loading
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def _items(n: int) -> str:
+    return "is empty" if n == 0 else "has 1 item (index 0)" if n == 1 else f"has {n} items (indices 0-{n - 1})"
+
+
+_UNKNOWN = object()
+
+
+def _default_at(path: list[str]) -> Any:
+    """The default at `path` (a field of a section, list indices skipped), as YAML would give it; _UNKNOWN when
+    `path` names no field."""
+    model: type[BaseModel] | None = Config
+    for i, part in enumerate(path):
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return _UNKNOWN
+        if i == len(path) - 1:
+            return to_jsonable_python(field.get_default(call_default_factory=True))
+        model = next(_models_in(field.annotation), None)
+    return _UNKNOWN
+
+
+def _lookup(tree: Any, path: list[str]) -> Any:
+    """The value at `path` in a loaded tree (through mappings and list indices); _UNKNOWN when it has none."""
+    for part in path:
+        if isinstance(tree, dict) and part in tree:
+            tree = tree[part]
+        elif isinstance(tree, list) and part.isdigit() and int(part) < len(tree):
+            tree = tree[int(part)]
+        else:
+            return _UNKNOWN
+    return tree
+
+
+def _list_to_index(tree: dict[str, Any], base: dict[str, Any], dotted: str, path: list[str]) -> list:
+    """The list at `path` that an override indexes: what the file (`base`) merged with the overrides so far holds
+    there, else the default."""
+    current = _lookup(_merge(base, tree), path)
+    current = _default_at(path) if current is _UNKNOWN else current
+    where = ".".join(path)
+    if current is _UNKNOWN:
+        names = _field_names_at(tuple(int(p) if p.isdigit() else p for p in path[:-1]))
+        close = difflib.get_close_matches(path[-1], names, n=1)
+        raise ConfigError(f"override {dotted}: {where}: unknown field" + (f" (did you mean '{close[0]}'?)"
+                                                                            if close else ""))
+    if not isinstance(current, (list, tuple)):
+        raise ConfigError(f"override {dotted}: {where} is not a list, so '{dotted.split('.')[len(path)]}' cannot "
+                          "index it")
+    return copy.deepcopy(list(current))
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, base: dict[str, Any]) -> None:
+    """Set `dotted` in the overrides `tree`. A numeric part indexes a list: the one an earlier override put in
+    `tree`, else the file's (`base`) or the default, which is copied into `tree` whole."""
     keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
+    node: Any = tree
+    for i, key in enumerate(keys):
+        where, last = ".".join(keys[:i]) or "the config", i == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit():
+                raise ConfigError(f"override {dotted}: {where} is a list, indexed by number: it {_items(len(node))}")
+            if int(key) >= len(node):
+                raise ConfigError(f"override {dotted}: the list {where} {_items(len(node))}")
+            if not last and not isinstance(node[int(key)], dict):
+                raise ConfigError(f"override {dotted}: {where}.{key} is not a section")
+        elif key.isdigit():
+            raise ConfigError(f"override {dotted}: {where} is not a list, so '{key}' cannot index it")
+        elif not last and keys[i + 1].isdigit():  # a list to index
+            if key not in node:
+                node[key] = _list_to_index(tree, base, dotted, keys[:i + 1])
+            elif not isinstance(node[key], list):
+                raise ConfigError(f"override {dotted}: {'.'.join(keys[:i + 1])} is not a list, so '{keys[i + 1]}' "
+                                  "cannot index it")
+        elif not last and not isinstance(node.setdefault(key, {}), (dict, list)):
             raise ConfigError(f"override {dotted}: '{key}' is not a section")
-        node = child
-    node[keys[-1]] = value
+        index = int(key) if isinstance(node, list) else key
+        if last:
+            node[index] = value
+        else:
+            node = node[index]
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`["grpo.group_size=8", "run.name=x"]` -> nested dict; values are parsed as YAML scalars/lists."""
+def parse_overrides(overrides: list[str], base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`["grpo.group_size=8", "run.name=x"]` -> nested dict; values are parsed as YAML scalars/lists. A numeric
+    part indexes a list (`prompts.sources.1.weight=2`): the list an earlier override set, else the one in `base`
+    (the loaded config file), else the default; the result then holds that whole list."""
     tree: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -570,7 +645,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from err
-        _set_dotted(tree, key, value)
+        _set_dotted(tree, key, value, base or {})
     return tree
 
 
@@ -646,7 +721,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config error in {path}: the top level must be a mapping of sections")
         tree = loaded or {}
     if overrides:
-        tree = _merge(tree, parse_overrides(overrides))
+        tree = _merge(tree, parse_overrides(overrides, base=tree))
         source += " + overrides"
     try:
         return Config.model_validate(tree)

@@ -77,6 +77,40 @@ def test_overrides_parse_yaml_values_and_nest():
     assert cfg.prompts.sources[0].weight == 2 and cfg.prompts.sources[0].unsafe is True
 
 
+def test_a_numeric_override_part_sets_a_field_of_one_list_item(tmp_path):
+    two = "prompts.sources=[{path: a.txt}, {path: b.txt, weight: 5}]"
+    cfg = load_config(None, [two, "prompts.sources.0.path=x.txt", "prompts.sources.1.weight=2"])  # an override's list
+    assert [(str(s.path), s.weight) for s in cfg.prompts.sources] == [("x.txt", 1.0), ("b.txt", 2.0)]
+    path = tmp_path / "c.yaml"
+    path.write_text("prompts:\n  sources:\n    - path: a.txt\n    - path: b.txt\n      weight: 5\n")
+    cfg = load_config(path, ["prompts.sources.1.unsafe=true", "prompts.sources.0.weight=3"])  # the file's list
+    assert [(str(s.path), s.weight, s.unsafe) for s in cfg.prompts.sources] == [("a.txt", 3.0, None),
+                                                                                ("b.txt", 5.0, True)]
+    cfg = load_config(None, ["prompts.sources.0.weight=4", "lora.target_modules.1=to_k2"])  # the defaults' lists
+    assert cfg.prompts.sources[0].weight == 4 and cfg.prompts.sources[0].path == Config().prompts.sources[0].path
+    assert cfg.lora.target_modules == ("to_q", "to_k2", "to_v", "to_out.0")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["prompts.sources=[{path: a.txt}, {path: b.txt}]", "prompts.sources.3.path=x.txt"],
+     "override prompts.sources.3.path: the list prompts.sources has 2 items (indices 0-1)"),
+    (["prompts.sources.1.weight=2"],
+     "override prompts.sources.1.weight: the list prompts.sources has 1 item (index 0)"),
+    (["prompts.sources=[]", "prompts.sources.0.path=x"], "override prompts.sources.0.path: the list prompts.sources "
+     "is empty"),
+    (["run.name.0=x"], "override run.name.0: run.name is not a list, so '0' cannot index it"),
+    (["prompts.0.path=x"], "override prompts.0.path: prompts is not a list, so '0' cannot index it"),
+    (["prompts.sources.0.weight=2", "prompts.sources.path=x"], "override prompts.sources.path: prompts.sources is a "
+     "list, indexed by number: it has 1 item (index 0)"),
+    (["prompts.sourcez.0.path=x"], "override prompts.sourcez.0.path: prompts.sourcez: unknown field (did you mean "
+     "'sources'?)"),
+])
+def test_a_bad_list_index_in_an_override_is_one_line_naming_it(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert str(err.value) == message
+
+
 def test_malformed_yaml_and_bad_override(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("run: [unclosed\n")
