@@ -13,7 +13,7 @@ import ray
 
 from safediff.actors.render import pipeline, render_chunk
 from safediff.actors.rollout import Rollout
-from safediff.common.config import Config
+from safediff.common.config import Config, SuiteConfig
 from safediff.common.policy import Policy
 from safediff.common.process import configure_threads, on_assigned_device
 from safediff.common.types import EvalRow, PromptGroup
@@ -46,12 +46,14 @@ class RolloutActor(PolicyHolder):
             out += [dataclasses.replace(trajectory, images=None), trajectory.images, info]
         return tuple(out)
 
-    def render(self, rows: list[EvalRow], min_version: int = 0) -> list[tuple[str, bytes]]:
+    def render(self, rows: list[EvalRow], min_version: int = 0, suite: SuiteConfig | None = None,
+               images_per_prompt: int | None = None) -> list[tuple[str, bytes]]:
         """Evaluation images of a chunk of rows (actors/render.py) with the policy held now, through a
-        stock diffusers pipeline over the same modules; refuses (ActorBehind) below `min_version`."""
+        stock diffusers pipeline over the same modules; refuses (ActorBehind) below `min_version`. `suite` and
+        `images_per_prompt` replace evaluation.suite's (the scheduler stays the evaluation suite's)."""
         if self.policy.version < min_version:
             raise ActorBehind(f"actor holds version {self.policy.version}, the evaluation needs {min_version}")
         if self.pipe is None:
             self.pipe = pipeline(self.policy, self.cfg.evaluation.suite.scheduler)
-        suite = self.cfg.evaluation.suite
-        return render_chunk(self.pipe, rows, suite.images_per_prompt, self.cfg.sampler, suite)
+        suite = suite or self.cfg.evaluation.suite
+        return render_chunk(self.pipe, rows, images_per_prompt or suite.images_per_prompt, self.cfg.sampler, suite)

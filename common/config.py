@@ -269,6 +269,37 @@ class StoreConfig(_Strict):
         return self
 
 
+class WandbConfig(_Strict):
+    project: str = Field("safediff", description="W&B project.")
+    entity: str | None = Field(None, description="W&B entity (user or team); null: the account's default.")
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="'offline' writes the run under <run dir>/wandb (`wandb sync` uploads it later); "
+        "'online' logs live and reads WANDB_API_KEY from the environment (never from this file).")
+
+
+class MlflowConfig(_Strict):
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; null: a local file store at <run dir>/mlruns (`mlflow ui "
+        "--backend-store-uri <run dir>/mlruns`). A server's credentials come from MLFLOW_TRACKING_USERNAME / "
+        "MLFLOW_TRACKING_PASSWORD in the environment.")
+    experiment: str = Field("safediff", description="MLflow experiment name.")
+
+
+class TrackingConfig(_Strict):
+    tensorboard: bool = Field(True, description="TensorBoard event files in <run dir>/tensorboard "
+                              "(`tensorboard --logdir <output_dir>` shows every run).")
+    wandb: WandbConfig | None = Field(None, description="Weights & Biases (the `tracking` extra); off when null.")
+    mlflow: MlflowConfig | None = Field(None, description="MLflow (the `tracking` extra); off when null.")
+    every: int = Field(10, ge=1, description="Every N steps (and at the last): reward_curve.png is drawn anew and "
+                       "the sample grid, when there are sample prompts, is rendered.")
+    sample_prompts: tuple[str, ...] = Field(
+        (), description="Prompts of the sample grid: a row each, rendered by the current policy from the same noise "
+        "at every grid (sample_seed), to <run dir>/samples/step_<s>.png and every tracker.")
+    images_per_prompt: int = Field(2, ge=1, description="Columns of the sample grid.")
+    sample_seed: int = Field(0, ge=0, description="Seed of the sample grid's noise: image j of prompt i starts "
+                             "from seed + 1000 i + j at every grid, so grids of different steps compare.")
+
+
 PROMPT_FIELDS = ("prompt", "case_number", "seed", "guidance", "width", "height", "categories")
 
 
@@ -509,6 +540,8 @@ class Config(_Strict):
     store: StoreConfig = Field(default_factory=StoreConfig, description="Redis run store (lease, state, events).")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="What is scored after "
                                          "training.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment tracking: "
+                                     "TensorBoard, W&B, MLflow, sample grids.")
 
     @model_validator(mode="after")
     def _cross_section(self) -> Config:
@@ -766,15 +799,16 @@ def dump_config(cfg: Config) -> str:
 RESUME_INVARIANT = ("run.seed", "model", "lora", "sampler", "reward", "grpo", "optim", "prompts")
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_tree(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
     if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
+        return {k: v for key, sub in tree.items() for k, v in flatten_tree(sub, f"{prefix}{key}.").items()}
     return {prefix.rstrip("."): tree}
 
 
 def resume_differences(saved_yaml: str, cfg: Config) -> list[str]:
     """'field: saved -> now' for every RESUME_INVARIANT field that differs from a checkpoint's config."""
-    saved, now = _flatten(yaml.safe_load(saved_yaml)), _flatten(cfg.model_dump(mode="json"))
+    saved, now = flatten_tree(yaml.safe_load(saved_yaml)), flatten_tree(cfg.model_dump(mode="json"))
     keys = sorted(k for k in saved.keys() | now.keys()
                   if any(k == f or k.startswith(f + ".") for f in RESUME_INVARIANT))
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 
 import ray
-from tqdm import tqdm
 
 from safediff.common.checkpoint import Checkpoint, Layout, export_weights, resume_point, write_checkpoint
 from safediff.common.config import Config
@@ -26,10 +25,12 @@ from safediff.runtime.cluster import check_resources, start_ray
 from safediff.runtime.groups import Actors, start_actors
 from safediff.runtime.live_eval import LiveEval
 from safediff.runtime.pipeline import RolloutPipeline
+from safediff.runtime.progress import StepProgress
 from safediff.runtime.recipe import PhaseTimer, StepRecipe
 from safediff.runtime.redteam import RedTeam
 from safediff.runtime.session import RunContext, TrainResult, close_run, stop_requests, tracked_run
 from safediff.runtime.telemetry import RayRunMetrics
+from safediff.runtime.tracking import Tracker, sample_rows, sample_suite
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,12 @@ def _train(cfg: Config, session: RunContext, stop: list[int], actors: Actors, pr
                          actors.learners.trainer_states(), layout, pipeline.cursor_before(done), session.store,
                          pipeline.replay_states())
 
+    grids = SampleGrids(session.track(start), cfg, actors)
+    grids.request(start, pipeline.version)
     usage = Utilisation(len(actors.rollouts))
     end = steps  # earlier when the evaluations stop the run (evaluation.select.patience)
-    for step in tqdm(range(start, steps), desc="train", unit="step", disable=not progress, initial=start, total=steps):
+    shown = StepProgress(start, steps, progress)
+    for step in range(start, steps):
         timer = PhaseTimer()
         with timer("wait_rollouts"):
             rollout = pipeline.collect(step)
@@ -99,6 +103,7 @@ def _train(cfg: Config, session: RunContext, stop: list[int], actors: Actors, pr
         with timer("publish"):
             update = actors.learners.publish()
             pipeline.send(update)
+        grids.request(step + 1, update.version)
         if live is not None:
             live.after_step(step + 1, update)
             record.update(live.collect(wait=step + 1 == steps))
@@ -111,13 +116,17 @@ def _train(cfg: Config, session: RunContext, stop: list[int], actors: Actors, pr
                       **(redteam.record(rollout.groups) if redteam is not None else {}))
         telemetry.record(record)
         recipe.close(step, record, pipeline.version, pipeline.cursor_before(step + 1), save, last=step + 1 == end)
+        grids.collect()
+        shown.step(step, record)
         if step + 1 == end < steps:
             session.store.event("early_stop", step=step, patience=cfg.evaluation.select.patience)
             log.warning("step %d: %d evaluations without a better adapter: training stops early", step,
                         cfg.evaluation.select.patience)
             break
+    shown.close()
     if live is not None:
         live.collect(wait=True)  # evaluations still running after an early stop (in evaluations.jsonl)
+    grids.collect(wait=True)
     actor_status = pipeline.finish()
     checksum = export_weights(fetch_state(pipeline.update), cfg, session.run_dir / "adapter", end,
                               pipeline.version, session.store)
@@ -143,3 +152,30 @@ class Utilisation:
         elapsed = time.perf_counter() - self.start
         return {"images_per_s": self.images / elapsed, "learner_idle_frac": self.learner_idle_s / elapsed,
                 "actor_idle_frac": max(0.0, 1 - self.actor_busy_s / (self.rollout_actors * elapsed))}
+
+
+class SampleGrids:
+    """The sample grids of `safediff run`, rendered by rollout actor 0 with the policy it was sent last (its calls run
+    in order, so a render asked after an adapter update renders that update); the learner never waits for one
+    except after the last step. A grid whose actor died is skipped with a warning: the next one comes `every`
+    steps later."""
+
+    def __init__(self, tracker: Tracker, cfg: Config, actors: Actors):
+        self.tracker, self.cfg, self.actors = tracker, cfg, actors
+        self.rows, self.suite = sample_rows(cfg.tracking), sample_suite(cfg.evaluation.suite)
+        self.pending: list[tuple[int, ray.ObjectRef]] = []
+
+    def request(self, done: int, version: int) -> None:
+        """Ask for the grid of the policy `version`, trained for `done` steps, when one is due."""
+        if self.tracker.wants_samples(done):
+            self.pending.append((done, self.actors.rollouts.at(0).render.remote(
+                self.rows, version, self.suite, self.cfg.tracking.images_per_prompt)))
+
+    def collect(self, wait: bool = False) -> None:
+        """Send the grids rendered by now (all of them with `wait`) to the tracker."""
+        while self.pending and (wait or ray.wait([self.pending[0][1]], timeout=0)[0]):
+            done, ref = self.pending.pop(0)
+            try:
+                self.tracker.samples(done, ray.get(ref))
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+                log.warning("sample grid after step %d skipped: %s", done, str(err).splitlines()[0])

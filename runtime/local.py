@@ -12,8 +12,8 @@ import logging
 from typing import Protocol
 
 import torch
-from tqdm import tqdm
 
+from safediff.actors.render import pipeline, render_chunk
 from safediff.actors.rollout import Rollout
 from safediff.common.checkpoint import Layout, TrainerState, export_weights, resume_point, write_checkpoint
 from safediff.common.config import Config
@@ -22,8 +22,10 @@ from safediff.common.policy import Policy
 from safediff.common.prompts import PromptStream
 from safediff.learner.update import GRPOUpdate, TorchOptimizer, TrainBatch
 from safediff.reward_server.steering import DIAGNOSTICS, RewardOutput, SteeringReward
+from safediff.runtime.progress import StepProgress
 from safediff.runtime.recipe import PhaseTimer, StepRecipe
 from safediff.runtime.session import RunContext, TrainResult, close_run, stop_requests, tracked_run
+from safediff.runtime.tracking import sample_rows, sample_suite
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +64,25 @@ def _train(cfg: Config, run: RunContext, reward_fn: RewardFn | None, progress: b
         optimizer.load_state_dict(checkpoint.trainers[0].restore(optimizer.state_dict()))
         prompts.load_state_dict(checkpoint.cursor)
     run.metrics.truncate(start)
+    tracker, pipe = run.track(start), None
 
     def save(step: int) -> None:
         write_checkpoint(run.run_dir, cfg, step, policy.version, policy.state(),
                          [TrainerState.capture(optimizer.state_dict())], Layout.TORCH, prompts.state_dict(),
                          run.store)
 
-    bar = tqdm(range(start, cfg.run.steps), desc="train", unit="step", disable=not progress,
-               initial=start, total=cfg.run.steps)
-    for step in bar:
+    def samples(done: int) -> None:  # the sample grid of the policy trained for `done` steps, when one is due
+        nonlocal pipe
+        if tracker.wants_samples(done):
+            suite = sample_suite(cfg.evaluation.suite)
+            pipe = pipe or pipeline(policy, suite.scheduler)
+            tracker.samples(done, render_chunk(pipe, sample_rows(cfg.tracking), cfg.tracking.images_per_prompt,
+                                               cfg.sampler, suite))
+
+    samples(start)
+
+    shown = StepProgress(start, cfg.run.steps, progress)
+    for step in range(start, cfg.run.steps):
         timer = PhaseTimer()
         with timer("generate"):
             groups = prompts.next_groups(step, P)
@@ -89,9 +101,10 @@ def _train(cfg: Config, run: RunContext, reward_fn: RewardFn | None, progress: b
         seconds = timer.seconds
         record.update(time_generate=seconds["generate"], time_reward=seconds["reward"], time_train=seconds["train"],
                       images_per_s=P * G / max(sum(seconds.values()), 1e-9))
-        bar.set_postfix(reward=f"{record['reward_mean']:.4f}" if record["reward_mean"] is not None else "nan",
-                        kl=f"{record.get('approx_kl', 0):.2e}")
         recipe.close(step, record, policy.version, prompts.state_dict(), save)
+        samples(step + 1)
+        shown.step(step, record)
+    shown.close()
 
     checksum = export_weights(policy.state(), cfg, run.run_dir / "adapter", cfg.run.steps, policy.version)
     return TrainResult(run_dir=run.run_dir, metrics=close_run(cfg, run.metrics), checksum=checksum,

@@ -111,6 +111,8 @@ class StepRecipe:
         self._hacking_alarms(step, record)
         self.run.metrics.write(record)
         self.run.store.record_step(step, version, cursor, record)
+        if self.run.tracker is not None:
+            self.run.tracker.step(step, record)
         if (step + 1) % self.cfg.run.save_every == 0 or step + 1 == steps or last or self.stop:
             save(step + 1)
         if self.stop and step + 1 < steps:

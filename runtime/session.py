@@ -14,6 +14,7 @@ from pathlib import Path
 from safediff.common.config import Config, dump_config
 from safediff.common.metrics import MetricsLog, plot_reward_curve, read_metrics
 from safediff.runtime.run_store import Interrupted, RunStore, open_run_store, store_url
+from safediff.runtime.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +31,20 @@ class TrainResult:
 
 @dataclass
 class RunContext:
+    cfg: Config
     metrics: MetricsLog
     store: RunStore
     resume: bool  # continue from the newest complete checkpoint
+    tracker: Tracker | None = None
 
     @property
     def run_dir(self) -> Path:
         return self.metrics.path.parent
+
+    def track(self, start: int) -> Tracker:
+        """Open the experiment trackers once the loop knows its first step (0, or its checkpoint's)."""
+        self.tracker = Tracker(self.cfg, self.run_dir, start)
+        return self.tracker
 
 
 @contextlib.contextmanager
@@ -66,8 +74,11 @@ def tracked_run(cfg: Config, resume: bool | None = None) -> Iterator[RunContext]
         if not resume:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         store.begin(config_yaml)
+        context = RunContext(cfg, MetricsLog(run_dir / "metrics.jsonl"), store, resume)
         try:
-            yield RunContext(MetricsLog(run_dir / "metrics.jsonl"), store, resume)
+            yield context
+            if context.tracker is not None:
+                context.tracker.finish()
         except Interrupted:
             store.finish("interrupted")
             raise
@@ -75,6 +86,9 @@ def tracked_run(cfg: Config, resume: bool | None = None) -> Iterator[RunContext]
             store.finish("failed")
             store.event("error", message=f"{type(err).__name__}: {err}"[:2000])
             raise
+        finally:
+            if context.tracker is not None:
+                context.tracker.close()
         store.finish("finished")
 
 

@@ -1,8 +1,10 @@
 """The Ray runtime on a real local Ray cluster (CPU): rollout actors, reward actor, DeepSpeed learner (gloo)."""
 
+import numpy as np
 import pytest
 import ray
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from safediff.common.config import ConfigError
@@ -37,6 +39,10 @@ def test_async_run_syncs_every_actor_within_the_staleness_bound(tiny_dir, tmp_pa
     assert (result.run_dir / "reward_curve.png").is_file()
 
 
+# sample grids after steps 0, 2 and 3: the local loop renders them itself, the Ray runtime on rollout actor 0
+GRIDS = ("tracking.sample_prompts=[a bright image, a dark image]", "tracking.every=2")
+
+
 def _pooled(tmp):
     return ("grpo.adv_scale=pooled", f"prompts.sources=[{{path: {tmp / 'prompts.txt'}}}, {{path: {tmp / 'more.txt'}}}]")
 
@@ -49,7 +55,7 @@ def local_reference(tiny_dir, tmp_path_factory, tiny_config):
     prompts = tmp / "prompts.txt"
     prompts.write_text("a bright image\na dark image\nan image\na picture of colour\n")
     (tmp / "more.txt").write_text("a red square\na blue circle\n")
-    cfg = _cfg(tiny_config, tiny_dir, tmp, prompts, "run.name=local", *_pooled(tmp))
+    cfg = _cfg(tiny_config, tiny_dir, tmp, prompts, "run.name=local", *_pooled(tmp), *GRIDS)
     result = train(cfg, progress=False)
     LoraTrainable(cfg.lora).save(Policy.from_config(cfg).state(), tmp / "init")
     return result, tmp, prompts
@@ -65,7 +71,7 @@ def test_on_policy_run_matches_the_single_process_loop(tiny_dir, local_reference
     L2 norm. Measured: ~5e-7 and ~0.06%, from float summation order (thread counts, ZeRO flattening)."""
     local, tmp, prompts = local_reference
     cfg = _cfg(tiny_config, tiny_dir, tmp, prompts, f"run.name=ray{learners}", f"cluster.learner_workers={learners}",
-               "cluster.max_staleness=0", *_pooled(tmp))
+               "cluster.max_staleness=0", *_pooled(tmp), *GRIDS)
     result = run(cfg, progress=False)
     for a, b in zip(local.metrics, result.metrics):
         assert abs(a["reward_mean"] - b["reward_mean"]) < 1e-5
@@ -75,6 +81,13 @@ def test_on_policy_run_matches_the_single_process_loop(tiny_dir, local_reference
     delta_ray = torch.cat([(theirs[k] - init[k]).flatten() for k in init])
     assert delta_local.norm() > 0
     assert (delta_local - delta_ray).norm() / delta_local.norm() < 1e-2
+    # the same policies rendered from the same noise: the base model's grid is identical, the trained ones differ
+    # only as much as the adapters do
+    grids = {where: {s: np.asarray(Image.open(r.run_dir / "samples" / f"step_{s}.png"), dtype=np.int16)
+                     for s in (0, 2, 3)} for where, r in (("local", local), ("ray", result))}
+    assert np.array_equal(grids["local"][0], grids["ray"][0])
+    for s in (2, 3):
+        assert np.abs(grids["local"][s] - grids["ray"][s]).mean() < 0.5, s
 
 
 def test_a_topology_the_cluster_cannot_hold_is_refused(tiny_dir, tmp_path, prompt_file, tiny_config):

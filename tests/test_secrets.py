@@ -71,14 +71,16 @@ def _grep(root: Path, secret: bytes) -> list[Path]:
 
 
 def test_a_run_writes_and_prints_no_password(tiny_dir, tmp_path, prompt_file):
-    """A training run on a password-protected Redis: every file it writes (config dumps, checkpoints, the adapter,
-    metrics, plots), everything it prints and every Redis value are searched for the password."""
+    """A training run on a password-protected Redis, given on its command line: every file it writes (config dumps,
+    checkpoints, the adapter, metrics, plots, the TensorBoard, MLflow and W&B runs), everything it prints and every
+    Redis value are searched for the password."""
     out = tmp_path / "out"
     with EmbeddedRedis(tmp_path / "redis", password=PASSWORD) as server:
         args = ["--config", "cpu_demo", f"model.pretrained={tiny_dir / 'sd'}",
                 f"reward.clip.model=local-dir:{tiny_dir / 'clip'}", f"prompts.sources=[{{path: {prompt_file}}}]",
                 f"run.output_dir={out}", "run.steps=2", "run.save_every=1", "sampler.num_steps=4",
-                "grpo.train_timesteps=4", f"store.url={server.url}"]
+                "grpo.train_timesteps=4", f"store.url={server.url}", "tracking.mlflow={}", "tracking.wandb={}",
+                "tracking.sample_prompts=[an image]"]
         shown = subprocess.run([sys.executable, "-m", "safediff.cli", "config", *args], capture_output=True,
                                text=True, timeout=300, cwd=tmp_path)
         run = subprocess.run([sys.executable, "-m", "safediff.cli", "train", *args], capture_output=True,
@@ -101,6 +103,7 @@ def test_a_run_writes_and_prints_no_password(tiny_dir, tmp_path, prompt_file):
     files = list(out.rglob("*"))
     assert any(p.name == "config.yaml" and "checkpoints" in p.parts for p in files)
     assert (out / "cpu-demo" / "adapter" / "config.yaml").is_file()
+    assert {"tensorboard", "mlruns", "wandb", "samples"} <= {p.name for p in (out / "cpu-demo").iterdir()}
     quoted = server.url.split("//:", 1)[1].split("@127", 1)[0].encode()  # the password as the URL carries it
     for secret in (PASSWORD.encode(), quoted):
         assert _grep(out, secret) == []
