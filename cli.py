@@ -1,10 +1,12 @@
-"""`safediff` command line: run, train, eval, eval-compare, attack, fid-reference, config, build-tiny.
+"""`safediff` command line: run, train, eval, eval-compare, attack, compare, fid-reference, config, build-tiny.
 
+Examples (each command's --help has its own):
     safediff run --config world                                      # Ray actors + DeepSpeed learner
     safediff train --config cpu_demo run.steps=5                     # the same method in one process
     safediff eval --config my.yaml --prompts i2p --adapter runs/my/adapter   # generate, score, report
     safediff eval-compare runs/eval/i2p-base runs/eval/i2p-my-adapter          # two evaluations side by side
     safediff attack --config world --attack ring-a-bell --run world      # adversarial prompts, ASR before/after
+    safediff compare runs/a runs/b                                   # training runs' metrics drawn together
     safediff fid-reference coco/val2014 runs/coco3k-ref.npz --inception inception-2015-12-05.pt --set coco
     safediff config --config my.yaml            # print the validated config (every default filled in)
     safediff build-tiny runs/tiny               # random SD-architecture model + tiny open_clip for tests/demo
@@ -20,9 +22,29 @@ from importlib.metadata import version
 from pathlib import Path
 
 from safediff.common.assets import builtin_configs
-from safediff.common.config import ConfigError, describe_fields, dump_config, load_config
+from safediff.common.config import Config, ConfigError, describe_fields, dump_config, load_config
 from safediff.common.errors import LearnerFailed, UserInputError
 from safediff.runtime.run_store import Interrupted
+
+EXAMPLES = {
+    "run": ["safediff run --config world", "safediff run --config my.yaml run.steps=100 cluster.rollout_actors=4",
+            "safediff run --config my.yaml --fresh          # start the run over",
+            "ray job submit --address http://127.0.0.1:8265 -- python -m safediff.cli run --config gpu8"],
+    "train": ["safediff train --config cpu_demo run.steps=5", "safediff train --config world --quiet"],
+    "config": ["safediff config --config my.yaml", "safediff config --describe | less",
+               "safediff config --schema > safediff.schema.json    # for editors' YAML validation",
+               "safediff config --config world 'prompts.sources.0.weight=2'"],
+    "eval": ["safediff eval --config my.yaml --protocol i2p-sld --run my-run",
+             "safediff eval --config world --prompts world_glyph --run world"],
+    "eval-compare": ["safediff eval-compare runs/eval/i2p-base runs/eval/i2p-my-run-adapter"],
+    "attack": ["safediff attack --config world --attack ring-a-bell --run world",
+               "safediff attack --config my.yaml --attack prompts evaluation.attack.targets.path=mma.csv --run r"],
+    "compare": ["safediff compare runs/world runs/world-lr2 --out runs/compare",
+                "safediff compare runs/a runs/b --metrics reward_mean eval_unsafe_rate"],
+    "fid-reference": ["safediff fid-reference coco/val2014 runs/coco-ref.npz --inception inception-2015-12-05.pt "
+                      "--set coco"],
+    "build-tiny": ["safediff build-tiny runs/tiny"],
+}
 
 
 def _load(args: argparse.Namespace):
@@ -33,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from safediff.runtime.local import train
 
     cfg = _load(args)
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, progress=not args.quiet)
     last = result.metrics[-1]
     print(f"run dir: {result.run_dir}")
     print(f"steps: {len(result.metrics)}  final reward_mean: {last['reward_mean']}  adapter sha256: {result.checksum}")
@@ -44,7 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from safediff.runtime.controller import run
 
     cfg = _load(args)
-    result = run(cfg, address=args.address, resume=args.resume, make_probe=_probe(cfg))
+    result = run(cfg, address=args.address, resume=args.resume, make_probe=_probe(cfg), progress=not args.quiet)
     last = result.metrics[-1]
     print(f"run dir: {result.run_dir}")
     print(f"steps: {len(result.metrics)}  final reward_mean: {last['reward_mean']}  "
@@ -76,6 +98,9 @@ def _evaluate(cfg, run_dir: Path) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.schema:
+        print(json.dumps(Config.model_json_schema(), indent=1))
+        return 0
     if args.describe:
         for field, default, description in describe_fields():
             print(f"{field} = {default}\n    {description}")
@@ -135,6 +160,15 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from safediff.common.metrics import compare_runs
+
+    out = args.out or Path(args.runs[-1]) / "compare"
+    print(compare_runs(args.runs, out, tuple(args.metrics)))
+    print(f"written to {out / 'compare.md'} and {out / 'compare.png'}")
+    return 0
+
+
 def cmd_fid_reference(args: argparse.Namespace) -> int:
     from safediff.evaluation import fid, provenance
 
@@ -157,13 +191,24 @@ def cmd_build_tiny(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="safediff", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="safediff", description=__doc__.split("\n\n", 1)[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('safediff')}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors: no progress bar or "
+                        "progress lines, no info messages")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+
+    def add_command(name: str, **kwargs) -> argparse.ArgumentParser:
+        examples = "\n".join(f"  {line}" for line in EXAMPLES[name])
+        return subparsers.add_parser(name, parents=[common], epilog=f"examples:\n{examples}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
     for name, func, helptext in (("run", cmd_run, "distributed GRPO training on Ray (the service)"),
                                  ("train", cmd_train, "single-process GRPO training (reference loop)"),
                                  ("config", cmd_config, "print the validated config")):
-        p = sub.add_parser(name, help=helptext)
+        p = add_command(name, help=helptext)
         p.add_argument("--config", type=Path, default=None, help="YAML config file, or a built-in config by name "
                        f"({', '.join(builtin_configs())}); defaults when omitted")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the file")
@@ -171,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "config":
             p.add_argument("--describe", action="store_true", help="print every field with its default and "
                            "description instead (the configuration reference)")
+            p.add_argument("--schema", action="store_true", help="print the config's JSON Schema instead (for "
+                           "editors that validate YAML)")
         else:
             when = p.add_mutually_exclusive_group()
             when.add_argument("--resume", dest="resume", action="store_const", const=True, default=None,
@@ -181,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a "
                            "local Ray started on 127.0.0.1)")
-    p = sub.add_parser("eval", help="generate images for a prompt set (base model or an adapter), score, report")
+    p = add_command("eval", help="generate images for a prompt set (base model or an adapter), score, report")
     p.add_argument("--config", type=Path, default=None, help="YAML config: model, sampler, cluster and "
                    "evaluation.suite (scorers, weight paths)")
     p.add_argument("--prompts", default=None, help="a built-in set name (i2p, i2p_nudity, geneval, coco, ...) or "
@@ -204,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "inputs are missing (the report marks it disabled); default: such a scorer is an error before "
                    "any image is generated")
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("eval-compare", help="two evaluations of one prompt set side by side, with deltas")
+    p = add_command("eval-compare", help="two evaluations of one prompt set side by side, with deltas")
     p.add_argument("first", type=Path)
     p.add_argument("second", type=Path)
     p.add_argument("--out", type=Path, default=None, help="default: <second>/vs-<first's name>")
@@ -218,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "pixels: rece = cv2 bilinear to 64 x 64 (RECE's lpips_score.py, the SafeDiffusion-R1 reference's "
                    "scripts), esd = shorter side 64, antialiased (ESD's lpips_eval.py), none = native size")
     p.set_defaults(func=cmd_eval_compare)
-    p = sub.add_parser("attack", help="adversarial prompts for a concept (evaluation.attack), generated and judged "
+    p = add_command("attack", help="adversarial prompts for a concept (evaluation.attack), generated and judged "
                        "on the base model and an adapter: attack success rates")
     p.add_argument("--config", type=Path, default=None, help="YAML config (evaluation.attack, evaluation.suite), or "
                    "a built-in config by name")
@@ -230,7 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="default: <run.output_dir>/attacks/<attack>-<concept>")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the file")
     p.set_defaults(func=cmd_attack)
-    p = sub.add_parser("fid-reference", help="compute the real images' clean-fid features once, for "
+    p = add_command("compare", help="training runs' metrics drawn together (PNG) and tabulated (markdown)")
+    p.add_argument("runs", type=Path, nargs="+", help="run directories (<run.output_dir>/<name>)")
+    p.add_argument("--metrics", nargs="*", default=[], help="step-record fields to compare (default: reward, KL, "
+                   "clip fraction, the hacking signals and the live evaluation, where logged)")
+    p.add_argument("--out", type=Path, default=None, help="default: <the last run>/compare")
+    p.set_defaults(func=cmd_compare)
+    p = add_command("fid-reference", help="compute the real images' clean-fid features once, for "
                        "evaluation.suite.fid.reference")
     p.add_argument("images", type=Path, help="folder of real images")
     p.add_argument("out", type=Path, help="the .npz to write")
@@ -238,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", default=None, help="only the images of a built-in set's coco_id column (coco: the "
                    "3,000 COCO val2014 images of the coco prompts)")
     p.set_defaults(func=cmd_fid_reference)
-    p = sub.add_parser("build-tiny", help="write tiny random models (diffusers + open_clip) for tests and demos")
+    p = add_command("build-tiny", help="write tiny random models (diffusers + open_clip) for tests and demos")
     p.add_argument("out", type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_build_tiny)
@@ -249,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("safediff").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
+    if args.quiet:
+        logging.getLogger("safediff").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except ConfigError as err:

@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+from safediff.common.errors import UserInputError
+
 
 class MetricsLog:
     """Appends one JSON object per line and flushes it, so a killed run keeps every finished step."""
@@ -93,3 +95,58 @@ def plot_evaluations(rows: list[dict], out_png: str | Path, metric: str, guard: 
     fig.savefig(out_png)
     plt.close(fig)
     return Path(out_png)
+
+
+# What `safediff compare` draws when no metric is named: the reward, the update's size, the hacking signals and the
+# live evaluation, each only where a run logged it.
+COMPARED = ("reward_mean", "reward_std", "approx_kl", "clipfrac", "cos_prompt_mean", "diversity_mean",
+            "eval_unsafe_rate", "eval_benign_accuracy")
+
+
+def compare_runs(run_dirs: list[Path], out: Path, metrics: tuple[str, ...] = ()) -> str:
+    """The metrics of training runs (their metrics.jsonl) drawn together, a panel per metric (<out>/compare.png), and
+    a markdown table (<out>/compare.md, also returned): per run and metric, its first and last logged value and the
+    mean over the last quarter of the steps that logged it (a less noisy end point than the last step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {}
+    for run_dir in run_dirs:
+        path = Path(run_dir) / "metrics.jsonl"
+        if not path.is_file():
+            raise UserInputError(f"{run_dir}: no metrics.jsonl (is it a training run's directory?)")
+        runs[Path(run_dir).name if Path(run_dir).name not in runs else str(run_dir)] = read_metrics(path)
+    logged = {k for records in runs.values() for r in records for k, v in r.items() if isinstance(v, (int, float))}
+    fields = list(metrics) or [m for m in COMPARED if m in logged]
+    missing = [m for m in fields if m not in logged]
+    if missing:
+        raise UserInputError(f"--metrics: no run logged {', '.join(missing)} (they log: {', '.join(sorted(logged))})")
+    out.mkdir(parents=True, exist_ok=True)
+    cols = min(len(fields), 3)
+    rows_n = -(-len(fields) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3 * rows_n), dpi=100, squeeze=False)
+    lines = ["| run | metric | steps | first | last | mean of the last quarter |", "|---|---|---:|---:|---:|---:|"]
+    for ax, field in zip(axes.flat, fields):
+        for name, records in runs.items():
+            points = [(r["step"], r[field]) for r in records if isinstance(r.get(field), (int, float))]
+            if not points:
+                continue
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o", ms=2, label=name)
+            tail = values[len(values) - max(1, len(values) // 4):]
+            lines.append(f"| {name} | {field} | {len(values)} | {values[0]:.4g} | {values[-1]:.4g} | "
+                         f"{sum(tail) / len(tail):.4g} |")
+        ax.set_title(field, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(fields):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out / "compare.png")
+    plt.close(fig)
+    table = "\n".join(lines) + "\n"
+    (out / "compare.md").write_text(f"# {' vs '.join(runs)}\n\n![metrics](compare.png)\n\n{table}")
+    return table
