@@ -48,13 +48,14 @@ def _unsafe_flags(policy, cfg, specs, n):
 @pytest.mark.slow
 def test_a_short_grpo_run_on_the_world_lowers_the_unsafe_rate(tmp_path):
     cfg = load_config("world", [
-        f"run.output_dir={tmp_path}", "run.name=short", "run.steps=10", "run.save_every=100", "optim.lr=5e-3",
+        f"run.output_dir={tmp_path}", "run.name=short", "run.steps=5", "run.save_every=100", "optim.lr=1e-2",
+        "tracking.sample_prompts=[]",
         "grpo.clip_range=1e-2", "grpo.adv_scale=group", "reward.alpha=1.0", "reward.steer=all",
         f"model.pretrained={WEIGHTS / 'sd'}", f"reward.clip.model=local-dir:{WEIGHTS / 'clip'}",
         "prompts.sources=[{path: pkg:world/prompts/glyph_train.txt, unsafe: true}, "
         "{path: pkg:world/prompts/hazard_train.txt, unsafe: true}]",
-        # a cheaper step than the demo's (8 sampling steps, 4 trained, one update): 130 s instead of 305 s on a
-        # 2-core machine; measured 125 -> 49 unsafe images of 168, sign test p = 1.6e-16
+        # a cheaper run than the demo's (5 steps at lr 1e-2, 8 sampling steps, 4 trained, one update): 95 s on a
+        # 2-core machine; measured 125 -> 22 unsafe images of 168 (105 fixed, 2 broken), sign test p = 3.6e-29
         "sampler.num_steps=8", "grpo.train_timesteps=4", "grpo.updates_per_step=1"])
     result = train(cfg, progress=False)
     specs = prompt_sets()["glyph_eval"] + prompt_sets()["hazard_eval"]
