@@ -601,7 +601,7 @@ def _default_at(path: list[str]) -> Any:
             return _UNKNOWN
         if i == len(path) - 1:
             return to_jsonable_python(field.get_default(call_default_factory=True))
-        model = next(_models_in(field.annotation), None)
+        model = next(models_in(field.annotation), None)
     return _UNKNOWN
 
 
@@ -692,12 +692,12 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _models_in(annotation: Any) -> Iterator[type[BaseModel]]:
+def models_in(annotation: Any) -> Iterator[type[BaseModel]]:
     """The pydantic models an annotation holds (X, X | None, tuple[X, ...])."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         yield annotation
     for arg in get_args(annotation):
-        yield from _models_in(arg)
+        yield from models_in(arg)
 
 
 def _field_names_at(path: tuple) -> list[str]:
@@ -707,7 +707,7 @@ def _field_names_at(path: tuple) -> list[str]:
         if isinstance(part, int):
             continue
         field = model.model_fields.get(part)
-        model = next(_models_in(field.annotation), None) if field is not None else None
+        model = next(models_in(field.annotation), None) if field is not None else None
         if model is None:
             return []
     return list(model.model_fields)
@@ -769,7 +769,7 @@ def describe_fields(model: type[BaseModel] = Config, prefix: str = "",
     values win over the class's field defaults (a parent may default a section to a non-default instance)."""
     nested = []
     for name, field in model.model_fields.items():
-        sub = next(_models_in(field.annotation), None)
+        sub = next(models_in(field.annotation), None)
         required = field.is_required() and values is None
         default = getattr(values, name) if values is not None else \
             None if required else field.get_default(call_default_factory=True)

@@ -53,7 +53,7 @@ def _section_model(section: str) -> type[BaseModel]:
     """The pydantic model of a dotted section ("" is the whole config)."""
     model = cfg.Config
     for part in filter(None, section.split(".")):
-        model = next(cfg._models_in(model.model_fields[part].annotation))
+        model = next(cfg.models_in(model.model_fields[part].annotation))
     return model
 
 
