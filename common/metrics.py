@@ -29,6 +29,13 @@ class MetricsLog:
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
 
+def numeric_fields(record: dict) -> dict[str, float]:
+    """The fields of a step record that are finite numbers (booleans, None, strings, NaN and inf left out): what the
+    dashboard gauges and the experiment trackers plot."""
+    return {k: float(v) for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines if line.strip()]

@@ -30,7 +30,7 @@ from safediff.runtime.recipe import PhaseTimer, StepRecipe
 from safediff.runtime.redteam import RedTeam
 from safediff.runtime.session import RunContext, TrainResult, close_run, stop_requests, tracked_run
 from safediff.runtime.telemetry import RayRunMetrics
-from safediff.runtime.tracking import Tracker, sample_rows, sample_suite
+from safediff.runtime.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -162,14 +162,13 @@ class SampleGrids:
 
     def __init__(self, tracker: Tracker, cfg: Config, actors: Actors):
         self.tracker, self.cfg, self.actors = tracker, cfg, actors
-        self.rows, self.suite = sample_rows(cfg.tracking), sample_suite(cfg.evaluation.suite)
         self.pending: list[tuple[int, ray.ObjectRef]] = []
 
     def request(self, done: int, version: int) -> None:
         """Ask for the grid of the policy `version`, trained for `done` steps, when one is due."""
         if self.tracker.wants_samples(done):
             self.pending.append((done, self.actors.rollouts.at(0).render.remote(
-                self.rows, version, self.suite, self.cfg.tracking.images_per_prompt)))
+                self.tracker.sample_rows, version, self.tracker.sample_suite, self.cfg.tracking.images_per_prompt)))
 
     def collect(self, wait: bool = False) -> None:
         """Send the grids rendered by now (all of them with `wait`) to the tracker."""

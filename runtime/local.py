@@ -25,7 +25,6 @@ from safediff.reward_server.steering import DIAGNOSTICS, RewardOutput, SteeringR
 from safediff.runtime.progress import StepProgress
 from safediff.runtime.recipe import PhaseTimer, StepRecipe
 from safediff.runtime.session import RunContext, TrainResult, close_run, stop_requests, tracked_run
-from safediff.runtime.tracking import sample_rows, sample_suite
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +73,9 @@ def _train(cfg: Config, run: RunContext, reward_fn: RewardFn | None, progress: b
     def samples(done: int) -> None:  # the sample grid of the policy trained for `done` steps, when one is due
         nonlocal pipe
         if tracker.wants_samples(done):
-            suite = sample_suite(cfg.evaluation.suite)
-            pipe = pipe or pipeline(policy, suite.scheduler)
-            tracker.samples(done, render_chunk(pipe, sample_rows(cfg.tracking), cfg.tracking.images_per_prompt,
-                                               cfg.sampler, suite))
+            pipe = pipe or pipeline(policy, tracker.sample_suite.scheduler)
+            tracker.samples(done, render_chunk(pipe, tracker.sample_rows, cfg.tracking.images_per_prompt,
+                                               cfg.sampler, tracker.sample_suite))
 
     samples(start)
 

@@ -6,10 +6,11 @@ what `metrics.jsonl` holds is also what the dashboard and Prometheus/Grafana sho
 
 from __future__ import annotations
 
-import math
 import re
 
 from ray.util.metrics import Gauge
+
+from safediff.common.metrics import numeric_fields
 
 
 class RayRunMetrics:
@@ -26,7 +27,5 @@ class RayRunMetrics:
         return self._gauges[field]
 
     def record(self, record: dict) -> None:
-        for field, value in record.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                continue
-            self._gauge(field).set(float(value))
+        for field, value in numeric_fields(record).items():
+            self._gauge(field).set(value)

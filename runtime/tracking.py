@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import os
 import time
 import uuid
@@ -28,7 +27,7 @@ from PIL import Image
 
 from safediff.common.config import Config, SuiteConfig, TrackingConfig, dump_config, flatten_tree
 from safediff.common.errors import UserInputError
-from safediff.common.metrics import plot_reward_curve, read_metrics
+from safediff.common.metrics import numeric_fields, plot_reward_curve, read_metrics
 from safediff.common.secrets import write_private
 from safediff.common.types import EvalRow
 
@@ -133,6 +132,8 @@ class Tracker:
     def __init__(self, cfg: Config, run_dir: Path, start: int):
         """`start`: the step the job starts at (0, or a resumed checkpoint's)."""
         self.cfg, self.run_dir, self.every = cfg, run_dir, cfg.tracking.every
+        # what both loops render a sample grid from: the rows (prompts and seeds) and the suite's settings
+        self.sample_rows, self.sample_suite = _sample_rows(cfg.tracking), _sample_suite(cfg.evaluation.suite)
         config_yaml = dump_config(cfg)
         config = yaml.safe_load(config_yaml)
         ids_file = run_dir / "tracking.json"
@@ -155,25 +156,23 @@ class Tracker:
         write_private(ids_file, json.dumps(ids))
 
     def step(self, step: int, record: dict) -> None:
-        """A finished step's record (already in metrics.jsonl); redraws reward_curve.png when `due`."""
-        values = {k: float(v) for k, v in record.items()
-                  if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        """A finished step's record (already in metrics.jsonl); redraws reward_curve.png every `every` steps (the
+        run's last curve is drawn when it closes, `runtime.session.close_run`)."""
+        values = {k: v for k, v in numeric_fields(record).items() if k != "step"}
         for backend in self.backends:
             backend.scalars(step, values)
-        if self.due(step + 1):
+        if (step + 1) % self.every == 0 and step + 1 < self.cfg.run.steps:
             plot_reward_curve(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "reward_curve.png",
                               title=f"{self.cfg.run.name}: reward")
 
-    def due(self, done: int) -> bool:
-        """Whether the policy trained for `done` steps gets a reward curve and a sample grid."""
-        return done % self.every == 0 or done == self.cfg.run.steps
-
     def wants_samples(self, done: int) -> bool:
-        """Whether the policy trained for `done` steps gets a sample grid: at the first step and when `due`."""
-        return bool(self.cfg.tracking.sample_prompts) and (done == 0 or self.due(done))
+        """Whether the policy trained for `done` steps gets a sample grid: at the start, every `every` steps and at
+        the last step."""
+        return bool(self.cfg.tracking.sample_prompts) and (done == 0 or done % self.every == 0
+                                                          or done == self.cfg.run.steps)
 
     def samples(self, done: int, images: list[tuple[str, bytes]]) -> Path:
-        """The grid of `sample_rows`' rendered images (PNG bytes, row after row) of the policy trained for `done`
+        """The grid of `self.sample_rows`' rendered images (PNG bytes, row after row) of the policy trained for `done`
         steps: <run dir>/samples/step_<done>.png and an image on every back-end."""
         t = self.cfg.tracking
         pixels = [np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for _, png in images]
@@ -202,14 +201,14 @@ class Tracker:
                 log.warning("tracking: closing %s failed: %s", type(backend).__name__, err)
 
 
-def sample_rows(t: TrackingConfig) -> list[EvalRow]:
+def _sample_rows(t: TrackingConfig) -> list[EvalRow]:
     """The sample grid's prompts as evaluation rows: prompt i starts from seed sample_seed + 1000 i (+ j for image
     j), the same at every grid."""
     return [EvalRow(case_number=f"sample_{i}", prompt=p, seed=t.sample_seed + 1000 * i)
             for i, p in enumerate(t.sample_prompts)]
 
 
-def sample_suite(suite: SuiteConfig) -> SuiteConfig:
+def _sample_suite(suite: SuiteConfig) -> SuiteConfig:
     """The evaluation suite's rendering settings, image j of a row from its own seed (row seed + j)."""
     return suite.model_copy(update={"seeding": "seed_plus_j", "row_settings": False})
 
