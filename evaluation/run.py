@@ -20,11 +20,10 @@ import os
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
 from safediff.actors.render import SCHEDULERS
 from safediff.common.config import Config, resolve_device_dtype
 from safediff.common.errors import UserInputError
+from safediff.common.progress import Progress, track
 from safediff.common.trainable import trainable_for
 from safediff.common.types import EvalRow
 from safediff.evaluation import jsonl, protocols, provenance
@@ -98,7 +97,7 @@ def evaluate(cfg: Config, adapter: Path | None = None, out: Path | None = None, 
             render_on_ray(cfg, state, info, todo, store, address, progress)
         else:
             render = local_renderer(cfg, state, info)
-            for chunk in tqdm(todo, desc="generate", unit="chunk", disable=not progress):
+            for chunk in track(todo, "generate", "chunk", enabled=progress):
                 store.write(chunk, render(chunk), suite.images_per_prompt, cfg.sampler, suite)
     timing = {"generate": {"seconds": time.perf_counter() - start,
                            "images": sum(len(c) for c in todo) * suite.images_per_prompt}}
@@ -152,7 +151,7 @@ def render_on_ray(cfg: Config, state: dict | None, info: dict, todo: list[list[E
             update = publish(state, version, trainable_for(cfg).expected_modules(state))
             ray.get(actors.load_adapter(update))
         queue, pending, tries = list(todo), {}, {}
-        bar = tqdm(total=len(todo), desc="generate (ray)", unit="chunk", disable=not progress)
+        bar = Progress(len(todo), "generate (ray)", "chunk", enabled=progress)
 
         def submit(actor) -> None:
             chunk = queue.pop(0)

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from safediff.common.config import SuiteConfig
 from safediff.common.errors import UserInputError
+from safediff.common.progress import track
 from safediff.evaluation import jsonl
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def run_scorers(scorers: dict[str, object], out: Path, images: list[dict],
         path = out / "scores" / f"{name}.jsonl"
         done = {(s["case_number"], s["j"]) for s in jsonl.read(path)}
         todo = [r for r in images if (r["case_number"], r["j"]) not in done]
-        for start in tqdm(range(0, len(todo), BATCH), desc=f"score {name}", disable=not progress or not todo):
+        for start in track(range(0, len(todo), BATCH), f"score {name}", "batch", enabled=progress):
             batch = todo[start:start + BATCH]
             with torch.no_grad():
                 results = scorer.score([out / "images" / r["image"] for r in batch], batch)

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from safediff.common.config import InversionConfig
 from safediff.common.errors import UserInputError
+from safediff.common.progress import Progress
 
 
 def denoising_loss(unet: torch.nn.Module, scheduler, latents: torch.Tensor, cond: torch.Tensor,
@@ -99,8 +99,8 @@ class ConceptInversion:
         others = torch.ones(len(table), dtype=torch.bool)
         others[self.token_id] = False
         curve, caption = [], 0
-        steps = tqdm(range(cfg.steps), desc="inversion", unit="step", disable=not progress)
-        for _ in steps:
+        shown = Progress(cfg.steps, "inversion", "step", enabled=progress)
+        for _ in range(cfg.steps):
             optimiser.zero_grad(set_to_none=True)
             total = 0.0
             for _ in range(cfg.accumulation):
@@ -116,7 +116,8 @@ class ConceptInversion:
             table.grad[others] = 0   # only the new token's row learns
             optimiser.step()
             curve.append(total)
-            steps.set_postfix(loss=f"{total:.4f}", refresh=False)
+            shown.update(1, loss=f"{total:.4f}")
+        shown.close()
         return Inverted(table[self.token_id].detach().clone(), curve)
 
     def save(self, inverted: Inverted, path: Path) -> None:

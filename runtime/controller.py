@@ -117,7 +117,7 @@ def _train(cfg: Config, session: RunContext, stop: list[int], actors: Actors, pr
         telemetry.record(record)
         recipe.close(step, record, pipeline.version, pipeline.cursor_before(step + 1), save, last=step + 1 == end)
         grids.collect()
-        shown.step(step, record)
+        shown.step(record)
         if step + 1 == end < steps:
             session.store.event("early_stop", step=step, patience=cfg.evaluation.select.patience)
             log.warning("step %d: %d evaluations without a better adapter: training stops early", step,

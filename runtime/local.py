@@ -101,7 +101,7 @@ def _train(cfg: Config, run: RunContext, reward_fn: RewardFn | None, progress: b
                       images_per_s=P * G / max(sum(seconds.values()), 1e-9))
         recipe.close(step, record, policy.version, prompts.state_dict(), save)
         samples(step + 1)
-        shown.step(step, record)
+        shown.step(record)
     shown.close()
 
     checksum = export_weights(policy.state(), cfg, run.run_dir / "adapter", cfg.run.steps, policy.version)

@@ -11,6 +11,7 @@ import yaml
 
 from safediff.cli import EXAMPLES, build_parser, main
 from safediff.common.assets import config_path
+from safediff.common.progress import track
 from safediff.runtime.progress import StepProgress
 
 
@@ -59,13 +60,28 @@ def test_compare_draws_and_tabulates_training_runs(tmp_path, capsys):
 def test_progress_in_a_log_is_a_line_every_few_steps_not_a_bar(caplog, capsys):
     caplog.set_level(logging.INFO, logger="safediff.progress")
     shown = StepProgress(start=0, total=40, terminal=False)
-    for step in range(40):
-        shown.step(step, {"reward_mean": 0.5, "approx_kl": 1e-4})
+    for _ in range(40):
+        shown.step({"reward_mean": 0.5, "approx_kl": 1e-4})
     shown.close()
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 20 and lines[0].startswith("step 2/40  reward 0.5000  kl 1.00e-04")
     assert lines[-1].startswith("step 40/40")
     assert "\r" not in capsys.readouterr().err
+
+
+def test_evaluation_progress_in_a_log_is_lines_and_on_a_terminal_a_bar(caplog, capsys):
+    caplog.set_level(logging.INFO, logger="safediff.progress")
+    assert list(track(range(7), "evaluate", "batch", terminal=False)) == list(range(7))
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split("  ")[0] for line in lines] == [f"evaluate {i}/7" for i in range(1, 8)]
+    assert lines[-1].endswith(" s/batch") and "\r" not in capsys.readouterr().err
+    caplog.clear()
+    assert list(track(range(100), "score", terminal=False)) == list(range(100))
+    assert list(track([], "nothing to do", terminal=False)) == []
+    assert list(track(range(5), "off", terminal=False, enabled=False)) == list(range(5))
+    assert [r.getMessage().split("  ")[0] for r in caplog.records] == [f"score {i}/100" for i in range(5, 101, 5)]
+    list(track(range(3), "drawn", terminal=True))
+    assert "drawn" in capsys.readouterr().err and not caplog.records[20:]
 
 
 def test_quiet_is_accepted_by_every_command_and_silences_info():

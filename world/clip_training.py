@@ -10,8 +10,8 @@ from __future__ import annotations
 import open_clip
 import torch
 import torch.nn.functional as F
-from tqdm import trange
 
+from safediff.common.progress import Progress
 from safediff.reward_server.clip_model import preprocess
 
 WORLD_CLIP_CONFIG = {
@@ -51,8 +51,8 @@ def train_clip(model: open_clip.CLIP, images: torch.Tensor, captions: list[str],
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     model.train().requires_grad_(True)
     loss = torch.tensor(float("nan"))
-    bar = trange(steps, desc="clip", disable=not progress)
-    for _ in bar:
+    bar = Progress(steps, "clip", "step", enabled=progress)
+    for _ in range(steps):
         idx = torch.randint(len(pixels), (batch_size,), generator=gen)
         batch_captions = [captions[i] for i in idx.tolist()]
         image_emb = F.normalize(model.encode_image(pixels[idx]), dim=-1)
@@ -62,6 +62,7 @@ def train_clip(model: open_clip.CLIP, images: torch.Tensor, captions: list[str],
         loss.backward()
         opt.step()
         schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.update(1, loss=f"{loss.item():.3f}")
+    bar.close()
     model.eval().requires_grad_(False)
     return float(loss.detach())

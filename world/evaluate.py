@@ -19,11 +19,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 from safediff.actors.rollout import Rollout
 from safediff.common.config import SamplerConfig
 from safediff.common.policy import Policy
+from safediff.common.progress import track
 from safediff.common.types import PromptGroup
 from safediff.world.judges import detect, satisfies, unsafe
 from safediff.world.scenes import BENIGN_TASKS, Spec
@@ -45,7 +45,7 @@ def judge_prompts(policy: Policy, sampler: SamplerConfig, specs: list[Spec], ima
                   clip=None, batch_prompts: int = 8, progress: bool = True) -> list[Judged]:
     rollout = Rollout(policy, sampler, images_per_prompt, seed)
     out = []
-    for start in tqdm(range(0, len(specs), batch_prompts), desc="evaluate", disable=not progress):
+    for start in track(range(0, len(specs), batch_prompts), "evaluate", "batch", enabled=progress):
         chunk = specs[start:start + batch_prompts]
         groups = [PromptGroup(step=EVAL_STEP, group_index=start + i, prompt=s.prompt, source=0, prompt_index=start + i,
                               unsafe=s.family is not None) for i, s in enumerate(chunk)]

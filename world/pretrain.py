@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from tqdm import trange
 
 from safediff.common.models import ModelBundle
+from safediff.common.progress import Progress
 
 
 def _batches(n: int, batch_size: int, steps: int, gen: torch.Generator):
@@ -20,12 +20,11 @@ def _batches(n: int, batch_size: int, steps: int, gen: torch.Generator):
         yield torch.randint(0, n, (batch_size,), generator=gen)
 
 
-def _optimise(opt: torch.optim.Optimizer, loss: torch.Tensor, bar) -> None:
+def _optimise(opt: torch.optim.Optimizer, loss: torch.Tensor, bar: Progress) -> None:
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    bar.update(1)
-    bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.update(1, loss=f"{loss.item():.4f}")
 
 
 @torch.no_grad()
@@ -41,7 +40,7 @@ def train_vae(bundle: ModelBundle, images: torch.Tensor, steps: int, batch_size:
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     loss = torch.tensor(float("nan"))
-    bar = trange(steps, desc="vae", disable=not progress)
+    bar = Progress(steps, "vae", "step", enabled=progress)
     for idx in _batches(len(x_all), batch_size, steps, gen):
         posterior = vae.encode(x_all[idx]).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
@@ -73,7 +72,7 @@ def train_unet(bundle: ModelBundle, images: torch.Tensor, captions: list[str], s
     opt = torch.optim.AdamW([p for m in modules for p in m.parameters()], lr=lr, weight_decay=0.0)
     loss = torch.tensor(float("nan"))
     T = scheduler.config.num_train_timesteps
-    bar = trange(steps, desc="unet", disable=not progress)
+    bar = Progress(steps, "unet", "step", enabled=progress)
     for idx in _batches(len(latents), batch_size, steps, gen):
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from safediff.common.config import Config, PromptSetConfig, resolve_device_dtype
 from safediff.common.errors import UserInputError
+from safediff.common.progress import track
 from safediff.common.types import EvalRow
 from safediff.evaluation import jsonl
 from safediff.evaluation.metrics import attack_success, paired_success
@@ -111,7 +111,7 @@ def search_rows(cfg: Config, path: Path, make_search, desc: str, progress: bool)
     if todo:
         search = make_search()
         path.parent.mkdir(parents=True, exist_ok=True)
-        for i, row in tqdm(todo, desc=desc, unit="prompt", disable=not progress):
+        for i, row in track(todo, desc, "prompt", enabled=progress):
             found = search(i, row)
             jsonl.append(path, [_row_record(row, found.pop("prompt"), attack_cfg.concept, **found)])
     return path
