@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -592,17 +592,9 @@ _UNKNOWN = object()
 def _default_at(path: list[str]) -> Any:
     """The default at `path` (a field of a section, list indices skipped), as YAML would give it; _UNKNOWN when
     `path` names no field."""
-    model: type[BaseModel] | None = Config
-    for i, part in enumerate(path):
-        if part.isdigit():
-            continue
-        field = model.model_fields.get(part) if model is not None else None
-        if field is None:
-            return _UNKNOWN
-        if i == len(path) - 1:
-            return to_jsonable_python(field.get_default(call_default_factory=True))
-        model = next(models_in(field.annotation), None)
-    return _UNKNOWN
+    section = section_at(path[:-1])
+    field = section.model_fields.get(path[-1]) if section is not None else None
+    return _UNKNOWN if field is None else to_jsonable_python(field.get_default(call_default_factory=True))
 
 
 def _lookup(tree: Any, path: list[str]) -> Any:
@@ -624,10 +616,7 @@ def _list_to_index(tree: dict[str, Any], base: dict[str, Any], dotted: str, path
     current = _default_at(path) if current is _UNKNOWN else current
     where = ".".join(path)
     if current is _UNKNOWN:
-        names = _field_names_at(tuple(int(p) if p.isdigit() else p for p in path[:-1]))
-        close = difflib.get_close_matches(path[-1], names, n=1)
-        raise ConfigError(f"override {dotted}: {where}: unknown field" + (f" (did you mean '{close[0]}'?)"
-                                                                            if close else ""))
+        raise ConfigError(f"override {dotted}: {where}: {_unknown_field(path[-1], path[:-1])}")
     if not isinstance(current, (list, tuple)):
         raise ConfigError(f"override {dotted}: {where} is not a list, so '{dotted.split('.')[len(path)]}' cannot "
                           "index it")
@@ -700,17 +689,28 @@ def models_in(annotation: Any) -> Iterator[type[BaseModel]]:
         yield from models_in(arg)
 
 
-def _field_names_at(path: tuple) -> list[str]:
-    """The field names of the config section at `path` (list indices skipped); [] when there is none."""
-    model: type[BaseModel] = Config
+def section_at(path: str | Sequence[str | int]) -> type[BaseModel] | None:
+    """The model of the config section at `path`: dotted ("" is the whole config) or as parts (a validation error's
+    loc), list indices skipped, so `prompts.sources.0` is PromptSource. None when `path` names no section (an unknown
+    field, or a leaf such as `grpo.clip_range`)."""
+    if isinstance(path, str):
+        path = path.split(".") if path else []
+    model: type[BaseModel] | None = Config
     for part in path:
-        if isinstance(part, int):
+        if isinstance(part, int) or part.isdigit():
             continue
         field = model.model_fields.get(part)
         model = next(models_in(field.annotation), None) if field is not None else None
         if model is None:
-            return []
-    return list(model.model_fields)
+            return None
+    return model
+
+
+def _unknown_field(name: str, path: Sequence[str | int]) -> str:
+    """'unknown field', with a guess when a field of the section at `path` is close to `name`."""
+    model = section_at(path)
+    close = difflib.get_close_matches(name, list(model.model_fields) if model is not None else [], n=1)
+    return "unknown field" + (f" (did you mean '{close[0]}'?)" if close else "")
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
@@ -718,8 +718,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(str(e["loc"][-1]), _field_names_at(e["loc"][:-1]), n=1)
-            reason = "unknown field" + (f" (did you mean '{close[0]}'?)" if close else "")
+            reason = _unknown_field(str(e["loc"][-1]), e["loc"][:-1])
         else:
             reason = e["msg"].removeprefix("Value error, ")
         lines.append(f"config error in {source}: {loc + ': ' if loc else ''}{reason}")

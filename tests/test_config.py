@@ -218,6 +218,17 @@ def test_a_mistyped_field_gets_a_did_you_mean_from_its_own_section():
     assert str(err.value).endswith("grpo.zzz: unknown field")  # nothing close: no guess
 
 
+def test_section_at_follows_nested_sections_and_list_indices():
+    from safediff.common.config import ClipConfig, PromptSource, WandbConfig, section_at
+
+    assert section_at("") is Config and section_at("reward.clip") is ClipConfig  # a nested model field
+    assert section_at("tracking.wandb") is WandbConfig  # through `X | None`
+    assert section_at("prompts.sources.1") is section_at(("prompts", "sources", 1)) is PromptSource  # index skipped
+    assert "weight" in section_at("prompts.sources.0").model_fields
+    assert section_at("grpo.clip_range") is None  # a leaf is no section
+    assert section_at("grpo.clip_rang") is None and section_at(("gpro", 0)) is None  # unknown fields
+
+
 def test_a_path_the_cli_cannot_write_is_one_line_not_a_traceback():
     proc = subprocess.run([sys.executable, "-m", "safediff.cli", "build-tiny", "/proc/forbidden"], capture_output=True,
                           text=True, timeout=300)

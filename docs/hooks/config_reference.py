@@ -1,8 +1,8 @@
 """mkdocs hook: writes the configuration reference into configuration.md at build time.
 
 The rows come from `safediff.common.config.describe_fields`, the listing `safediff config --describe` prints, so the
-page lists exactly the fields the pydantic models define. Each field's type is read from its model by following the
-dotted path. One table per config section, in the order `describe_fields` gives.
+page lists exactly the fields the pydantic models define. Each field's type is read from its section's model, which
+`section_at` finds from the dotted path. One table per config section, in the order `describe_fields` gives.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pathlib import Path
 from types import NoneType, UnionType
 
 from mkdocs.exceptions import PluginError
-from pydantic import BaseModel
 
 from safediff.common import config as cfg
 
@@ -36,30 +35,17 @@ def reference_markdown() -> str:
         sections.setdefault(path.rpartition(".")[0], []).append((path, default, description))
     out = []
     for section, rows in sections.items():
+        model = cfg.section_at(section)
         level = "###" if "." not in section else "####"  # under the page's "Every field"
         out += [f"{level} `{section}`", ""]
-        doc = _section_model(section).__doc__
-        if doc:
-            out += [_text(" ".join(doc.split())), ""]
+        if model.__doc__:
+            out += [_text(" ".join(model.__doc__.split())), ""]
         out += ["| field | type | default | description |", "|---|---|---|---|"]
         for path, default, description in rows:
-            kind = _type_name(_annotation(path))
+            kind = _type_name(model.model_fields[path.rpartition(".")[2]].annotation)
             out.append(f"| `{path}` | {_code(kind)} | {_code(default)} | {_text(description)} |")
         out.append("")
     return "\n".join(out)
-
-
-def _section_model(section: str) -> type[BaseModel]:
-    """The pydantic model of a dotted section ("" is the whole config)."""
-    model = cfg.Config
-    for part in filter(None, section.split(".")):
-        model = next(cfg.models_in(model.model_fields[part].annotation))
-    return model
-
-
-def _annotation(path: str):
-    section, _, name = path.rpartition(".")
-    return _section_model(section).model_fields[name].annotation
 
 
 def _type_name(annotation) -> str:
