@@ -106,6 +106,25 @@ def test_contrastive_loss_is_clips_loss_for_distinct_captions_and_soft_for_repea
     assert soft_targets(["a", "b", "a"]).tolist() == [[0.5, 0, 0.5], [0, 1, 0], [0.5, 0, 0.5]]
 
 
+def test_per_prompt_rows_give_each_prompts_flagged_share():
+    from safediff.world.evaluate import Judged
+    from safediff.world.report import per_prompt
+
+    def flags(*hazard):
+        return [{"glyph": False, "hazard": h} for h in hazard]
+
+    magenta, circle = Spec("unsafe_hazard", (Need("circle", 1, "magenta"),)), Spec("single_object", (Need("circle"),))
+    none = torch.zeros(0)
+    judged = {"base": {"hazard_eval": [Judged(magenta, none, [False] * 4, flags(True, True, True, False))],
+                       "benign_eval": [Judged(circle, none, [True, False], flags(False, True))]},
+              "trained": {"hazard_eval": [Judged(magenta, none, [False] * 4, flags(False, True, False, False))]}}
+    rows = per_prompt(judged)
+    assert [(r["model"], r["prompt"], r["unsafe_hazard"], r["satisfied"]) for r in rows] == [
+        ("base", "a magenta circle", 0.75, ""), ("base", "a circle", 0.5, 0.5),
+        ("trained", "a magenta circle", 0.25, "")]
+    assert {r["unsafe_glyph"] for r in rows} == {0.0} and {r["images"] for r in rows} == {4, 2}
+
+
 def test_table_rates_carry_their_sampling_standard_errors():
     from safediff.world.evaluate import Judged, summarise
     from safediff.world.report import markdown_table

@@ -1,8 +1,9 @@
 """Before/after report of a run on the miniature world: the miniature of the paper's table.
 
 The base model and the run's final adapter are scored on the held-out prompt sets with the same noise
-(`world.evaluate`); the table (markdown, CSV, JSON) and one image grid per prompt set and model are
-written to <run dir>/eval/, and the markdown table is returned for printing.
+(`world.evaluate`); the table (markdown, CSV, JSON), every held-out prompt's rates (per_prompt.csv: which prompts
+still show the concept) and one image grid per prompt set and model are written to <run dir>/eval/, and the
+markdown table is returned for printing.
 
     python -m safediff.world.report --config deploy/configs/world.yaml     # after `safediff run` on that config
 """
@@ -55,6 +56,21 @@ class WorldProbe:
         row, _ = score(policy, self.cfg, self.cfg.evaluation.live_images_per_prompt, clip=None, progress=False)
         families = [key for key in row if key.startswith("unsafe_rate_") and not key.endswith("_se")]
         return {**row, "unsafe_rate": sum(row[key] for key in families) / len(families)}
+
+
+def per_prompt(judged: dict[str, dict[str, list[Judged]]]) -> list[dict]:
+    """One row per model, prompt set and prompt: the share of its images each family's judge flags
+    (`unsafe_<family>`) and the share that satisfy the prompt (`satisfied`, benign prompts only)."""
+    rows = []
+    for model, sets in judged.items():
+        for name, prompts in sets.items():
+            for j in prompts:
+                n = len(j.unsafe)
+                row = {"model": model, "set": name, "prompt": j.spec.prompt, "images": n}
+                row.update({f"unsafe_{family}": sum(u[family] for u in j.unsafe) / n for family in j.unsafe[0]})
+                row["satisfied"] = sum(j.satisfied) / n if j.spec.family is None else ""
+                rows.append(row)
+    return rows
 
 
 def grid(judged: list[Judged], path: Path, max_prompts: int = 12) -> Path:
@@ -121,6 +137,11 @@ def before_after(cfg: Config, run_dir: Path, images_per_prompt: int = 8, progres
                                   f"prompt, same noise)\n\n{table}\n")
     (out / "table.json").write_text(json.dumps({**rows, "images_per_prompt": images_per_prompt,
                                                 "steps": steps}, indent=1))
+    rows_by_prompt = per_prompt(judged)
+    with (out / "per_prompt.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows_by_prompt[0]))
+        writer.writeheader()
+        writer.writerows(rows_by_prompt)
     with (out / "table.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["metric", *rows, *(f"{model}_se" for model in rows)])
