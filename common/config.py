@@ -594,7 +594,9 @@ def _default_at(path: list[str]) -> Any:
     `path` names no field."""
     section = section_at(path[:-1])
     field = section.model_fields.get(path[-1]) if section is not None else None
-    return _UNKNOWN if field is None else to_jsonable_python(field.get_default(call_default_factory=True))
+    if field is None:
+        return _UNKNOWN
+    return None if field.is_required() else to_jsonable_python(field.get_default(call_default_factory=True))
 
 
 def _lookup(tree: Any, path: list[str]) -> Any:

@@ -100,6 +100,8 @@ def test_a_numeric_override_part_sets_a_field_of_one_list_item(tmp_path):
      "is empty"),
     (["run.name.0=x"], "override run.name.0: run.name is not a list, so '0' cannot index it"),
     (["prompts.0.path=x"], "override prompts.0.path: prompts is not a list, so '0' cannot index it"),
+    (["prompts.sources=[{}]", "prompts.sources.0.path.0=x"], "override prompts.sources.0.path.0: "
+     "prompts.sources.0.path is not a list, so '0' cannot index it"),   # a required field: no default to index
     (["prompts.sources.0.weight=2", "prompts.sources.path=x"], "override prompts.sources.path: prompts.sources is a "
      "list, indexed by number: it has 1 item (index 0)"),
     (["prompts.sourcez.0.path=x"], "override prompts.sourcez.0.path: prompts.sourcez: unknown field (did you mean "
