@@ -161,9 +161,26 @@ def _write_json_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def _is_entry(entry: Any) -> bool:
+    return isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("step"), int) \
+        and isinstance(entry.get("sha256"), dict)
+
+
 def read_manifest(run_dir: Path) -> list[dict]:
+    """The complete checkpoints, oldest first ([] when there is no manifest). The manifest is only ever replaced
+    whole, so one that cannot be read as its entries was damaged from outside: a UserInputError naming it."""
     path = run_dir / "checkpoints" / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else []
+    if not path.is_file():
+        return []
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(entries, list) or not all(_is_entry(e) for e in entries):
+            raise ValueError("not a list of {path, step, sha256} entries")
+    except ValueError as err:  # also JSON and UTF-8 decoding errors
+        detail = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UserInputError(f"checkpoint manifest {path} is damaged ({detail}); restore it, or remove it to "
+                             "start the run over") from None
+    return entries
 
 
 def export_weights(state: dict[str, torch.Tensor], cfg: Config, out_dir: Path, step: int, version: int,

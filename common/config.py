@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,6 +29,33 @@ class ConfigError(UserInputError, ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    _one_of: ClassVar[tuple[str, ...]] = ()  # alternatives: a section that gives one drops the others' defaults
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_section_defaults(cls, data: Any) -> Any:
+        """A section given in part keeps the rest of its default here where that is not the section's own default:
+        `evaluation.suite.q16.clip.weights=...` leaves q16.clip.model at ViT-L-14, not ClipConfig's ViT-H-14."""
+        if not isinstance(data, dict):
+            return data
+        filled = dict(data)
+        for name, given in data.items():
+            if isinstance(given, dict) and name in cls.model_fields:
+                kept, one_of = _section_default(cls, name)
+                if given.keys() & set(one_of):
+                    kept = {k: v for k, v in kept.items() if k not in one_of}
+                filled[name] = _merge(copy.deepcopy(kept), given) if kept else given
+        return filled
+
+
+@functools.cache
+def _section_default(model: type[_Strict], name: str) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """What the default of `model`'s section `name` sets beyond that section's own defaults, and its alternatives."""
+    field = model.model_fields[name]
+    default = field.get_default(call_default_factory=True) if field.default_factory is not None else None
+    if not isinstance(default, _Strict):
+        return {}, ()
+    return default.model_dump(exclude_defaults=True), default._one_of
 
 
 class RunConfig(_Strict):
@@ -306,6 +334,8 @@ PROMPT_FIELDS = ("prompt", "case_number", "seed", "guidance", "width", "height",
 class PromptSetConfig(_Strict):
     """One prompt set: a built-in name (evaluation/prompt_sets.py lists them) or a user's CSV/JSONL/TXT file."""
 
+    _one_of = ("name", "path")
+
     name: str | None = Field(None, description="Built-in set: i2p, i2p_nudity, i2p_violence, i2p_illegal (I2P and "
                              "UnlearnDiff's subsets of it), geneval, coco, ringabell_concept_nudity, "
                              "ringabell_concept_no_nudity (Ring-A-Bell's concept-vector pairs), "
@@ -320,10 +350,10 @@ class PromptSetConfig(_Strict):
     @model_validator(mode="after")
     def _one_source(self) -> PromptSetConfig:
         if (self.name is None) == (self.path is None):
-            raise ValueError("give exactly one of evaluation.suite.prompts.name and evaluation.suite.prompts.path")
+            raise ValueError("give exactly one of name and path")
         unknown = sorted(set(self.columns) - set(PROMPT_FIELDS))
         if unknown:
-            raise ValueError(f"evaluation.suite.prompts.columns: unknown fields {unknown}; "
+            raise ValueError(f"columns: unknown fields {unknown}; "
                              f"known: {list(PROMPT_FIELDS)}")
         return self
 
@@ -582,6 +612,11 @@ class Config(_Strict):
 # Loading
 
 
+def _is_index(part: str) -> bool:
+    """A dotted part that indexes a list: ASCII digits ('²' and '٣' are digits to str.isdigit, not to int)."""
+    return part.isascii() and part.isdigit()
+
+
 def _items(n: int) -> str:
     return "is empty" if n == 0 else "has 1 item (index 0)" if n == 1 else f"has {n} items (indices 0-{n - 1})"
 
@@ -604,7 +639,7 @@ def _lookup(tree: Any, path: list[str]) -> Any:
     for part in path:
         if isinstance(tree, dict) and part in tree:
             tree = tree[part]
-        elif isinstance(tree, list) and part.isdigit() and int(part) < len(tree):
+        elif isinstance(tree, list) and _is_index(part) and int(part) < len(tree):
             tree = tree[int(part)]
         else:
             return _UNKNOWN
@@ -633,15 +668,15 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, base: dict[str, A
     for i, key in enumerate(keys):
         where, last = ".".join(keys[:i]) or "the config", i == len(keys) - 1
         if isinstance(node, list):
-            if not key.isdigit():
+            if not _is_index(key):
                 raise ConfigError(f"override {dotted}: {where} is a list, indexed by number: it {_items(len(node))}")
             if int(key) >= len(node):
                 raise ConfigError(f"override {dotted}: the list {where} {_items(len(node))}")
             if not last and not isinstance(node[int(key)], dict):
                 raise ConfigError(f"override {dotted}: {where}.{key} is not a section")
-        elif key.isdigit():
+        elif _is_index(key):
             raise ConfigError(f"override {dotted}: {where} is not a list, so '{key}' cannot index it")
-        elif not last and keys[i + 1].isdigit():  # a list to index
+        elif not last and _is_index(keys[i + 1]):  # a list to index
             if key not in node:
                 node[key] = _list_to_index(tree, base, dotted, keys[:i + 1])
             elif not isinstance(node[key], list):
@@ -663,12 +698,12 @@ def parse_overrides(overrides: list[str], base: dict[str, Any] | None = None) ->
     tree: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
+        if not sep or not key or any(not part for part in key.split(".")) or not key.isprintable():
             raise ConfigError(f"override {item!r}: expected key.sub=value")
         try:
             value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from err
+        except (yaml.YAMLError, RecursionError) as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({_yaml_problem(err)})") from None
         _set_dotted(tree, key, value, base or {})
     return tree
 
@@ -699,7 +734,7 @@ def section_at(path: str | Sequence[str | int]) -> type[BaseModel] | None:
         path = path.split(".") if path else []
     model: type[BaseModel] | None = Config
     for part in path:
-        if isinstance(part, int) or part.isdigit():
+        if isinstance(part, int) or _is_index(part):
             continue
         field = model.model_fields.get(part)
         model = next(models_in(field.annotation), None) if field is not None else None
@@ -715,15 +750,31 @@ def _unknown_field(name: str, path: Sequence[str | int]) -> str:
     return "unknown field" + (f" (did you mean '{close[0]}'?)" if close else "")
 
 
+def _printable(text: str) -> str:
+    """`text`, or quoted and escaped when empty or holding a line break or another unprintable character."""
+    return text if text.isprintable() and text else repr(text)
+
+
+def _yaml_problem(err: Exception) -> str:
+    """A YAML error's problem on one line (PyYAML's message spans several)."""
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    return getattr(err, "problem", None) or (str(err).splitlines() or [type(err).__name__])[0]
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
+    errors = err.errors()
     lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+    for e in errors:
+        if e["type"] == "too_short" and any(o["loc"][:len(e["loc"])] == e["loc"] and len(o["loc"]) > len(e["loc"])
+                                            for o in errors):
+            continue  # pydantic's count of the items that passed: the failed items' own lines say it
+        loc = ".".join(_printable(str(p)) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             reason = _unknown_field(str(e["loc"][-1]), e["loc"][:-1])
         else:
             reason = e["msg"].removeprefix("Value error, ")
-        lines.append(f"config error in {source}: {loc + ': ' if loc else ''}{reason}")
+        lines.append(f"config error in {source}: {loc + ': ' if loc else ''}{_printable(reason)}")
     return "\n".join(lines)
 
 
@@ -746,11 +797,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config error: cannot read {path}: {err}") from err
         try:
             loaded = yaml.safe_load(text)
-        except yaml.YAMLError as err:
+        except (yaml.YAMLError, RecursionError) as err:
             mark = getattr(err, "problem_mark", None)  # 0-based; absent for errors without a position
             where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
-            problem = getattr(err, "problem", None) or str(err).replace("\n", " ")
-            raise ConfigError(f"config error in {where}: not valid YAML: {problem}") from None
+            raise ConfigError(f"config error in {where}: not valid YAML: {_yaml_problem(err)}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config error in {path}: the top level must be a mapping of sections")
         tree = loaded or {}

@@ -31,10 +31,11 @@ class PromptFile:
 
 def read_prompt_file(path: str | Path) -> PromptFile:
     """One prompt per line. Empty/blank rows and rows that are not valid UTF-8 are skipped and counted
-    (a warning names the file and the counts); a file with no usable row is an error."""
+    (a warning names the file and the counts); a file with no usable row is an error. A UTF-8 byte-order mark
+    at the start (Windows editors write one) is not part of the first row."""
     path = Path(resolve(path))
     try:
-        raw = path.read_bytes()
+        raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
     except OSError as err:
         raise PromptFileError(f"prompt file {path}: cannot read ({err.strerror or err})") from err
     prompts, empty, undecodable = [], 0, 0
