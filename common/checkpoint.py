@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -181,6 +182,21 @@ def read_manifest(run_dir: Path) -> list[dict]:
         raise UserInputError(f"checkpoint manifest {path} is damaged ({detail}); restore it, or remove it to "
                              "start the run over") from None
     return entries
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """Start a run over without losing or resuming the previous one: its checkpoints folder (manifest included)
+    moves to checkpoints.before-<UTC time>/, so a later resume of the new run can only find the new run's
+    checkpoints. Returns where it went; None when there was none."""
+    root = run_dir / "checkpoints"
+    if not root.exists():
+        return None
+    target = run_dir / f"checkpoints.before-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    n = 1
+    while target.exists():  # two fresh starts within a second
+        target, n = target.with_name(f"{target.name.split('~')[0]}~{n}"), n + 1
+    os.replace(root, target)
+    return target
 
 
 def export_weights(state: dict[str, torch.Tensor], cfg: Config, out_dir: Path, step: int, version: int,

