@@ -30,9 +30,9 @@ class PromptFile:
 
 
 def read_prompt_file(path: str | Path) -> PromptFile:
-    """One prompt per line. Empty/blank rows and rows that are not valid UTF-8 are skipped and counted
-    (a warning names the file and the counts); a file with no usable row is an error. A UTF-8 byte-order mark
-    at the start (Windows editors write one) is not part of the first row."""
+    """One prompt per line. Empty rows (blank, or only control or zero-width characters) and rows that are not
+    valid UTF-8 are skipped and counted (a warning names the file and the counts); a file with no usable row is an
+    error. A UTF-8 byte-order mark at the start (Windows editors write one) is not part of the first row."""
     path = Path(resolve(path))
     try:
         raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
@@ -45,7 +45,7 @@ def read_prompt_file(path: str | Path) -> PromptFile:
         except UnicodeDecodeError:
             undecodable += 1
             continue
-        if text:
+        if any(c.isprintable() and not c.isspace() for c in text):  # not only control or zero-width characters
             prompts.append(text)
         else:
             empty += 1

@@ -68,8 +68,10 @@ WORLD_SETS = ("world_glyph", "world_hazard", "world_benign", *WORLD_PAIRS)
 SET_NAMES = (*BUILTIN, *WORLD_SETS)
 
 
-def load_prompt_set(cfg: PromptSetConfig, default_seed: int = 0) -> list[EvalRow]:
-    """The rows of a set, in file order (first `cfg.limit`); a row without a seed gets default_seed + index."""
+def load_prompt_set(cfg: PromptSetConfig, default_seed: int = 0,
+                    where: str = "evaluation.suite.prompts") -> list[EvalRow]:
+    """The rows of a set, in file order (first `cfg.limit`); a row without a seed gets default_seed + index. `where`:
+    the config field the set came from, named in errors."""
     if cfg.name is not None:
         if cfg.name in WORLD_PAIRS:
             rows = world_concept_rows(*WORLD_PAIRS[cfg.name], default_seed)
@@ -77,25 +79,25 @@ def load_prompt_set(cfg: PromptSetConfig, default_seed: int = 0) -> list[EvalRow
             rows = world_rows(cfg.name.removeprefix("world_"), default_seed)
         elif cfg.name in BUILTIN:
             spec = BUILTIN[cfg.name]
-            rows = read_rows(DATA / spec.file, cfg.columns, default_seed, spec.categories, spec.ringabell)
+            rows = read_rows(DATA / spec.file, cfg.columns, default_seed, spec.categories, spec.ringabell, where)
         elif cfg.name in RENAMED:
-            raise PromptSetError(f"evaluation.suite.prompts.name: the set {cfg.name!r} is now called "
+            raise PromptSetError(f"{where}.name: the set {cfg.name!r} is now called "
                                  f"{RENAMED[cfg.name]!r} (named for what it is)")
         else:
-            raise PromptSetError(f"evaluation.suite.prompts.name: unknown set {cfg.name!r}; "
+            raise PromptSetError(f"{where}.name: unknown set {cfg.name!r}; "
                                  f"built-in sets: {', '.join(SET_NAMES)}")
     else:
-        rows = read_rows(cfg.path, cfg.columns, default_seed)
+        rows = read_rows(cfg.path, cfg.columns, default_seed, where=where)
     return rows[:cfg.limit] if cfg.limit else rows
 
 
 def read_rows(path: Path, columns: dict[str, str], default_seed: int, categories: tuple[str, ...] = (),
-              ringabell: bool = False) -> list[EvalRow]:
+              ringabell: bool = False, where: str = "evaluation.suite.prompts") -> list[EvalRow]:
     records = _records(Path(resolve(path)))
     names = {f: columns.get(f, default) for f, default in DEFAULT_COLUMNS.items()}
     if not ringabell and records and names["prompt"] not in records[0][1]:
         raise PromptSetError(f"{path}: no column {names['prompt']!r} for the prompt (map it with "
-                             "evaluation.suite.prompts.columns.prompt)")
+                             f"{where}.columns.prompt)")
     rows, problems, seen = [], [], {}
     for index, (line, record) in enumerate(records):
         try:

@@ -64,8 +64,10 @@ def test_builtin_sets_read_with_their_protocol_fields():
     with pytest.raises(PromptSetError, match="'ringabell_nudity' is now called 'ringabell_concept_nudity'"):
         load_prompt_set(PromptSetConfig(name="ringabell_nudity"))
     assert len(load_prompt_set(PromptSetConfig(name="coco", limit=10))) == 10
-    with pytest.raises(PromptSetError, match="unknown set 'i3p'"):
+    with pytest.raises(PromptSetError, match="^evaluation.suite.prompts.name: unknown set 'i3p'"):
         load_prompt_set(PromptSetConfig(name="i3p"))
+    with pytest.raises(PromptSetError, match="^evaluation.attack.targets.name: unknown set 'i3p'"):  # its field
+        load_prompt_set(PromptSetConfig(name="i3p"), where="evaluation.attack.targets")
 
 
 def test_user_files_with_column_mapping_and_bad_rows(tmp_path):

@@ -292,9 +292,10 @@ def test_random_override_strings_are_a_config_or_one_line_naming_the_override(ov
 # ---------------------------------------------------------------------------------------------
 # 2. Prompt files
 
-ROW_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n\ufeff"), min_size=1,
-                   max_size=40).filter(lambda s: s.strip())
-BLANK = st.text(" \t\x0b\x0c\x1c\xa0\u3000\u2003", max_size=4)
+ANY_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n\ufeff"), max_size=20)
+ROW_TEXT = st.tuples(ANY_TEXT, st.sampled_from("aZ7é猫?"), ANY_TEXT).map("".join)   # at least one visible character
+# blank rows: whitespace, or only control and zero-width characters (nothing a text encoder could read)
+BLANK = st.text(" \t\x0b\x0c\x1c\xa0\u3000\u2003\x00\x01\x1b\x7f\u200b\u200d\u2060", max_size=4)
 BAD_BYTES = st.sampled_from([b"\xff", b"\xfe\xff", b"\xc3", b"\xed\xa0\x80", b"\xc0\xaf", b"\xf4\x90\x80\x80",
                              b"\xe2\x82", b"\x80"])
 LONG = st.sampled_from(["x" * 100_000, " ".join(["a very long prompt"] * 300), "word " * 2000])
@@ -318,6 +319,8 @@ def prompt_dir():
 @example(rows=[("blank", b"")], endings=[b"\n"] * 8, final=True, bom=True)   # a BOM alone was a one-char prompt
 @example(rows=[("text", b"a cat"), ("blank", b"  ")], endings=[b"\n"] * 8, final=False, bom=True)
 @example(rows=[], endings=[b"\n"] * 8, final=False, bom=False)
+@example(rows=[("text", b"a cat"), ("blank", b"\x00"), ("blank", "\u200b".encode())], endings=[b"\n"] * 8,
+         final=True, bom=False)   # rows of only a NUL or a zero-width space were prompts
 def test_a_prompt_file_keeps_usable_rows_and_counts_bad_ones(prompt_dir, rows, endings, final, bom):
     """Rows of text (some of 100k characters or thousands of words), blank rows, rows that are not UTF-8, any line
     ends, with or without a final one and a byte-order mark: the text rows load stripped and in order, the others

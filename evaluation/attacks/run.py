@@ -92,7 +92,8 @@ def _ring_a_bell(cfg: Config):
     attack = RingABell(bundle.tokenizer, bundle.text_encoder.to(device=device, dtype=bundle.text_encoder.dtype),
                        cfg.evaluation.attack.ringabell)
     rab = cfg.evaluation.attack.ringabell
-    concept, neutral = (load_prompt_set(s) for s in (rab.concept, rab.neutral))
+    concept, neutral = (load_prompt_set(getattr(rab, k), where=f"evaluation.attack.ringabell.{k}")
+                        for k in ("concept", "neutral"))
     try:
         attack.fit_concept([r.prompt for r in concept], [r.prompt for r in neutral])
     except ValueError as err:
@@ -105,7 +106,7 @@ def search_rows(cfg: Config, path: Path, make_search, desc: str, progress: bool)
     by one as found, so an interrupted search resumes. `make_search()` is called only when rows are missing and
     returns search(index, row) -> {"prompt": ..., and the search's record}."""
     attack_cfg = cfg.evaluation.attack
-    targets = load_prompt_set(attack_cfg.targets, cfg.evaluation.suite.seed)
+    targets = load_prompt_set(attack_cfg.targets, cfg.evaluation.suite.seed, "evaluation.attack.targets")
     done = {r["case_number"] for r in jsonl.read(path)}
     todo = [(i, r) for i, r in enumerate(targets) if r.case_number not in done]
     if todo:
@@ -153,7 +154,7 @@ def concept_pictures(cfg: Config, out: Path, progress: bool) -> torch.Tensor:
             raise UserInputError(f"evaluation.attack.inversion.image_dir: {inv.image_dir} holds no PNG/JPEG images")
         files = image_files(inv.image_dir)[:inv.images]
     else:
-        rows = load_prompt_set(inv.reference, cfg.evaluation.suite.seed)
+        rows = load_prompt_set(inv.reference, cfg.evaluation.suite.seed, "evaluation.attack.inversion.reference")
         ref = _evaluation_config(cfg, inv.reference, images_per_prompt=images_needed(inv, len(rows)))
         folder = evaluate(ref, None, out / "reference", progress=progress)
         files = [folder / "images" / r["image"] for r in jsonl.read(folder / "records.jsonl")][:inv.images]
@@ -180,7 +181,7 @@ def invert(cfg: Config, adapter: Path | None, out: Path, progress: bool) -> tupl
     inverted = attack.fit(pictures, seed=attack_cfg.seed, progress=progress)
     attack.save(inverted, weights)
     (search / "inversion.json").write_text(json.dumps({"pictures": len(pictures), "curve": inverted.curve}))
-    targets = load_prompt_set(attack_cfg.targets, cfg.evaluation.suite.seed)
+    targets = load_prompt_set(attack_cfg.targets, cfg.evaluation.suite.seed, "evaluation.attack.targets")
     prompts.write_text("".join(json.dumps(_row_record(r, inv.prompt.format(inv.token), attack_cfg.concept)) + "\n"
                                for r in targets))
     return prompts, weights
