@@ -59,7 +59,8 @@ def _section_default(model: type[_Strict], name: str) -> tuple[dict[str, Any], t
 
 
 class RunConfig(_Strict):
-    name: str = Field("safediff", description="Run name; outputs go to <output_dir>/<name>.")
+    name: str = Field("safediff", description="Run name, one folder name (no '/', not '..'); outputs go to "
+                      "<output_dir>/<name>.")
     seed: int = Field(0, ge=0, le=2**63 - 1, description="Run seed (below 2^63): every sample's noise derives from "
                       "a hash of (seed, step, group, sample).")
     steps: int = Field(300, ge=1, description="Training steps (rollout, reward, GRPO update). Reference: ~300.")
@@ -73,6 +74,14 @@ class RunConfig(_Strict):
                               "`reward_hacking_alarm` event when a step's prompt alignment (cos_prompt_mean) or "
                               "within-group image diversity (diversity_mean) falls below (1 - alarm_drop) times its "
                               "first step's value.")
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, name: str) -> str:
+        # the run's folder, its Redis keys and its lease: "..", "a/b" or "" would put it somewhere else
+        if not name or name in (".", "..") or any(c in name for c in "/\\") or not name.isprintable():
+            raise ValueError(f"{name!r} is not one folder name (none of '/', '\\', control characters; not '', '.', '..')")
+        return name
 
 
 class ModelConfig(_Strict):

@@ -113,6 +113,14 @@ def test_a_bad_list_index_in_an_override_is_one_line_naming_it(overrides, messag
     assert str(err.value) == message
 
 
+@pytest.mark.parametrize("name", ["../elsewhere", "a/b", "", "..", "a\\b", "'bell\\a'"])
+def test_a_run_name_is_one_folder_name(name):
+    # the run's folder, Redis keys and lease: '..' would put metrics.jsonl and checkpoints beside output_dir
+    with pytest.raises(ConfigError, match=r"^config error in <defaults> \+ overrides: run.name: .* not one folder"):
+        load_config(None, [f"run.name={name}"])
+    assert load_config(None, ["run.name=seed 0.v2"]).run.name == "seed 0.v2"
+
+
 def test_malformed_yaml_and_bad_override(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("run: [unclosed\n")
