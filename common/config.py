@@ -80,7 +80,8 @@ class RunConfig(_Strict):
     def _one_folder(cls, name: str) -> str:
         # the run's folder, its Redis keys and its lease: "..", "a/b" or "" would put it somewhere else
         if not name or name in (".", "..") or any(c in name for c in "/\\") or not name.isprintable():
-            raise ValueError(f"{name!r} is not one folder name (none of '/', '\\', control characters; not '', '.', '..')")
+            raise ValueError(f"{name!r} is not one folder name "
+                             "(none of '/', '\\', control characters; not '', '.', '..')")
         return name
 
 
