@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from safediff.common.config import Config, dump_config, resume_differences
-from safediff.common.errors import UserInputError
+from safediff.common.errors import UserInputError, first_line
 from safediff.common.trainable import Trainable, state_checksum, trainable_for
 
 log = logging.getLogger(__name__)
@@ -178,8 +178,7 @@ def read_manifest(run_dir: Path) -> list[dict]:
         if not isinstance(entries, list) or not all(_is_entry(e) for e in entries):
             raise ValueError("not a list of {path, step, sha256} entries")
     except ValueError as err:  # also JSON and UTF-8 decoding errors
-        detail = (str(err).splitlines() or [type(err).__name__])[0]
-        raise UserInputError(f"checkpoint manifest {path} is damaged ({detail}); restore it, or remove it to "
+        raise UserInputError(f"checkpoint manifest {path} is damaged ({first_line(err)}); restore it, or remove it to "
                              "start the run over") from None
     return entries
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import to_jsonable_python
 
 from safediff.common.assets import AssetError, config_path
-from safediff.common.errors import UserInputError
+from safediff.common.errors import UserInputError, first_line
 from safediff.common.secrets import has_password, redact_url
 
 
@@ -769,7 +769,7 @@ def _yaml_problem(err: Exception) -> str:
     """A YAML error's problem on one line (PyYAML's message spans several)."""
     if isinstance(err, RecursionError):
         return "nested too deeply"
-    return getattr(err, "problem", None) or (str(err).splitlines() or [type(err).__name__])[0]
+    return getattr(err, "problem", None) or first_line(err)
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

@@ -8,3 +8,8 @@ class UserInputError(Exception):
 
 class LearnerFailed(RuntimeError):
     """A learner rank died: its optimiser partition is gone, so the job stops; the last checkpoint resumes it."""
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message cut to its first line (parsers' messages span several), or its type's name."""
+    return (str(err).splitlines() or [type(err).__name__])[0]
