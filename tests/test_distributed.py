@@ -81,11 +81,13 @@ def test_on_policy_run_matches_the_single_process_loop(tiny_dir, local_reference
     delta_ray = torch.cat([(theirs[k] - init[k]).flatten() for k in init])
     assert delta_local.norm() > 0
     assert (delta_local - delta_ray).norm() / delta_local.norm() < 1e-2
-    # the same policies rendered from the same noise: the base model's grid is identical, the trained ones differ
-    # only as much as the adapters do
+    # the same policies rendered from the same noise. The base model's grid matches to the last rounding: the actor's
+    # thread count changes float summation order, which can move a channel value across a .5 boundary (on one
+    # AMD EPYC machine: 1 of 12288 values, by 1). The trained grids differ only as much as the adapters do.
     grids = {where: {s: np.asarray(Image.open(r.run_dir / "samples" / f"step_{s}.png"), dtype=np.int16)
                      for s in (0, 2, 3)} for where, r in (("local", local), ("ray", result))}
-    assert np.array_equal(grids["local"][0], grids["ray"][0])
+    base = np.abs(grids["local"][0] - grids["ray"][0])
+    assert base.max() <= 1 and (base > 0).mean() < 1e-3
     for s in (2, 3):
         assert np.abs(grids["local"][s] - grids["ray"][s]).mean() < 0.5, s
 
