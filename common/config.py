@@ -284,8 +284,36 @@ class ClusterConfig(_Strict):
                                        "evaluation.every > 0).")
     gpus_per_eval_actor: float = Field(0.0, ge=0, le=1, description="GPUs of the evaluation actor (with "
                                        "evaluation.every > 0); 0 = CPU.")
+    resources_per_rollout_actor: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each rollout actor reserves, to place the roles on "
+        "nodes: e.g. {rollout_node: 1}, with the inference nodes started by `ray start --resources='{\"rollout_node\": "
+        "8}'`. Empty: any node.")
+    resources_per_reward_actor: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each reward actor reserves (as "
+        "resources_per_rollout_actor).")
+    resources_per_learner_worker: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each learner rank reserves (as "
+        "resources_per_rollout_actor).")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     max_staleness: int = Field(0, ge=0, description="Policy versions a rollout may lag the learner (0 = on-policy).")
+    hang_first_s: float = Field(1800.0, gt=0, description="Seconds the first step's groups may take (model loading "
+                                "included) before the rollout or reward actor holding one that is not back is declared "
+                                "hung: it is killed, Ray restarts it, and the group is generated again, once.")
+    hang_factor: float = Field(5.0, gt=1, description="After the first step a group is overdue once it has taken this "
+                               "many times the slowest of the last 8 steps (launch to every group scored), so a slow "
+                               "actor is not taken for a hung one.")
+    hang_min_s: float = Field(120.0, gt=0, description="The shortest time after which a group is overdue, however "
+                              "fast the measured steps were.")
+
+    @field_validator("resources_per_rollout_actor", "resources_per_reward_actor", "resources_per_learner_worker")
+    @classmethod
+    def _custom_only(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"{name} is Ray's own resource: set it with cpus_per_* / gpus_per_*")
+            if not amount > 0:
+                raise ValueError(f"{name}: {amount} is not a positive amount")
+        return value
 
 
 class StoreConfig(_Strict):

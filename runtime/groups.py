@@ -79,10 +79,12 @@ def _resync(actor, update: AdapterUpdate | None):
     return actor.resync.remote(update) if update is not None else actor.status.remote()
 
 
-def _restartable(actor_class, cfg: Config, count: int, cpus: float, gpus: float, *args) -> list:
-    """`count` actors of `actor_class(cfg, *args)`, each reserving `cpus` and `gpus`, restarted by Ray if they die."""
-    return [actor_class.options(num_cpus=cpus, num_gpus=gpus, max_restarts=-1).remote(cfg, *args)
-            for _ in range(count)]
+def _restartable(actor_class, cfg: Config, count: int, cpus: float, gpus: float, *args,
+                 resources: dict[str, float] | None = None) -> list:
+    """`count` actors of `actor_class(cfg, *args)`, each reserving `cpus`, `gpus` and custom `resources`, restarted
+    by Ray if they die (on any node that has the resources)."""
+    return [actor_class.options(num_cpus=cpus, num_gpus=gpus, resources=resources or {}, max_restarts=-1)
+            .remote(cfg, *args) for _ in range(count)]
 
 
 class RolloutGroup(ActorGroup):
@@ -90,7 +92,7 @@ class RolloutGroup(ActorGroup):
     def create(cls, cfg: Config) -> RolloutGroup:
         c = cfg.cluster
         return cls(_restartable(RolloutActor, cfg, c.rollout_actors, c.cpus_per_rollout_actor,
-                                c.gpus_per_rollout_actor))
+                                c.gpus_per_rollout_actor, resources=c.resources_per_rollout_actor))
 
     def generate(self, groups: list[PromptGroup], slot: int, min_version: int) -> list[tuple]:
         """References to (trajectory without images, images, info) of each of `groups`, rendered together on actor
@@ -111,7 +113,8 @@ class RewardGroup(ActorGroup):
     @classmethod
     def create(cls, cfg: Config) -> RewardGroup:
         c = cfg.cluster
-        return cls(_restartable(RewardActor, cfg, c.reward_actors, c.cpus_per_reward_actor, c.gpus_per_reward_actor))
+        return cls(_restartable(RewardActor, cfg, c.reward_actors, c.cpus_per_reward_actor, c.gpus_per_reward_actor,
+                                resources=c.resources_per_reward_actor))
 
     def score(self, images, group: PromptGroup, group_size: int, slot: int):
         """A reference to the RewardOutput of a group's images (a reference to [G, 3, H, W] uint8) on actor
@@ -131,8 +134,8 @@ class LearnerGroup(ActorGroup):
         """Reserve the ranks' placement group, start them, and form the process group."""
         c = cfg.cluster
         gpu = {"GPU": c.gpus_per_learner_worker} if c.gpus_per_learner_worker else {}
-        group = cls([], placement_group([{"CPU": c.cpus_per_learner_worker, **gpu}] * c.learner_workers,
-                                        strategy="PACK"))
+        bundle = {"CPU": c.cpus_per_learner_worker, **gpu, **c.resources_per_learner_worker}
+        group = cls([], placement_group([bundle] * c.learner_workers, strategy="PACK"))
         try:
             ray.get(group.placement.ready(), timeout=600)
             env = {} if gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}}

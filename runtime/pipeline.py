@@ -3,13 +3,15 @@
 It launches every step the staleness gate allows (k = `cluster.max_staleness`; k = 0 is synchronous and
 on-policy), sends each new policy to the rollout actors before any generation that must use it (an actor
 runs calls in order, so no extra barrier is needed), checks that every actor bound exactly what was
-published, and hands the learner a step's scored groups, generating a lost group again exactly once. The
+published, and hands the learner a step's scored groups, generating a lost group again exactly once. A group
+that does not come back in time is lost too: the actor holding it is declared hung and killed (`HangWatch`). The
 driver moves object references and small numbers, never image or latent tensors.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -39,6 +41,7 @@ class StepRollout:
     trajectories: list  # ObjectRef[Trajectory] per group
     rewards: list       # ObjectRef[RewardOutput] per group
     infos: list         # ObjectRef[dict] per group: policy version used, generate seconds
+    launched: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -98,13 +101,37 @@ class SyncTracker:
         self.pending = still
 
 
+@dataclass
+class HangWatch:
+    """How long a group may take before the actor holding it is declared hung: `first_s` until a step has been
+    measured, then `factor` times the slowest of the last 8 steps, and never less than `min_s`. A step is measured
+    from its launch to its last group scored, so asynchronous steps queued behind each other are measured as they
+    run, and a slow actor (every step slow) raises its own limit."""
+
+    first_s: float
+    factor: float
+    min_s: float
+    recent: deque = field(default_factory=lambda: deque(maxlen=8))
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> HangWatch:
+        c = cfg.cluster
+        return cls(c.hang_first_s, c.hang_factor, c.hang_min_s)
+
+    def limit(self) -> float:
+        return self.first_s if not self.recent else max(self.min_s, self.factor * max(self.recent))
+
+    def measured(self, seconds: float) -> None:
+        self.recent.append(seconds)
+
+
 class RolloutPipeline:
     def __init__(self, cfg: Config, actors: Actors, prompts: PromptStream, store: RunStore, start: int,
                  redteam: RedTeam | None = None):
         self.actors, self.prompts, self.store, self.redteam = actors, prompts, store, redteam
         self.P, self.G, self.steps = cfg.grpo.prompts_per_step, cfg.grpo.group_size, cfg.run.steps
         K = cfg.cluster.max_staleness
-        self.gate, self.syncs = StalenessGate(K, self.P), SyncTracker()
+        self.gate, self.syncs, self.hangs = StalenessGate(K, self.P), SyncTracker(), HangWatch.from_config(cfg)
         self.recent: deque[AdapterUpdate] = deque(maxlen=K + 1)  # policies that may still be generating
         self.inflight: dict[int, StepRollout] = {}
         self.next_step = start  # the next step to launch
@@ -128,26 +155,34 @@ class RolloutPipeline:
             self.next_step += 1
 
     def collect(self, step: int) -> CollectedStep:
-        """Step `step`'s scored groups (the learner waits here). A group whose rollout or reward actor died is
-        generated again, exactly once, on the next actors (after re-syncing them): its noise is a function of
+        """Step `step`'s scored groups (the learner waits here). A group whose rollout or reward actor died or hung
+        is generated again, exactly once, on the next actors (after re-syncing them): its noise is a function of
         (seed, step, group, sample), so the retry is the same group, and it is counted and trained once."""
         self.fill()
         in_flight = sum(len(r.groups) for r in self.inflight.values())
         current = self.inflight.pop(step)
         scored, infos = [], []
+        since, retried = current.launched, False  # a retry restarts the clock of the groups after it
         for i, group in enumerate(current.groups):
             try:
+                self._kill_if_overdue(step, i, i, current, since)
                 reward, info = ray.get([current.rewards[i], current.infos[i]])
             except LOST as err:
-                slot = i + 1
+                slot, retried = i + 1, True
                 log.warning("step %d group %d lost (%s); retrying on rollout actor %d", group.step, i,
                             type(err).__name__, slot % len(self.actors.rollouts))
                 self.store.event("group_retried", step=group.step, group=i, error=type(err).__name__)
                 self.actors.wait_until_ready(self.update)
                 current.trajectories[i], current.rewards[i], current.infos[i] = self._submit(group, slot)
+                if self._kill_if_overdue(step, i, slot, current, time.monotonic()):
+                    raise RuntimeError(f"step {step} group {i} was not back in time twice; the job stops here. "
+                                       f"Resubmit the same command to continue from the newest checkpoint")
                 reward, info = ray.get([current.rewards[i], current.infos[i]])
+                since = time.monotonic()
             scored.append(reward)
             infos.append(info)
+        if not retried:
+            self.hangs.measured(time.monotonic() - current.launched)
         self.syncs.check(block=False)  # a failed adapter load surfaces here, before its stale groups do
         staleness = [self.gate.record(step, info["policy_version"]) for info in infos]
         return CollectedStep(current.groups, current.trajectories, scored, infos, staleness, in_flight)
@@ -189,6 +224,23 @@ class RolloutPipeline:
         self.syncs.check(block=True)
         self.actors.wait_until_ready(self.update)
         return self.actors.rollouts.status()
+
+    def _kill_if_overdue(self, step: int, i: int, slot: int, current: StepRollout, since: float) -> bool:
+        """Wait for group `i` of `current` (sent to rollout and reward actor `slot` at `since`, monotonic) for the
+        hang limit. Past it, kill the actor still holding the group (the rollout actor if the group's images are not
+        made, else the reward actor) and return True: Ray restarts the actor, and a get of the group raises as for
+        any lost actor."""
+        refs = [current.infos[i], current.rewards[i]]
+        ready, _ = ray.wait(refs, num_returns=2, timeout=max(0.0, since + self.hangs.limit() - time.monotonic()))
+        if len(ready) == 2:
+            return False
+        role, group = ("rollout", self.actors.rollouts) if len(ready) == 0 else ("reward", self.actors.rewards)
+        waited = time.monotonic() - since
+        log.warning("step %d group %d not back after %.0f s: %s actor %d is declared hung and restarted", step, i,
+                    waited, role, slot % len(group))
+        self.store.event("actor_hung", step=step, group=i, role=role, slot=slot % len(group), waited_s=round(waited, 1))
+        ray.kill(group.at(slot), no_restart=False)
+        return True
 
     def _submit(self, group: PromptGroup, slot: int) -> tuple:
         """Generate one group on rollout actor `slot` and score it on reward actor `slot`: three references."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 # Set before any library import reads them (see the developers' guide for why each matters).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -123,3 +125,37 @@ def _random_adapter(tmp_path: Path, cfg) -> Path:
 def random_adapter():
     """`random_adapter(tmp_path, cfg)`: a random non-zero LoRA adapter for `cfg`, exported as a run would."""
     return _random_adapter
+
+
+def _when(condition, action) -> threading.Thread:
+    """Call `action()` on a thread once `condition()` holds (polled every 50 ms, for at most 300 s)."""
+    def watch():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if condition():
+                action()
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture(scope="session")
+def when():
+    """`when(condition, action)`: a thread that calls `action()` once `condition()` holds; join it after the run."""
+    return _when
+
+
+def _steps_recorded(run_dir: Path, steps: int):
+    def done() -> bool:
+        path = run_dir / "metrics.jsonl"
+        return path.is_file() and len(path.read_text().splitlines()) >= steps
+    return done
+
+
+@pytest.fixture(scope="session")
+def steps_recorded():
+    """`steps_recorded(run_dir, n)`: a condition for `when`, true once the run's metrics.jsonl holds n steps."""
+    return _steps_recorded

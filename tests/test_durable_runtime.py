@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -40,24 +39,12 @@ def prompts(tmp_path_factory):
     return path
 
 
-def _when(condition, action) -> threading.Thread:
-    def watch():
-        deadline = time.time() + 300
-        while time.time() < deadline and not condition():
-            time.sleep(0.05)
-        action()
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
-
-
 def _has_checkpoint(run_dir, step):
     return lambda: any(e["step"] == step for e in read_manifest(run_dir)) if run_dir.exists() else False
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_dir, tmp_path_factory, prompts, tiny_config):
+def uninterrupted(tiny_dir, tmp_path_factory, prompts, tiny_config, when):
     """The reference run, against an external redis-server that is restarted once the first checkpoint
     is written (same port, password and data directory)."""
     tmp = tmp_path_factory.mktemp("straight")
@@ -69,7 +56,7 @@ def uninterrupted(tiny_dir, tmp_path_factory, prompts, tiny_config):
         time.sleep(0.5)  # the run goes on, writing into its buffer
         server.start()
 
-    restarter = _when(_has_checkpoint(tmp / "runs" / "straight", 2), restart)
+    restarter = when(_has_checkpoint(tmp / "runs" / "straight", 2), restart)
     result = run(cfg, progress=False)
     restarter.join()
     store = RunStore(server.url, "straight")
@@ -87,12 +74,12 @@ def test_a_redis_restart_mid_run_loses_no_manifest_entry_or_event(uninterrupted)
 
 
 def test_a_dead_learner_rank_stops_the_job_and_resubmitting_continues_it_exactly(tiny_dir, tmp_path, prompts,
-                                                                                 uninterrupted, tiny_config):
+                                                                                 uninterrupted, tiny_config, when):
     reference, _ = uninterrupted
     cfg = tiny_config(tiny_dir, tmp_path, prompts, *SHAPE, "run.name=learner-dies")
     run_dir = tmp_path / "runs" / "learner-dies"
     actors = start_actors(cfg)
-    killer = _when(_has_checkpoint(run_dir, 2), lambda: ray.kill(actors.learners[1]))
+    killer = when(_has_checkpoint(run_dir, 2), lambda: ray.kill(actors.learners[1]))
     with pytest.raises(LearnerFailed, match=r"a learner rank died in '\w+' \(\w+\); the job stops here"):
         run(cfg, progress=False, actors=actors)
     killer.join()

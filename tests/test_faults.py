@@ -1,6 +1,8 @@
 """Actor failures on a real local Ray cluster: the run finishes with every prompt group trained once."""
 
-import threading
+import contextlib
+import os
+import signal
 import time
 
 import pytest
@@ -14,39 +16,50 @@ from safediff.runtime.run_store import RunStore
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 
 
-def _kill_when(run_dir, steps_done: int, actor) -> threading.Thread:
-    """Kill `actor` (Ray restarts it) once metrics.jsonl holds `steps_done` records."""
-    def watch():
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            path = run_dir / "metrics.jsonl"
-            if path.is_file() and len(path.read_text().splitlines()) >= steps_done:
-                ray.kill(actor, no_restart=False)
-                return
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+def _pid(actor) -> int:
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
 
 
-@pytest.mark.parametrize("victim", ["rollout", "reward"])
-def test_a_killed_actor_is_restarted_and_no_group_is_lost_or_counted_twice(tiny_dir, tmp_path, prompt_file, victim,
-                                                                           tiny_config):
+def _stop(pid: int, for_s: float | None = None) -> None:
+    """SIGSTOP the process `pid`: for good (it answers nothing until killed), or resumed after `for_s` seconds."""
+    os.kill(pid, signal.SIGSTOP)
+    if for_s is not None:
+        time.sleep(for_s)
+        os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("hangs", ["rollout", "reward"])
+def test_killed_hung_and_slow_actors_lose_no_group_and_count_none_twice(tiny_dir, tmp_path, prompt_file, hangs,
+                                                                        tiny_config, when, steps_recorded):
+    """Three faults in one run (4 steps, two rollout actors, one reward actor, staleness 1). After step 0, actor 0
+    of the role `hangs` stops answering (SIGSTOP, for good) and rollout actor 1 pauses for 3 s, well under the hang
+    limit (at least 10 s, 4x the slowest step); after step 1, actor 0 of the other role is killed."""
     cfg = tiny_config(tiny_dir, tmp_path, prompt_file, "run.steps=4", "run.name=faults",
                       "cluster.rollout_actors=2", "cluster.reward_actors=1", "cluster.max_staleness=1",
                       "cluster.cpus_per_rollout_actor=0.5", "cluster.cpus_per_reward_actor=0.5",
-                      "cluster.cpus_per_learner_worker=0.5")
+                      "cluster.cpus_per_learner_worker=0.5", "cluster.hang_factor=4", "cluster.hang_min_s=10")
     actors = start_actors(cfg)
-    target = actors.rollouts[0] if victim == "rollout" else actors.rewards[0]
-    killer = _kill_when(tmp_path / "runs" / "faults", 1, target)
-    result = run(cfg, progress=False, actors=actors)
-    killer.join()
+    hung, killed = (actors.rollouts[0], actors.rewards[0]) if hangs == "rollout" else \
+        (actors.rewards[0], actors.rollouts[0])
+    hung_pid, slow_pid = _pid(hung), _pid(actors.rollouts[1])
+    run_dir = tmp_path / "runs" / "faults"
+    watchers = [when(steps_recorded(run_dir, 1), lambda: _stop(hung_pid)),
+                when(steps_recorded(run_dir, 1), lambda: _stop(slow_pid, 3.0)),
+                when(steps_recorded(run_dir, 2), lambda: ray.kill(killed, no_restart=False))]
+    try:
+        result = run(cfg, progress=False, actors=actors)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # killed by the run; if the run failed, not left stopped
+            os.kill(hung_pid, signal.SIGKILL)
+    for watcher in watchers:
+        watcher.join()
     P, G = cfg.grpo.prompts_per_step, cfg.grpo.group_size
     assert [m["dropped_groups"] for m in result.metrics] == [0] * 4
     assert all(m["samples_trained"] == P * G for m in result.metrics)  # every group trained, none twice
-    assert result.actor_status == [(4, result.checksum)] * 2  # the restarted actor was re-synced
+    assert result.actor_status == [(4, result.checksum)] * 2  # the restarted actors were re-synced
     with EmbeddedRedis(result.run_dir / "redis") as srv:
-        retried = [e for e in RunStore(srv.url, "faults").events() if e["kind"] == "group_retried"]
-    assert 1 <= len(retried) <= P * (cfg.cluster.max_staleness + 1)  # only groups in flight at the kill
-    assert len({(e["step"], e["group"]) for e in retried}) == len(retried)  # each retried once
+        events = RunStore(srv.url, "faults").events()
+    assert {(e["role"], e["slot"]) for e in events if e["kind"] == "actor_hung"} == {(hangs, 0)}  # not the slow one
+    retried = [(e["step"], e["group"]) for e in events if e["kind"] == "group_retried"]
+    assert 2 <= len(retried) <= 2 * P * (cfg.cluster.max_staleness + 1)  # only groups in flight at each fault
+    assert len(set(retried)) == len(retried)  # each retried once

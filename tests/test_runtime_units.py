@@ -10,6 +10,7 @@ from safediff.common.policy import Policy
 from safediff.common.weight_sync import AdapterSyncError, AdapterUpdate, apply_update
 from safediff.reward_server.batching import MicroBatcher
 from safediff.runtime.cluster import check_resources, required_resources
+from safediff.runtime.pipeline import HangWatch
 from safediff.runtime.staleness import StalenessBoundExceeded, StalenessGate
 
 
@@ -53,6 +54,18 @@ def test_staleness_gate():
         StalenessGate(0, 1).record(3, 4)  # a version from the future is a bug too
 
 
+def test_the_hang_limit_scales_with_the_slowest_recent_step():
+    watch = HangWatch(first_s=600, factor=5, min_s=30)
+    assert watch.limit() == 600  # nothing measured: the first step's limit (model loading included)
+    watch.measured(2.0)
+    assert watch.limit() == 30  # 5 x 2 s is under the floor
+    watch.measured(20.0)
+    assert watch.limit() == 100  # a slow step raises the limit: a slow actor is not a hung one
+    for _ in range(8):
+        watch.measured(10.0)
+    assert watch.limit() == 50  # only the last 8 steps count: the slow one has left the window
+
+
 def test_resource_check_names_the_fields(tiny_dir, tmp_path, prompt_file, tiny_config):
     cfg = tiny_config(tiny_dir, tmp_path, prompt_file, "cluster.rollout_actors=6", "cluster.gpus_per_rollout_actor=1")
     assert required_resources(cfg) == {"CPU": 6 * 1 + 0.5 + 1, "GPU": 6.0}  # cpu_demo: 1, 0.5, 1 CPU each
@@ -61,6 +74,13 @@ def test_resource_check_names_the_fields(tiny_dir, tmp_path, prompt_file, tiny_c
     check_resources(cfg, {"CPU": 7.5, "GPU": 6.0})
     with pytest.raises(ConfigError, match=r"asks for 7.5, the Ray cluster has 2 \(`ray start --num-cpus=N`"):
         check_resources(tiny_config(tiny_dir, tmp_path, prompt_file, "cluster.rollout_actors=6"), {"CPU": 2.0})
+    placed = tiny_config(tiny_dir, tmp_path, prompt_file, "cluster.rollout_actors=3", "cluster.learner_workers=2",
+                         "cluster.resources_per_rollout_actor={inference: 1}",
+                         "cluster.resources_per_learner_worker={training: 0.5, inference: 0.25}")
+    assert required_resources(placed) == {"inference": 3 + 2 * 0.25, "training": 1.0, "CPU": 3 + 0.5 + 2, "GPU": 0}
+    with pytest.raises(ConfigError, match=r"inference: the cluster section asks for 3.5, the Ray cluster has 3 "
+                                          r"\(`ray start --resources="):
+        check_resources(placed, {"CPU": 8.0, "inference": 3.0, "training": 1.0})
 
 
 def test_gpus_the_config_leaves_unused_are_a_warning(tiny_dir, tmp_path, prompt_file, tiny_config, caplog):
