@@ -22,6 +22,7 @@ import torch  # noqa: E402
 from ray.util.placement_group import placement_group  # noqa: E402
 
 from bench.fixtures import demo_config  # noqa: E402
+from safediff.common.checkpoint import TrainerState  # noqa: E402
 from safediff.common.weight_sync import SyncReport, publish  # noqa: E402
 from safediff.reward_server.steering import RewardOutput  # noqa: E402
 from safediff.runtime.controller import run  # noqa: E402
@@ -69,6 +70,9 @@ class NoopLearner:
 
     def publish(self):
         return publish(self.state, self.version, 1)
+
+    def trainer_state(self):
+        return TrainerState.capture({})  # the checkpoint the last step writes
 
     def shutdown(self):
         return None

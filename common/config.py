@@ -327,6 +327,8 @@ class StoreConfig(_Strict):
                                        "$SAFEDIFF_REDIS_URL) then has none.")
     lease_ttl_s: float = Field(30.0, gt=1, description="Run lease TTL: a dead job's run id is free after this long.")
     metrics_maxlen: int = Field(10_000, ge=10, description="Step records kept in the Redis metrics stream.")
+    events_maxlen: int = Field(100_000, ge=10, description="Events kept in the Redis events stream (retries, "
+                               "checkpoints, alarms, evaluations); Redis trims the oldest, approximately.")
 
     @model_validator(mode="after")
     def _one_password(self) -> StoreConfig:

@@ -8,7 +8,8 @@ Keys, all under `safediff:<run id>:` (the run id is `run.name`):
     step, version, cursor last finished step, policy version, prompt cursor (JSON)
     manifest              list of checkpoints (JSON: path, step, version, sha256 of each file)
     metrics               stream of step records, capped at `store.metrics_maxlen`
-    events                stream of what happened (started, checkpoint written, finished, ...)
+    events                stream of what happened (started, checkpoint written, finished, ...), capped at
+                          `store.events_maxlen`
 
 Redis unreachable at start is an error naming `store.url`. If it goes away mid-run, training goes on:
 each write is queued, in order, and replayed when Redis answers again (retried with exponential backoff
@@ -72,9 +73,11 @@ def _connect(url: str) -> redis.Redis:
 
 
 class RunStore:
-    def __init__(self, url: str, run_id: str, lease_ttl_s: float = 30.0, metrics_maxlen: int = 10_000):
+    def __init__(self, url: str, run_id: str, lease_ttl_s: float = 30.0, metrics_maxlen: int = 10_000,
+                 events_maxlen: int = 100_000):
         self.client = _connect(url)
-        self.run_id, self.lease_ttl_ms, self.metrics_maxlen = run_id, int(lease_ttl_s * 1000), metrics_maxlen
+        self.run_id, self.lease_ttl_ms = run_id, int(lease_ttl_s * 1000)
+        self.metrics_maxlen, self.events_maxlen = metrics_maxlen, events_maxlen
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._pending: deque[list[tuple[str, tuple]]] = deque()
         self._lock = threading.Lock()
@@ -167,7 +170,7 @@ class RunStore:
 
     def event(self, kind: str, **fields: Any) -> None:
         payload = {"kind": kind, **{k: json.dumps(v) for k, v in fields.items()}}
-        self._write(("xadd", (self.key("events"), payload)))
+        self._write(("xadd", (self.key("events"), payload, "*", self.events_maxlen, True)))
 
     def add_checkpoint(self, path: str | Path, step: int, version: int, files: dict[str, str]) -> None:
         entry = {"path": str(path), "step": step, "version": version, "sha256": files}
@@ -214,7 +217,7 @@ def store_url(url: str | None, password_file: Path | None) -> str | None:
 
 @contextlib.contextmanager
 def open_run_store(url: str | None, run_id: str, run_dir: Path, lease_ttl_s: float = 30.0,
-                   metrics_maxlen: int = 10_000) -> Iterator[RunStore]:
+                   metrics_maxlen: int = 10_000, events_maxlen: int = 100_000) -> Iterator[RunStore]:
     """The run's store, its lease held. `url` is the resolved one (`store_url`: the config, the environment and the
     password file already applied); with None a real redis-server is started on
     127.0.0.1 with a generated password and its data under <run_dir>/redis; a second job on the same run
@@ -237,7 +240,7 @@ def open_run_store(url: str | None, run_id: str, run_dir: Path, lease_ttl_s: flo
         if server is not None or adopted:
             write_private(info, json.dumps({"url": url, "pid": os.getpid()}))  # the embedded server's password
     try:
-        store = RunStore(url, run_id, lease_ttl_s, metrics_maxlen)
+        store = RunStore(url, run_id, lease_ttl_s, metrics_maxlen, events_maxlen)
         store.acquire_lease()
         try:
             yield store

@@ -59,7 +59,8 @@ def tracked_run(cfg: Config, resume: bool | None = None) -> Iterator[RunContext]
     run_dir.mkdir(parents=True, exist_ok=True)
     s = cfg.store
     url = store_url(s.url, s.password_file)
-    with open_run_store(url, cfg.run.name, run_dir, s.lease_ttl_s, s.metrics_maxlen) as store:
+    with open_run_store(url, cfg.run.name, run_dir, s.lease_ttl_s, s.metrics_maxlen,
+                        s.events_maxlen) as store:
         if resume is None:
             previous = store.status()
             unfinished = previous in ("running", "interrupted", "failed")

@@ -31,6 +31,19 @@ def test_a_second_job_on_the_same_run_is_refused_until_the_lease_is_free(server)
     second.release_lease()
 
 
+def test_the_metrics_and_events_streams_stay_capped(server):
+    """Redis trims a capped stream approximately: whole radix-tree nodes of up to 100 entries
+    (stream-node-max-entries), so a stream holds between its cap and its cap + 100."""
+    store = RunStore(server.url, "capped", metrics_maxlen=10, events_maxlen=20)
+    for step in range(500):
+        store.record_step(step, step, {}, {"loss": 0.5})
+        store.event("group_retried", step=step, group=0)
+    store.flush()
+    metrics, events = store.metrics(), store.events()
+    assert 10 <= len(metrics) <= 110 and 20 <= len(events) <= 120
+    assert metrics[-1]["loss"] == 0.5 and events[-1]["step"] == 499  # the newest are kept
+
+
 def test_a_late_release_never_frees_a_lease_another_job_took(server):
     """The old holder's lease expired and a new job took it: the old holder's release must leave it alone."""
     old = RunStore(server.url, "run-l", lease_ttl_s=1.5)
