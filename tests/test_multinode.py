@@ -3,8 +3,12 @@
 resources."""
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from bench.fixtures import PLACED, node_of, one_machine_cluster
+from safediff.common.policy import Policy
+from safediff.common.trainable import LoraTrainable
 from safediff.runtime.controller import run
 from safediff.runtime.groups import start_actors
 from safediff.runtime.redis_server import EmbeddedRedis
@@ -27,11 +31,11 @@ def _placed(tiny_config, tiny_dir, tmp_path, prompt_file, name):
                        "cluster.cpus_per_reward_actor=0.5", "cluster.cpus_per_learner_worker=1", *PLACED)
 
 
-def test_a_lost_rollout_node_costs_its_groups_once_and_the_run_ends_as_an_uninterrupted_one(
+def test_a_lost_rollout_node_costs_its_groups_once_and_the_run_trains_as_an_uninterrupted_one(
         cluster, tiny_dir, tmp_path, prompt_file, tiny_config, when, steps_recorded):
     """After step 0 the worker node of rollout actor 0 dies with the actor and the objects it held (`remove_node`,
     no graceful shutdown): Ray restarts the actor on the spare node, the lost groups are generated again once, and
-    the adapter is the uninterrupted run's (on-policy, so every retried group is the same group)."""
+    the update is the uninterrupted run's (on-policy, so every retried group is the same group)."""
     reference = run(_placed(tiny_config, tiny_dir, tmp_path, prompt_file, "whole"), progress=False)
     cfg = _placed(tiny_config, tiny_dir, tmp_path, prompt_file, "preempted")
     actors = start_actors(cfg)
@@ -48,4 +52,11 @@ def test_a_lost_rollout_node_costs_its_groups_once_and_the_run_ends_as_an_uninte
         retried = [(e["step"], e["group"]) for e in RunStore(srv.url, "preempted").events()
                    if e["kind"] == "group_retried"]
     assert retried and len(set(retried)) == len(retried)
-    assert result.checksum == reference.checksum
+    # the same run: the same rewards, and the same update up to float summation order (a retried group is rendered
+    # alone, not batched with the actor's other groups; bit for bit in one run on this machine, 1e-7 apart in another)
+    assert all(abs(a["reward_mean"] - b["reward_mean"]) < 1e-5 for a, b in zip(reference.metrics, result.metrics))
+    LoraTrainable(cfg.lora).save(Policy.from_config(cfg).state(), tmp_path / "init")  # the seed's adapter, exported
+    init, ours, theirs = (load_file(str(folder / "pytorch_lora_weights.safetensors"))
+                          for folder in (tmp_path / "init", reference.run_dir / "adapter", result.run_dir / "adapter"))
+    delta_ours, delta_theirs = (torch.cat([(w[k] - init[k]).flatten() for k in init]) for w in (ours, theirs))
+    assert (delta_ours - delta_theirs).norm() / delta_ours.norm() < 1e-3
