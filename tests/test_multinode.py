@@ -52,8 +52,8 @@ def test_a_lost_rollout_node_costs_its_groups_once_and_the_run_trains_as_an_unin
         retried = [(e["step"], e["group"]) for e in RunStore(srv.url, "preempted").events()
                    if e["kind"] == "group_retried"]
     assert retried and len(set(retried)) == len(retried)
-    # the same run: the same rewards, and the same update up to float summation order (a retried group is rendered
-    # alone, not batched with the actor's other groups: bit for bit in one run on this machine, not in another)
+    # the same run: the same rewards, and the same update up to float summation order (probably: a retried group is
+    # rendered alone, not batched with its actor's other groups; bit for bit in one run on this machine, not in another)
     assert all(abs(a["reward_mean"] - b["reward_mean"]) < 1e-5 for a, b in zip(reference.metrics, result.metrics))
     LoraTrainable(cfg.lora).save(Policy.from_config(cfg).state(), tmp_path / "init")  # the seed's adapter, exported
     init, ours, theirs = (load_file(str(folder / "pytorch_lora_weights.safetensors"))
