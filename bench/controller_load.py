@@ -23,12 +23,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import psutil  # noqa: E402
 import ray  # noqa: E402
 from ray._private.internal_api import memory_summary  # noqa: E402
-from ray.util.placement_group import placement_group  # noqa: E402
 
-from bench.controller_overhead import NoopLearner, NoopReward, NoopRollout  # noqa: E402
+from bench.controller_overhead import noop_actors  # noqa: E402
 from bench.fixtures import demo_config  # noqa: E402
 from safediff.runtime.controller import run  # noqa: E402
-from safediff.runtime.groups import Actors, LearnerGroup, RewardGroup, RolloutGroup  # noqa: E402
 from safediff.runtime.redis_server import EmbeddedRedis  # noqa: E402
 from safediff.runtime.run_store import RunStore  # noqa: E402
 
@@ -86,9 +84,7 @@ def main() -> None:
                       f"cluster.rollout_actors={args.actors}", "cluster.max_staleness=1",
                       "cluster.cpus_per_rollout_actor=0.01", f"store.metrics_maxlen={args.metrics_cap}",
                       "tracking.every=1000000")
-    actors = Actors(RolloutGroup([NoopRollout.remote() for _ in range(args.actors)]),
-                    RewardGroup([NoopReward.remote() for _ in range(max(1, args.actors // 8))]),
-                    LearnerGroup([NoopLearner.remote()], placement_group([{"CPU": 0.01}])))
+    actors = noop_actors(args.actors)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     sampler, start = Sampler(run_dir / "metrics.jsonl"), time.perf_counter()
     result = run(cfg, progress=True, actors=actors, resume=False)

@@ -78,6 +78,13 @@ class NoopLearner:
         return None
 
 
+def noop_actors(rollouts: int) -> Actors:
+    """`rollouts` rollout stand-ins, one reward stand-in per 8 of them, and one learner stand-in."""
+    return Actors(RolloutGroup([NoopRollout.remote() for _ in range(rollouts)]),
+                  RewardGroup([NoopReward.remote() for _ in range(max(1, rollouts // 8))]),
+                  LearnerGroup([NoopLearner.remote()], placement_group([{"CPU": 0.01}])))
+
+
 def step_ms(records: list[dict], images_per_step: int) -> float:
     """Median wall time of a step (from the cumulative images/s the controller logs)."""
     times, previous = [], 0.0
@@ -106,10 +113,8 @@ def main() -> None:
                           "grpo.prompts_per_step=32", "grpo.updates_per_step=1", "grpo.micro_batch_size=8",
                           f"cluster.rollout_actors={n}", "cluster.max_staleness=1",
                           "cluster.cpus_per_rollout_actor=0.01")  # stand-ins reserve no CPU
-        actors = Actors(RolloutGroup([NoopRollout.remote() for _ in range(n)]),
-                        RewardGroup([NoopReward.remote() for _ in range(max(1, n // 8))]),
-                        LearnerGroup([NoopLearner.remote()], placement_group([{"CPU": 0.01}])))
-        ms = step_ms(run(cfg, progress=False, actors=actors).metrics, cfg.grpo.prompts_per_step * cfg.grpo.group_size)
+        records = run(cfg, progress=False, actors=noop_actors(n)).metrics
+        ms = step_ms(records, cfg.grpo.prompts_per_step * cfg.grpo.group_size)
         print(f"| {n} | 32 | {ms:.1f} | {ms / real_ms:.1%} |")
     ray.shutdown()
 
