@@ -177,9 +177,10 @@ class RunStore:
         self._write(("rpush", (self.key("manifest"), json.dumps(entry))))
         self.event("checkpoint_written", path=str(path), step=step)
 
-    def clear_checkpoints(self, moved_to: Path | None) -> None:
-        """A fresh start: the manifest forgets the previous run's checkpoints (their folder went to `moved_to`)."""
-        self._write(("delete", (self.key("manifest"),)))
+    def start_over(self, moved_to: Path | None) -> None:
+        """A fresh start: the previous run's checkpoints (their folder went to `moved_to`), step metrics and position
+        are forgotten, so the metrics stream holds this run's steps only; its events stay, as history."""
+        self._write(("delete", tuple(self.key(k) for k in ("manifest", "metrics", "step", "version", "cursor"))))
         if moved_to is not None:
             self.event("checkpoints_set_aside", path=str(moved_to))
 

@@ -76,7 +76,7 @@ def tracked_run(cfg: Config, resume: bool | None = None) -> Iterator[RunContext]
         if not resume:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
             moved = set_aside(run_dir)
-            store.clear_checkpoints(moved)
+            store.start_over(moved)
             if moved is not None:
                 log.warning("run '%s': starting over; the previous checkpoints are kept in %s", cfg.run.name, moved)
         store.begin(config_yaml)

@@ -191,8 +191,11 @@ def test_a_fresh_start_sets_the_previous_checkpoints_aside_and_never_resumes_fro
         (old / "weights.safetensors").write_bytes(b"old run")
         (old.parent / "manifest.json").write_text(json.dumps([{"path": "step_24", "step": 24, "sha256": {}}]))
         run.store.add_checkpoint(old, 24, 24, {})
+        run.store.record_step(24, 24, {}, {"step": 24, "reward_mean": 0.5})
     with pytest.raises(RuntimeError), tracked_run(cfg, resume=False) as run:  # --fresh, then a crash before step 8
         assert run.store.manifest() == [] and read_manifest(tmp_path / "again") == []
+        assert run.store.metrics() == [] and run.store.client.get(run.store.key("step")) is None  # this run's only
+        assert "checkpoints_set_aside" in [e["kind"] for e in run.store.events()]  # the history stays
         raise RuntimeError("node lost")
     [kept] = (tmp_path / "again").glob("checkpoints.before-*")
     assert (kept / "step_24" / "weights.safetensors").read_bytes() == b"old run"
