@@ -19,14 +19,17 @@ _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 @dataclass
-class DDIMStep:
+class GaussianStep:
+    """One step of a sampler taken as a Gaussian policy, x_prev ~ N(mean, std^2 I)."""
+
     prev_sample: torch.Tensor  # [B, C, h, w] fp32
     log_prob: torch.Tensor     # [B] fp32, mean over latent dimensions
     mean: torch.Tensor         # [B, C, h, w] fp32: mu_theta
-    std: torch.Tensor          # [B, 1, 1, 1] fp32: sigma_t
+    std: torch.Tensor          # [B, 1, 1, 1] fp32
 
 
-def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B] values as [B, 1, ..., 1], to broadcast against a batch shaped like `like`."""
     return values.reshape(-1, *([1] * (like.ndim - 1)))
 
 
@@ -39,7 +42,7 @@ def ddim_step_with_logprob(
     eta: float = 1.0,
     prev_sample: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
-) -> DDIMStep:
+) -> GaussianStep:
     """One DDIM step with the Gaussian log-density of its result.
 
     `timestep` is [B] (samples may sit at different steps, as in training). When `prev_sample`
@@ -53,8 +56,8 @@ def ddim_step_with_logprob(
 
     alphas_cumprod = scheduler.alphas_cumprod.to(sample.device, torch.float32)
     final = torch.as_tensor(float(scheduler.final_alpha_cumprod), device=sample.device)
-    a_t = _per_sample(alphas_cumprod[timestep], sample)
-    a_prev = _per_sample(torch.where(prev_timestep >= 0, alphas_cumprod[prev_timestep.clamp(min=0)], final), sample)
+    a_t = per_sample(alphas_cumprod[timestep], sample)
+    a_prev = per_sample(torch.where(prev_timestep >= 0, alphas_cumprod[prev_timestep.clamp(min=0)], final), sample)
     b_t = 1 - a_t
 
     if cfg.prediction_type == "epsilon":
@@ -78,7 +81,7 @@ def ddim_step_with_logprob(
         prev_sample = mean + std * noise.float()
     prev_sample = prev_sample.float()
     log_prob = gaussian_log_prob(prev_sample, mean, std)
-    return DDIMStep(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std)
+    return GaussianStep(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std)
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -110,7 +113,7 @@ def guided_noise_prediction(
 class SampledTrajectory:
     latents: torch.Tensor     # [B, T+1, C, h, w] fp32: x_T ... x_0
     log_probs: torch.Tensor   # [B, T] fp32
-    timesteps: torch.Tensor   # [T] long
+    timesteps: torch.Tensor   # [T]: DDIM timesteps (long), or a flow schedule's sigma * 1000 (float)
 
 
 @torch.no_grad()
