@@ -62,7 +62,7 @@ class Chaos:
                 else:
                     where = node_of(self.actors.rollouts[slot])
                     node = next(n for n in self.cluster.worker_nodes if n.node_id == where)
-                    self.cluster.remove_node(node, allow_graceful=False)
+                    self.cluster.remove_node(node)
                     self.spares -= 1
             except Exception as err:  # an actor still restarting from the last fault: strike again later
                 print(f"chaos: {kind} {slot} not struck ({type(err).__name__})", flush=True)
@@ -87,12 +87,16 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides (dotted.key=value)")
     args = parser.parse_args()
 
+    # one group per CLIP forward: otherwise how reward requests happen to meet changes CLIP's last float bits, and
+    # the two runs could differ without any fault
+    group_size = load_config(args.config, args.overrides).grpo.group_size
+
     def config(name: str):
         return load_config(args.config, [f"run.output_dir={args.out}", f"run.name={name}", f"run.steps={args.steps}",
                                           "cluster.max_staleness=0", f"cluster.rollout_actors={args.rollout_actors}",
                                           "cluster.cpus_per_rollout_actor=1", "cluster.cpus_per_reward_actor=0.5",
-                                          "cluster.cpus_per_learner_worker=1", "evaluation.every=0", *PLACED,
-                                          *args.overrides])
+                                          "cluster.cpus_per_learner_worker=1", "evaluation.every=0",
+                                          f"reward.batch_max_images={group_size}", *PLACED, *args.overrides])
 
     with one_machine_cluster(workers=args.rollout_actors + args.spare_nodes) as nodes:
         start = time.perf_counter()

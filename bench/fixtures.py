@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from safediff.common.config import Config, load_config
+from safediff.common.process import free_port
+from safediff.runtime.redis_server import EmbeddedRedis
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "runs" / "bench-models"
@@ -35,25 +39,78 @@ PLACED = ("cluster.resources_per_rollout_actor={rollout_node: 1}", "cluster.reso
           "cluster.resources_per_learner_worker={head_node: 1}")
 
 
+class OneMachineCluster:
+    """A multi-node Ray cluster on this machine: a head offering `head_node: 2` and worker nodes, all separate
+    raylets on 127.0.0.1 (Ray's `ray.cluster_utils.Cluster`, here `.ray`).
+
+    Every node operation runs on one thread that lives as long as the cluster: Ray starts a node's processes with
+    PR_SET_PDEATHSIG, so they die with the thread that started them, and tests call these from watcher threads.
+    For the same reason the nodes register no exit hooks (signal handlers need the main thread): `shutdown` stops
+    them, and they die with this process in any case."""
+
+    def __init__(self, head_cpus: float, gcs_redis: EmbeddedRedis | None):
+        from ray.cluster_utils import Cluster
+
+        self._keeper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cluster-nodes")
+        head = {"num_cpus": head_cpus, "resources": {"head_node": 2}, "node_ip_address": "127.0.0.1",
+                "include_dashboard": False}
+        if gcs_redis is not None:
+            head["external_addresses"] = [f"127.0.0.1:{gcs_redis.port}"] * 2  # Ray's form: the primary, one shard
+            head["num_redis_shards"] = 1
+            head["redis_password"] = gcs_redis.password
+            head["gcs_server_port"] = free_port()  # a restarted GCS must come back where the raylets look for it
+        self.ray = self._on_keeper(lambda: Cluster(initialize_head=True, head_node_args=head,
+                                                         shutdown_at_exit=False))
+
+    def _on_keeper(self, call):
+        return self._keeper.submit(call).result()
+
+    @property
+    def worker_nodes(self) -> set:
+        return self.ray.worker_nodes
+
+    def add_node(self, cpus: float, resource: str):
+        """A worker node offering `cpus` and `{resource: 1}`; returns Ray's node."""
+        return self._on_keeper(lambda: self.ray.add_node(num_cpus=cpus, resources={resource: 1},
+                                                         node_ip_address="127.0.0.1"))
+
+    def remove_node(self, node) -> None:
+        """A lost node: its processes killed, no graceful shutdown."""
+        self._on_keeper(lambda: self.ray.remove_node(node, allow_graceful=False))
+
+    def restart_gcs(self, down_s: float) -> None:
+        """Kill the GCS server, wait `down_s`, start it again on the same port (needs `gcs_redis`)."""
+        self._on_keeper(self.ray.head_node.kill_gcs_server)
+        time.sleep(down_s)
+        self._on_keeper(self.ray.head_node.start_gcs_server)
+
+    def shutdown(self) -> None:
+        self._on_keeper(self.ray.shutdown)
+        self._keeper.shutdown()
+
+
 @contextlib.contextmanager
-def one_machine_cluster(workers: int, head_cpus: float = 2, worker_cpus: float = 1) -> Iterator:
-    """A multi-node Ray cluster on this machine, connected: a head offering `head_node: 2` and `workers` worker
-    nodes offering `rollout_node: 1` each, all separate raylets on 127.0.0.1 (Ray's `ray.cluster_utils.Cluster`).
-    Yields the Cluster: `remove_node(node, allow_graceful=False)` is a lost node."""
+def one_machine_cluster(workers: int, head_cpus: float = 2, worker_cpus: float = 1, learner_nodes: int = 0,
+                        gcs_redis: EmbeddedRedis | None = None) -> Iterator[OneMachineCluster]:
+    """A connected OneMachineCluster: the head, `workers` worker nodes offering `rollout_node: 1` each and
+    `learner_nodes` offering `learner_node: 1` (configs place roles there with cluster.resources_per_*).
+
+    With `gcs_redis` (a running Redis) the GCS keeps its tables there instead of in memory, Ray's GCS fault
+    tolerance as `RAY_REDIS_ADDRESS=host:port ray start --head --redis-password P` sets it up, so `restart_gcs`
+    is survivable."""
     import ray
     from ray._private import ray_constants
-    from ray.cluster_utils import Cluster
 
     # ray.init resolves a loopback address to the machine's IP (services.resolve_ip_for_localhost), where this
     # loopback-only cluster does not listen; Ray's switch for single-machine clusters keeps it on loopback
     kept, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
-    nodes = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": head_cpus, "resources": {"head_node": 2}, "node_ip_address": "127.0.0.1",
-        "include_dashboard": False})
+    nodes = OneMachineCluster(head_cpus, gcs_redis)
     try:
         for _ in range(workers):
-            nodes.add_node(num_cpus=worker_cpus, resources={"rollout_node": 1}, node_ip_address="127.0.0.1")
-        nodes.connect()
+            nodes.add_node(worker_cpus, "rollout_node")
+        for _ in range(learner_nodes):
+            nodes.add_node(worker_cpus, "learner_node")
+        nodes.ray.connect()
         yield nodes
     finally:
         ray.shutdown()

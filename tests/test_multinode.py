@@ -1,14 +1,11 @@
-"""Node loss on a real multi-node Ray cluster on one machine: a head and worker nodes as separate raylets
-(Ray's own harness, `ray.cluster_utils.Cluster`, set up in bench/fixtures.py), the roles placed on them by custom
-resources."""
+"""Node loss and a GCS restart on a real multi-node Ray cluster on one machine: a head and worker nodes as separate
+raylets (Ray's own harness, `ray.cluster_utils.Cluster`, set up in bench/fixtures.py), the roles placed on them by
+custom resources."""
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from bench.fixtures import PLACED, node_of, one_machine_cluster
-from safediff.common.policy import Policy
-from safediff.common.trainable import LoraTrainable
+from bench.fixtures import node_of, one_machine_cluster
+from safediff.common.errors import LearnerFailed
 from safediff.runtime.controller import run
 from safediff.runtime.groups import start_actors
 from safediff.runtime.redis_server import EmbeddedRedis
@@ -17,31 +14,53 @@ from safediff.runtime.run_store import RunStore
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
+# The reward actor on the head, one rollout actor per rollout node, the learner rank on the learner node; one group
+# per reward forward, so CLIP's numerics do not depend on how requests happened to be batched.
+PLACED = ("cluster.resources_per_rollout_actor={rollout_node: 1}", "cluster.resources_per_reward_actor={head_node: 1}",
+          "cluster.resources_per_learner_worker={learner_node: 1}")
+
+
 @pytest.fixture(scope="module")
-def cluster():
-    """A head for the learner rank and the reward actor, and three worker nodes with room for one rollout actor each
-    (two rollout actors: one node is spare)."""
-    with one_machine_cluster(workers=3) as nodes:
+def cluster(tmp_path_factory):
+    """A head for the reward actor, three worker nodes with room for one rollout actor each (two rollout actors: one
+    node is spare) and a worker node for the learner rank; the GCS keeps its tables in a password-protected Redis
+    (Ray's GCS fault tolerance)."""
+    with EmbeddedRedis(tmp_path_factory.mktemp("gcs-redis")) as gcs_redis, \
+            one_machine_cluster(workers=3, learner_nodes=1, gcs_redis=gcs_redis) as nodes:
         yield nodes
 
 
-def _placed(tiny_config, tiny_dir, tmp_path, prompt_file, name):
-    return tiny_config(tiny_dir, tmp_path, prompt_file, "run.steps=3", f"run.name={name}", "cluster.max_staleness=0",
-                       "cluster.rollout_actors=2", "cluster.cpus_per_rollout_actor=1",
-                       "cluster.cpus_per_reward_actor=0.5", "cluster.cpus_per_learner_worker=1", *PLACED)
+def _placed(tiny_config, tiny_dir, tmp_path, prompts, name):
+    return tiny_config(tiny_dir, tmp_path, prompts, "run.steps=3", "run.save_every=1", f"run.name={name}",
+                       "cluster.max_staleness=0", "cluster.rollout_actors=2", "cluster.cpus_per_rollout_actor=1",
+                       "cluster.cpus_per_reward_actor=0.5", "cluster.cpus_per_learner_worker=1",
+                       "reward.batch_max_images=8", *PLACED)
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("a bright image\na dark image\nan image\na picture of colour\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def whole(cluster, tiny_dir, tmp_path_factory, prompts, tiny_config):
+    """The undisturbed run, on the same cluster, that the disturbed ones are compared with."""
+    return run(_placed(tiny_config, tiny_dir, tmp_path_factory.mktemp("whole"), prompts, "whole"), progress=False)
 
 
 def test_a_lost_rollout_node_costs_its_groups_once_and_the_run_trains_as_an_uninterrupted_one(
-        cluster, tiny_dir, tmp_path, prompt_file, tiny_config, when, steps_recorded):
+        cluster, whole, tiny_dir, tmp_path, prompts, tiny_config, when, steps_recorded):
     """After step 0 the worker node of rollout actor 0 dies with the actor and the objects it held (`remove_node`,
     no graceful shutdown): Ray restarts the actor on the spare node, the lost groups are generated again once, and
-    the update is the uninterrupted run's (on-policy, so every retried group is the same group)."""
-    reference = run(_placed(tiny_config, tiny_dir, tmp_path, prompt_file, "whole"), progress=False)
-    cfg = _placed(tiny_config, tiny_dir, tmp_path, prompt_file, "preempted")
+    the run ends on the uninterrupted run's adapter (on-policy, so every retried group is the same group)."""
+    reference = whole
+    cfg = _placed(tiny_config, tiny_dir, tmp_path, prompts, "preempted")
     actors = start_actors(cfg)
     victim = next(n for n in cluster.worker_nodes if n.node_id == node_of(actors.rollouts[0]))
     watcher = when(steps_recorded(tmp_path / "runs" / "preempted", 1),
-                   lambda: cluster.remove_node(victim, allow_graceful=False))
+                   lambda: cluster.remove_node(victim))
     result = run(cfg, progress=False, actors=actors)
     watcher.join()
     assert victim not in cluster.worker_nodes
@@ -52,11 +71,60 @@ def test_a_lost_rollout_node_costs_its_groups_once_and_the_run_trains_as_an_unin
         retried = [(e["step"], e["group"]) for e in RunStore(srv.url, "preempted").events()
                    if e["kind"] == "group_retried"]
     assert retried and len(set(retried)) == len(retried)
-    # the same run: the same rewards, and the same update up to float summation order (probably: a retried group is
-    # rendered alone, not batched with its actor's other groups; bit for bit in one run on this machine, not in another)
-    assert all(abs(a["reward_mean"] - b["reward_mean"]) < 1e-5 for a, b in zip(reference.metrics, result.metrics))
-    LoraTrainable(cfg.lora).save(Policy.from_config(cfg).state(), tmp_path / "init")  # the seed's adapter, exported
-    init, ours, theirs = (load_file(str(folder / "pytorch_lora_weights.safetensors"))
-                          for folder in (tmp_path / "init", reference.run_dir / "adapter", result.run_dir / "adapter"))
-    delta_ours, delta_theirs = (torch.cat([(w[k] - init[k]).flatten() for k in init]) for w in (ours, theirs))
-    assert (delta_ours - delta_theirs).norm() / delta_ours.norm() < 1e-3
+    # the same run, bit for bit: a retried group is the same group (its noise is a function of its coordinates), and
+    # each group is scored in a CLIP forward of its own
+    assert [m["reward_mean"] for m in result.metrics] == [m["reward_mean"] for m in reference.metrics]
+    assert result.checksum == reference.checksum
+
+
+def test_a_lost_learner_node_stops_the_job_and_resubmitting_on_a_new_node_ends_as_the_uninterrupted_run(
+        cluster, whole, tiny_dir, tmp_path, prompts, tiny_config, when):
+    """After the checkpoint of step 1 the node of the learner rank dies, taking its optimiser state: the job stops
+    with a one-line error and the checkpoint behind it; a new learner node joins, and the same command again
+    continues the run to the uninterrupted run's adapter."""
+    cfg = _placed(tiny_config, tiny_dir, tmp_path, prompts, "learner-node")
+    actors = start_actors(cfg)
+    victim = next(n for n in cluster.worker_nodes if n.node_id == node_of(actors.learners[0]))
+    watcher = when(lambda: (tmp_path / "runs" / "learner-node" / "checkpoints" / "step_1").is_dir(),
+                   lambda: cluster.remove_node(victim))
+    with pytest.raises(LearnerFailed, match=r"a learner rank died in '\w+' \(\w+\); the job stops here"):
+        run(cfg, progress=False, actors=actors)
+    watcher.join()
+    assert victim not in cluster.worker_nodes
+    cluster.add_node(1, "learner_node")
+    resumed = run(cfg, progress=False)
+    assert resumed.checksum == whole.checksum
+    assert [m["reward_mean"] for m in resumed.metrics] == [m["reward_mean"] for m in whole.metrics]
+    assert resumed.actor_status == [(3, whole.checksum)] * 2
+
+
+def test_a_gcs_restart_mid_run_loses_nothing(cluster, whole, tiny_dir, tmp_path, prompts, tiny_config, when,
+                                             steps_recorded):
+    """With GCS fault tolerance the GCS server is killed after step 1 and started again 5 s later: the actors, their
+    objects and the driver survive it (Ray's documented behaviour, here measured), no group is retried, and the run
+    ends on the undisturbed run's adapter."""
+    cfg = _placed(tiny_config, tiny_dir, tmp_path, prompts, "gcs-restart")
+    actors = start_actors(cfg)
+    pids, after = _pids(actors), []
+
+    def restart_gcs():
+        cluster.restart_gcs(down_s=5)
+        after.append(_pids(actors))  # the actors answer the driver again
+
+    watcher = when(steps_recorded(tmp_path / "runs" / "gcs-restart", 1), restart_gcs)
+    result = run(cfg, progress=False, actors=actors)
+    watcher.join()
+    assert after == [pids]  # the GCS was restarted during the run, and every actor is the same process
+    assert result.checksum == whole.checksum
+    assert result.actor_status == [(3, result.checksum)] * 2
+    with EmbeddedRedis(result.run_dir / "redis") as srv:
+        assert not [e for e in RunStore(srv.url, "gcs-restart").events() if e["kind"] == "group_retried"]
+
+
+def _pids(actors) -> list[int]:
+    import os
+
+    import ray
+
+    every = [*actors.rollouts, *actors.rewards, *actors.learners]
+    return ray.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in every])
