@@ -75,7 +75,7 @@ class ModelBundle:
         return ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
-def _check_loading_info(component: str, where: str, info: dict) -> None:
+def check_loading_info(component: str, where: str, info: dict) -> None:
     problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
     problems = {k: v for k, v in problems.items() if v}
     if problems:
@@ -96,12 +96,12 @@ def load_bundle(pretrained: str, revision: str | None = None) -> ModelBundle:
     try:
         unet, info = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", output_loading_info=True,
                                                           **kwargs)
-        _check_loading_info("unet", pretrained, info)
+        check_loading_info("unet", pretrained, info)
         vae, info = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", output_loading_info=True, **kwargs)
-        _check_loading_info("vae", pretrained, info)
+        check_loading_info("vae", pretrained, info)
         text_encoder, info = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder",
                                                            output_loading_info=True, **kwargs)
-        _check_loading_info("text_encoder", pretrained, info)
+        check_loading_info("text_encoder", pretrained, info)
         tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kwargs)
         scheduler = DDIMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kwargs)
     except ModelLoadError:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -84,14 +84,22 @@ class Trainable(ABC):
         raise RuntimeError(f"the reference policy needs model.finetune=lora, not {self.kind}")
 
 
+# Where each model family's adapter goes in a diffusers LoRA export: the pipeline class whose save_lora_weights
+# writes it, and the denoiser's component name (its keys' prefix in the file).
+EXPORT_FORMATS = {"unet": (StableDiffusionPipeline, "unet"), "sd3": (StableDiffusion3Pipeline, "transformer")}
+
+
 class LoraTrainable(Trainable):
-    """A peft LoRA adapter on the UNet's `lora.target_modules`: B = 0 at the start, so the policy starts equal
-    to the base model; A ~ Gaussian drawn from the seed. Trainable weights stay fp32 under bf16 frozen ones."""
+    """A peft LoRA adapter on the denoiser's `lora.target_modules` (the UNet; or, for `family` "sd3", the SD3
+    transformer, whose joint attention has the same to_q/to_k/to_v/to_out.0 projections): B = 0 at the start, so
+    the policy starts equal to the base model; A ~ Gaussian drawn from the seed. Trainable weights stay fp32 under
+    bf16 frozen ones."""
 
     kind, weights_file = "lora", "pytorch_lora_weights.safetensors"
 
-    def __init__(self, cfg: LoraConfig):
+    def __init__(self, cfg: LoraConfig, family: str = "unet"):
         self.cfg = cfg
+        self.pipeline, self.component = EXPORT_FORMATS[family]
 
     def peft_config(self) -> PeftLoraConfig:
         return PeftLoraConfig(r=self.cfg.rank, lora_alpha=self.cfg.alpha, lora_dropout=self.cfg.dropout,
@@ -130,17 +138,19 @@ class LoraTrainable(Trainable):
     def save(self, state: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=convert_state_dict_to_diffusers(dict(state)),
-                                                  safe_serialization=True,
-                                                  unet_lora_adapter_metadata=self.peft_config().to_dict())
+        layers = convert_state_dict_to_diffusers(dict(state)) if self.component == "unet" else dict(state)
+        self.pipeline.save_lora_weights(out, safe_serialization=True, **{
+            f"{self.component}_lora_layers": layers,
+            f"{self.component}_lora_adapter_metadata": self.peft_config().to_dict()})
         return out
 
     def load_saved(self, folder: str | Path) -> dict[str, torch.Tensor]:
         from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
         saved = load_file(str(Path(folder) / self.weights_file))
-        return convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in saved.items()
-                                                if k.startswith("unet.")})
+        prefix = f"{self.component}."
+        mine = {k.removeprefix(prefix): v for k, v in saved.items() if k.startswith(prefix)}
+        return convert_unet_state_dict_to_peft(mine) if self.component == "unet" else mine
 
     @contextlib.contextmanager
     def reference(self, unet: UNet2DConditionModel) -> Iterator[None]:

@@ -1,5 +1,6 @@
 """The stochastic flow-matching step (common/flow_sde.py) against an independent float64 computation written from
-the SDE and CPS formulas, and against diffusers' FlowMatchEulerDiscreteScheduler at zero noise."""
+the SDE and CPS formulas, and against diffusers' FlowMatchEulerDiscreteScheduler at zero noise (the sampling loop
+is tested against the stock SD3 pipeline in test_flow_models.py)."""
 
 import math
 
@@ -109,51 +110,3 @@ def test_steps_without_a_density_are_refused():
     with pytest.raises(ValueError, match="needs sigma_max"):
         flow_step_with_logprob(x, x, sched.sigmas[:1], sched.sigmas[1:2], 0.7, "sde", noise=x)
 
-
-def _tiny_sd3(seed: int = 0):
-    """A random SD3-architecture transformer and VAE, small enough for CPU."""
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
-
-    torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=24, out_channels=4,
-        pos_embed_max_size=16).eval()
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
-                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-                        norm_num_groups=4, sample_size=8)
-    return transformer, vae
-
-
-@pytest.mark.parametrize("kind", ["sde", "cps"])
-def test_the_sampler_at_zero_noise_is_the_stock_sd3_pipeline_and_with_noise_records_every_step(kind):
-    from diffusers import StableDiffusion3Pipeline
-
-    from safediff.common.flow_sde import sample_flow_with_logprob
-
-    transformer, vae = _tiny_sd3()
-    torch.manual_seed(4)
-    B, steps = 2, 4
-    cond, pooled, uncond, uncond_pooled = torch.randn(B, 5, 32), torch.randn(B, 24), torch.randn(1, 5, 32), \
-        torch.randn(1, 24)
-    noise = torch.randn(B, steps + 1, 4, 8, 8)
-    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                                    vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                                    tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
-    stock = pipe(prompt_embeds=cond, pooled_prompt_embeds=pooled, negative_prompt_embeds=uncond.expand(B, -1, -1),
-                 negative_pooled_prompt_embeds=uncond_pooled.expand(B, -1), latents=noise[:, 0],
-                 num_inference_steps=steps, guidance_scale=3.0, output_type="latent", height=8, width=8).images
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    ode = sample_flow_with_logprob(transformer, scheduler, cond, pooled, uncond, uncond_pooled, noise, steps, 3.0,
-                                   0.0, kind)
-    torch.testing.assert_close(ode.latents[:, -1], stock, rtol=1e-5, atol=1e-5)
-
-    sde = sample_flow_with_logprob(transformer, scheduler, cond, pooled, uncond, uncond_pooled, noise, steps, 3.0,
-                                   0.7, kind)
-    assert sde.latents.shape == (B, steps + 1, 4, 8, 8) and sde.log_probs.shape == (B, steps)
-    trainable = steps - 1 if kind == "cps" else steps  # CPS's last step has no density
-    assert torch.isfinite(sde.log_probs[:, :trainable]).all() and sde.log_probs[:, trainable:].isnan().all()
-    assert not torch.allclose(sde.latents[:, -1], ode.latents[:, -1], atol=1e-3)  # the noise was used
-    again = sample_flow_with_logprob(transformer, scheduler, cond, pooled, uncond, uncond_pooled, noise, steps, 3.0,
-                                     0.7, kind)
-    assert torch.equal(again.latents, sde.latents)  # a pure function of its noise
