@@ -2,6 +2,8 @@
 raylets (Ray's own harness, `ray.cluster_utils.Cluster`, set up in bench/fixtures.py), the roles placed on them by
 custom resources."""
 
+import time
+
 import pytest
 
 from bench.fixtures import node_of, one_machine_cluster
@@ -22,11 +24,11 @@ PLACED = ("cluster.resources_per_rollout_actor={rollout_node: 1}", "cluster.reso
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A head for the reward actor, three worker nodes with room for one rollout actor each (two rollout actors: one
-    node is spare) and a worker node for the learner rank; the GCS keeps its tables in a password-protected Redis
-    (Ray's GCS fault tolerance)."""
+    """A head for the reward actor, two worker nodes with room for one rollout actor each (no spare) and a worker
+    node for the learner rank; the GCS keeps its tables in a password-protected Redis (Ray's GCS fault
+    tolerance)."""
     with EmbeddedRedis(tmp_path_factory.mktemp("gcs-redis")) as gcs_redis, \
-            one_machine_cluster(workers=3, learner_nodes=1, gcs_redis=gcs_redis) as nodes:
+            one_machine_cluster(workers=2, learner_nodes=1, gcs_redis=gcs_redis) as nodes:
         yield nodes
 
 
@@ -50,20 +52,27 @@ def whole(cluster, tiny_dir, tmp_path_factory, prompts, tiny_config):
     return run(_placed(tiny_config, tiny_dir, tmp_path_factory.mktemp("whole"), prompts, "whole"), progress=False)
 
 
-def test_a_lost_rollout_node_costs_its_groups_once_and_the_run_trains_as_an_uninterrupted_one(
+def test_a_lost_rollout_node_costs_its_groups_once_and_a_new_node_takes_its_actor(
         cluster, whole, tiny_dir, tmp_path, prompts, tiny_config, when, steps_recorded):
     """After step 0 the worker node of rollout actor 0 dies with the actor and the objects it held (`remove_node`,
-    no graceful shutdown): Ray restarts the actor on the spare node, the lost groups are generated again once, and
-    the run ends on the uninterrupted run's adapter (on-policy, so every retried group is the same group)."""
+    no graceful shutdown) and no node has room for it; 5 s later a new node joins. Ray restarts the actor there,
+    the lost groups are generated again once, and the run ends on the uninterrupted run's adapter (on-policy, so
+    every retried group is the same group)."""
     reference = whole
     cfg = _placed(tiny_config, tiny_dir, tmp_path, prompts, "preempted")
     actors = start_actors(cfg)
     victim = next(n for n in cluster.worker_nodes if n.node_id == node_of(actors.rollouts[0]))
-    watcher = when(steps_recorded(tmp_path / "runs" / "preempted", 1),
-                   lambda: cluster.remove_node(victim))
+    joined = []
+
+    def preempt_and_replace():
+        cluster.remove_node(victim)
+        time.sleep(5)
+        joined.append(cluster.add_node(1, "rollout_node").node_id)
+
+    watcher = when(steps_recorded(tmp_path / "runs" / "preempted", 1), preempt_and_replace)
     result = run(cfg, progress=False, actors=actors)
     watcher.join()
-    assert victim not in cluster.worker_nodes
+    assert victim not in cluster.worker_nodes and len(joined) == 1
     P, G = cfg.grpo.prompts_per_step, cfg.grpo.group_size
     assert all(m["samples_trained"] == P * G and m["dropped_groups"] == 0 for m in result.metrics)
     assert result.actor_status == [(3, result.checksum)] * 2  # the restarted actor holds the final policy
