@@ -127,7 +127,7 @@ def main() -> None:
     print(f"\n| faults injected | steps done | groups lost | groups counted twice | groups retried | wall: calm / "
           f"chaos | adapter equals the calm run's | outcome |\n|---|---:|---:|---:|---:|---|---|---|\n"
           f"| {len(chaos.faults)} ({', '.join(sorted(set(chaos.faults)))}) | {len(metrics)} / {args.steps} | {lost} | "
-          f"{twice} | {retried} | {calm_s:.0f} s / {stormy_s:.0f} s (+{stormy_s - calm_s:.0f} s) | {same} | "
+          f"{twice} | {retried} | {calm_s:.0f} s / {stormy_s:.0f} s ({stormy_s - calm_s:+.0f} s) | {same} | "
           f"{outcome} |")
 
 
