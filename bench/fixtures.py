@@ -59,8 +59,8 @@ class OneMachineCluster:
             head["num_redis_shards"] = 1
             head["redis_password"] = gcs_redis.password
             head["gcs_server_port"] = free_port()  # a restarted GCS must come back where the raylets look for it
-        self.ray = self._on_keeper(lambda: Cluster(initialize_head=True, head_node_args=head,
-                                                         shutdown_at_exit=False))
+        self.ray = self._on_keeper(
+            lambda: Cluster(initialize_head=True, head_node_args=head, shutdown_at_exit=False))
 
     def _on_keeper(self, call):
         return self._keeper.submit(call).result()
