@@ -34,7 +34,7 @@ from typing import Literal
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from safediff.common.sampling import GaussianStep, SampledTrajectory, gaussian_log_prob, per_sample
+from safediff.common.sampling import GaussianStep, SampledTrajectory, gaussian_step, per_sample
 
 SDEKind = Literal["sde", "cps"]
 
@@ -88,17 +88,13 @@ def flow_step_with_logprob(
         mean, std = cps_mean_std(sample, velocity, sigma, sigma_next, noise_level)
     else:
         raise ValueError(f"unknown SDE kind {kind!r} (sde or cps)")
-    if prev_sample is None:
-        if noise is None:
-            raise ValueError("either prev_sample or noise is required")
-        prev_sample = mean + std * noise.float()
-    prev_sample = prev_sample.float()
     if noise_level > 0 and bool((std == 0).any()):
         raise ValueError("a step with std 0 has no log-probability (CPS's last step, to sigma 0): train on the steps "
                          "before it")
-    log_prob = gaussian_log_prob(prev_sample, mean, std) if noise_level > 0 else torch.full(
-        (sample.shape[0],), float("nan"), device=sample.device)
-    return GaussianStep(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std)
+    step = gaussian_step(mean, std, prev_sample, noise)
+    if noise_level == 0:  # the ODE step: N(mean, 0) has no density
+        step.log_prob = torch.full_like(step.log_prob, float("nan"))
+    return step
 
 
 def guided_velocity(transformer, latents: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor,

@@ -74,14 +74,20 @@ def ddim_step_with_logprob(
     variance = (1 - a_prev) / b_t * (1 - a_t / a_prev)
     std = eta * variance.sqrt()
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
+    return gaussian_step(mean, std, prev_sample, noise)
 
+
+def gaussian_step(mean: torch.Tensor, std: torch.Tensor, prev_sample: torch.Tensor | None,
+                  noise: torch.Tensor | None) -> GaussianStep:
+    """The step x_prev ~ N(mean, std^2 I): `prev_sample` scored when given (the learner re-scoring a stored
+    trajectory), else drawn as mean + std * noise; with its log-density."""
     if prev_sample is None:
         if noise is None:
             raise ValueError("either prev_sample or noise is required")
         prev_sample = mean + std * noise.float()
     prev_sample = prev_sample.float()
-    log_prob = gaussian_log_prob(prev_sample, mean, std)
-    return GaussianStep(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std)
+    return GaussianStep(prev_sample=prev_sample, log_prob=gaussian_log_prob(prev_sample, mean, std), mean=mean,
+                        std=std)
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
