@@ -15,12 +15,14 @@ import contextlib
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
+from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -84,9 +86,20 @@ class Trainable(ABC):
         raise RuntimeError(f"the reference policy needs model.finetune=lora, not {self.kind}")
 
 
-# Where each model family's adapter goes in a diffusers LoRA export: the pipeline class whose save_lora_weights
-# writes it, and the denoiser's component name (its keys' prefix in the file).
-EXPORT_FORMATS = {"unet": (StableDiffusionPipeline, "unet"), "sd3": (StableDiffusion3Pipeline, "transformer")}
+class ExportFormat(NamedTuple):
+    """Where a model family's adapter goes in a diffusers LoRA export."""
+
+    pipeline: type                     # the pipeline class whose save_lora_weights writes it
+    component: str                     # the denoiser's component name: its keys' prefix in the file
+    to_diffusers: Callable[[dict], dict]  # peft key names -> the file's
+    to_peft: Callable[[dict], dict]       # the file's key names -> peft's
+
+
+EXPORT_FORMATS = {
+    "unet": ExportFormat(StableDiffusionPipeline, "unet", convert_state_dict_to_diffusers,
+                         convert_unet_state_dict_to_peft),
+    "sd3": ExportFormat(StableDiffusion3Pipeline, "transformer", dict, dict),  # the transformer keeps peft's names
+}
 
 
 class LoraTrainable(Trainable):
@@ -99,7 +112,7 @@ class LoraTrainable(Trainable):
 
     def __init__(self, cfg: LoraConfig, family: str = "unet"):
         self.cfg = cfg
-        self.pipeline, self.component = EXPORT_FORMATS[family]
+        self.format = EXPORT_FORMATS[family]
 
     def peft_config(self) -> PeftLoraConfig:
         return PeftLoraConfig(r=self.cfg.rank, lora_alpha=self.cfg.alpha, lora_dropout=self.cfg.dropout,
@@ -138,19 +151,16 @@ class LoraTrainable(Trainable):
     def save(self, state: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        layers = convert_state_dict_to_diffusers(dict(state)) if self.component == "unet" else dict(state)
-        self.pipeline.save_lora_weights(out, safe_serialization=True, **{
-            f"{self.component}_lora_layers": layers,
-            f"{self.component}_lora_adapter_metadata": self.peft_config().to_dict()})
+        fmt = self.format
+        fmt.pipeline.save_lora_weights(out, safe_serialization=True, **{
+            f"{fmt.component}_lora_layers": fmt.to_diffusers(dict(state)),
+            f"{fmt.component}_lora_adapter_metadata": self.peft_config().to_dict()})
         return out
 
     def load_saved(self, folder: str | Path) -> dict[str, torch.Tensor]:
-        from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
-
         saved = load_file(str(Path(folder) / self.weights_file))
-        prefix = f"{self.component}."
-        mine = {k.removeprefix(prefix): v for k, v in saved.items() if k.startswith(prefix)}
-        return convert_unet_state_dict_to_peft(mine) if self.component == "unet" else mine
+        prefix = f"{self.format.component}."
+        return self.format.to_peft({k.removeprefix(prefix): v for k, v in saved.items() if k.startswith(prefix)})
 
     @contextlib.contextmanager
     def reference(self, unet: UNet2DConditionModel) -> Iterator[None]:
