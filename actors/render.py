@@ -1,25 +1,29 @@
-"""Evaluation rendering on a rollout actor: a stock diffusers StableDiffusionPipeline over the policy's own
-modules, so evaluation images are what a user's pipeline with the exported adapter would draw.
+"""Evaluation rendering on a rollout actor: a stock diffusers pipeline over the policy's own modules
+(StableDiffusionPipeline; StableDiffusion3Pipeline for model.family sd3), so evaluation images are what a user's
+pipeline with the exported adapter would draw.
 
 Image j of a row is sampled from `torch.Generator().manual_seed(row.seed + j)` (`seeding: seed_plus_j`) or
 as the j-th draw of one generator seeded row.seed (`seeding: one_generator`), with the suite's fixed guidance,
 else the row's guidance and size when the set fixes them (I2P does), else the config's sampler settings; with
-the suite's scheduler (DDIM with `evaluation.suite.eta` by default). Rows of equal settings are batched up to
-sampler.batch_size images.
+the suite's scheduler (DDIM with `evaluation.suite.eta` by default; the sd3 family samples with its own
+flow-matching Euler scheduler). Rows of equal settings are batched up to sampler.batch_size images.
 """
 
 from __future__ import annotations
 
+import inspect
 import io
 import re
+from typing import Any, NamedTuple
 
 import diffusers
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 from PIL import Image
 
 from safediff.common.config import SamplerConfig, SuiteConfig
+from safediff.common.flow_models import SD3Bundle
 from safediff.common.policy import Policy
 from safediff.common.types import EvalRow
 
@@ -33,16 +37,28 @@ SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "lms": "LMSDiscr
               "dpm_solver": "DPMSolverMultistepScheduler"}
 
 
-def pipeline(policy: Policy, scheduler: str = "ddim") -> StableDiffusionPipeline:
-    """A stock pipeline over the policy's modules, sampling with the named scheduler (`SCHEDULERS`) built from the
-    model's own scheduler config (its noise schedule)."""
+class EvalPipeline(NamedTuple):
+    """A stock pipeline and the per-call arguments its model family needs (sd3: max_sequence_length)."""
+
+    pipe: DiffusionPipeline
+    options: dict[str, Any]
+
+
+def pipeline(policy: Policy, scheduler: str = "ddim") -> EvalPipeline:
+    """A stock pipeline over the policy's modules; for the unet family sampling with the named scheduler
+    (`SCHEDULERS`) built from the model's own scheduler config (its noise schedule), for sd3 with its own scheduler."""
     b = policy.bundle
-    scheduler_class = getattr(diffusers, SCHEDULERS[scheduler])
-    pipe = StableDiffusionPipeline(vae=b.vae, text_encoder=b.text_encoder, tokenizer=b.tokenizer, unet=b.unet,
-                                   scheduler=scheduler_class.from_config(b.scheduler.config), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    if isinstance(b, SD3Bundle):
+        pipe = StableDiffusion3Pipeline(**b.pipeline.components)
+        options = {"max_sequence_length": b.max_sequence_length}
+    else:
+        scheduler_class = getattr(diffusers, SCHEDULERS[scheduler])
+        pipe = StableDiffusionPipeline(vae=b.vae, text_encoder=b.text_encoder, tokenizer=b.tokenizer, unet=b.unet,
+                                       scheduler=scheduler_class.from_config(b.scheduler.config), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        options = {}
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return EvalPipeline(pipe, options)
 
 
 def settings(row: EvalRow, sampler: SamplerConfig, suite: SuiteConfig) -> tuple[float, int, int]:
@@ -60,9 +76,12 @@ def image_seed(row: EvalRow, j: int, suite: SuiteConfig) -> int:
 
 
 @torch.no_grad()
-def render_chunk(pipe: StableDiffusionPipeline, rows: list[EvalRow], k: int, sampler: SamplerConfig,
+def render_chunk(renderer: EvalPipeline, rows: list[EvalRow], k: int, sampler: SamplerConfig,
                  suite: SuiteConfig) -> list[tuple[str, bytes]]:
     """PNG bytes of the k images of every row, rows of equal settings batched up to sampler.batch_size images."""
+    pipe, options = renderer.pipe, dict(renderer.options)
+    if "eta" in inspect.signature(pipe.__call__).parameters:  # DDIM's; a flow pipeline takes none
+        options["eta"] = suite.eta
     out: dict[str, bytes] = {}
     by_settings: dict[tuple[float, int, int], list[EvalRow]] = {}
     for row in rows:
@@ -77,8 +96,8 @@ def render_chunk(pipe: StableDiffusionPipeline, rows: list[EvalRow], k: int, sam
                 generators = [g for r in batch for g in [torch.Generator(pipe.device).manual_seed(r.seed)] * k]
             images = pipe([r.prompt for r in batch], negative_prompt=[sampler.negative_prompt] * len(batch),
                           num_inference_steps=suite.num_steps or sampler.num_steps, guidance_scale=guidance,
-                          height=height, width=width, eta=suite.eta, num_images_per_prompt=k, generator=generators,
-                          output_type="np").images
+                          height=height, width=width, num_images_per_prompt=k, generator=generators,
+                          output_type="np", **options).images
             pixels = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
             for i, row in enumerate(batch):
                 for j in range(k):

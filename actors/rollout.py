@@ -11,7 +11,6 @@ import torch
 
 from safediff.common.config import SamplerConfig
 from safediff.common.policy import Policy
-from safediff.common.sampling import sample_with_logprob
 from safediff.common.seeds import sample_seed, trajectory_noise
 from safediff.common.types import PromptGroup, Trajectory
 
@@ -24,27 +23,25 @@ class Rollout:
             raise ValueError(f"sampler.height/width ({sampler.height}x{sampler.width}) must be multiples of the "
                              f"VAE scale factor {factor}")
         self.latent_shape = policy.bundle.latent_shape(sampler.height, sampler.width)
-        self.negative_embeds = policy.bundle.encode_prompts([sampler.negative_prompt])[0].float()
+        self.negative_embeds = policy.bundle.encode_prompts([sampler.negative_prompt]).map(torch.Tensor.float)
 
     def seeds(self, group: PromptGroup) -> tuple[int, ...]:
         return tuple(sample_seed(self.run_seed, group.step, group.group_index, i) for i in range(self.group_size))
 
     @torch.no_grad()
     def generate(self, groups: list[PromptGroup]) -> list[Trajectory]:
-        """Sample G images per group, in UNet batches of `sampler.batch_size` images."""
-        G, cfg, bundle = self.group_size, self.cfg, self.policy.bundle
-        prompt_embeds = bundle.encode_prompts([g.prompt for g in groups]).float()
+        """Sample G images per group, in denoiser batches of `sampler.batch_size` images."""
+        G, cfg, bundle, device = self.group_size, self.cfg, self.policy.bundle, self.policy.device
+        prompt_embeds = bundle.encode_prompts([g.prompt for g in groups]).map(torch.Tensor.float)
         seeds = [self.seeds(g) for g in groups]
         noise = torch.stack([trajectory_noise(s, cfg.num_steps, self.latent_shape) for ss in seeds for s in ss])
-        cond = prompt_embeds.repeat_interleave(G, dim=0)
+        cond = prompt_embeds.map(lambda x: x.repeat_interleave(G, dim=0))
+        uncond = self.negative_embeds.to(device)
         parts, images = [], []
         for start in range(0, noise.shape[0], cfg.batch_size):
             sl = slice(start, start + cfg.batch_size)
             with self.policy.autocast():
-                part = sample_with_logprob(
-                    self.policy.unet, bundle.scheduler, cond[sl].to(self.policy.device),
-                    self.negative_embeds[None].to(self.policy.device), noise[sl], cfg.num_steps,
-                    cfg.guidance_scale, cfg.eta)
+                part = bundle.sample(cond[sl].to(device), uncond, noise[sl], cfg)
             parts.append(part)
             images.append(bundle.decode_images(part.latents[:, -1]))
         latents = torch.cat([p.latents for p in parts]).cpu()
@@ -54,8 +51,12 @@ class Rollout:
         rows = [slice(i * G, (i + 1) * G) for i in range(len(groups))]
         return [
             Trajectory(group=g, latents=latents[r].clone(), log_probs=log_probs[r].clone(),
-                       timesteps=parts[0].timesteps, prompt_embeds=prompt_embeds[i].cpu().clone(),
-                       negative_embeds=self.negative_embeds.cpu(), images=images[r].clone(),
+                       timesteps=parts[0].timesteps, prompt_embeds=prompt_embeds[i:i + 1].map(_own_copy),
+                       negative_embeds=self.negative_embeds.to("cpu"), images=images[r].clone(),
                        seeds=seeds[i], policy_version=self.policy.version)
             for i, (g, r) in enumerate(zip(groups, rows))
         ]
+
+
+def _own_copy(x: torch.Tensor) -> torch.Tensor:
+    return x.cpu().clone()

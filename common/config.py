@@ -86,14 +86,22 @@ class RunConfig(_Strict):
 
 
 class ModelConfig(_Strict):
+    family: Literal["unet", "sd3"] = Field(
+        "unet", description="'unet': SD 1.x/2.x architecture (UNet2DConditionModel, sampled by DDIM with "
+        "sampler.eta); 'sd3': SD3/SD3.5 architecture (SD3Transformer2DModel, a rectified flow sampled by the flow "
+        "SDE of sampler.noise_level, Flow-GRPO's formulation).")
     pretrained: str = Field(
         "CompVis/stable-diffusion-v1-4",
-        description="Diffusers directory or hub id of an SD v1.x-architecture model (unet, vae, text_encoder, "
-        "tokenizer, scheduler subfolders). Hub ids resolve from the local HF cache when offline.")
+        description="Diffusers directory or hub id of a model of `family`'s architecture (unet: unet, vae, "
+        "text_encoder, tokenizer, scheduler subfolders; sd3: a StableDiffusion3Pipeline folder, T5 optional). "
+        "Hub ids resolve from the local HF cache when offline.")
     revision: str | None = Field(None, description="Hub revision (branch, tag, commit) when `pretrained` is a hub id.")
     finetune: Literal["lora", "full"] = Field(
-        "lora", description="'lora' trains a peft LoRA adapter on the UNet; 'full' trains every UNet weight "
-        "(the reference).")
+        "lora", description="'lora' trains a peft LoRA adapter on the denoiser (UNet or transformer); 'full' trains "
+        "every UNet weight (the reference; unet family only).")
+    max_sequence_length: int = Field(
+        256, ge=0, le=512, description="sd3 only: T5 tokens per prompt (the stock StableDiffusion3Pipeline's "
+        "max_sequence_length); a checkpoint without T5 gets as many zero states, as the stock pipeline gives it.")
 
 
 class LoraConfig(_Strict):
@@ -118,8 +126,15 @@ class LoraConfig(_Strict):
 
 
 class SamplerConfig(_Strict):
-    num_steps: int = Field(50, ge=2, description="DDIM steps per image.")
-    eta: float = Field(1.0, gt=0, le=1, description="DDIM eta; must be > 0 so every step has a log-probability.")
+    num_steps: int = Field(50, ge=2, description="Denoising steps per image.")
+    eta: float = Field(1.0, gt=0, le=1, description="unet family: DDIM eta; must be > 0 so every step has a "
+                       "log-probability.")
+    noise_level: float = Field(0.7, gt=0, le=1, description="sd3 family: the flow SDE's noise level a (Flow-GRPO's "
+                               "default 0.7); > 0 so every step has a log-probability.")
+    sde_kind: Literal["sde", "cps"] = Field(
+        "sde", description="sd3 family: 'sde' is Flow-GRPO's reverse-time SDE; 'cps' coefficients-preserving "
+        "sampling, which keeps each step at the path's exact noise level (its last step is deterministic and has no "
+        "log-probability, so grpo.train_timesteps must stay below num_steps).")
     guidance_scale: float = Field(5.0, ge=1, description="Classifier-free guidance scale.")
     height: int = Field(512, ge=8, description="Image height in pixels (a multiple of the VAE's scale factor).")
     width: int = Field(512, ge=8, description="Image width in pixels (a multiple of the VAE's scale factor).")
@@ -642,6 +657,16 @@ class Config(_Strict):
         if self.prompts.adversarial is not None and self.model.finetune != "lora":
             raise ValueError("prompts.adversarial needs model.finetune=lora: the attack's reference pictures come from "
                              "the base model, the UNet with its adapter disabled")
+        if self.model.family == "sd3":
+            if self.model.finetune == "full":
+                raise ValueError("model.finetune=full supports model.family=unet only; use lora for sd3")
+            if self.prompts.adversarial is not None:
+                raise ValueError("prompts.adversarial supports model.family=unet only: its UnlearnDiff attack "
+                                 "optimises tokens against a UNet's denoising loss")
+            if self.sampler.sde_kind == "cps" and g.train_timesteps >= self.sampler.num_steps:
+                raise ValueError(f"grpo.train_timesteps ({g.train_timesteps}) must be below sampler.num_steps "
+                                 f"({self.sampler.num_steps}) with sampler.sde_kind=cps: its last step has no "
+                                 "log-probability")
         if self.model.finetune == "full" and self.grpo.kl_beta > 0:
             raise ValueError("grpo.kl_beta > 0 needs model.finetune=lora: the KL reference is the UNet with its "
                              "adapter disabled, and a full fine-tune keeps no second copy")
@@ -818,6 +843,38 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _read_tree(ref: str | Path, extended_by: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The YAML tree of config `ref`. A top-level `extends: OTHER` (a built-in name, or a path relative to this
+    file) starts from OTHER's tree, this file's sections merged over it field by field."""
+    try:
+        path = config_path(ref)
+    except AssetError as err:
+        raise ConfigError(f"config error{f' in {extended_by[-1]}' if extended_by else ''}: {err}") from None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config error: cannot read {path}: {err}") from err
+    try:
+        loaded = yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as err:
+        mark = getattr(err, "problem_mark", None)  # 0-based; absent for errors without a position
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"config error in {where}: not valid YAML: {_yaml_problem(err)}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config error in {path}: the top level must be a mapping of sections")
+    tree = dict(loaded or {})
+    parent = tree.pop("extends", None)
+    if parent is None:
+        return tree
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"config error in {path}: extends: must name one config (a built-in name or a path)")
+    beside = Path(path).parent / parent
+    parent_ref = beside if beside.is_file() else parent
+    if Path(path).resolve() in [p.resolve() for p in extended_by]:
+        raise ConfigError(f"config error in {path}: extends: makes a loop ({' -> '.join(map(str, extended_by))})")
+    return _merge(_read_tree(parent_ref, (*extended_by, Path(path))), tree)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read YAML (or defaults when `path` is None), apply overrides, validate. `path` is a file, or the name
     of a built-in config in deploy/configs (`world`), or a `pkg:` path (`safediff.common.assets`).
@@ -825,25 +882,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     Raises ConfigError with one line per problem, each naming the file and the dotted field.
     """
     source = str(path) if path is not None else "<defaults>"
-    tree: dict[str, Any] = {}
-    if path is not None:
-        try:
-            path = config_path(path)
-        except AssetError as err:
-            raise ConfigError(f"config error: {err}") from None
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(f"config error: cannot read {path}: {err}") from err
-        try:
-            loaded = yaml.safe_load(text)
-        except (yaml.YAMLError, RecursionError) as err:
-            mark = getattr(err, "problem_mark", None)  # 0-based; absent for errors without a position
-            where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
-            raise ConfigError(f"config error in {where}: not valid YAML: {_yaml_problem(err)}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config error in {path}: the top level must be a mapping of sections")
-        tree = loaded or {}
+    tree = _read_tree(path) if path is not None else {}
     if overrides:
         tree = _merge(tree, parse_overrides(overrides, base=tree))
         source += " + overrides"

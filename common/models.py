@@ -1,10 +1,11 @@
-"""The model bundle: the SD v1.x components a rollout and a learner need, loaded strictly.
+"""The model bundle of the UNet family: the SD v1.x/2.x components a rollout and a learner need, loaded strictly.
 
 `load_bundle` reads a diffusers directory (or a hub id from the local cache) with the same
 `from_pretrained` calls a user's real Stable Diffusion checkpoint goes through, and refuses any
 checkpoint whose keys do not match the architecture (the reference's `strict=False` loads hid
 such mismatches). `build_tiny_bundle` writes a random model of the very same classes, so tests
-exercise that loading path without downloading weights.
+exercise that loading path without downloading weights. `ModelBundle` keeps the model-family contract
+(common/family.py) with DDIM as its sampler.
 """
 
 from __future__ import annotations
@@ -20,7 +21,16 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from safediff.common.assets import resolve
+from safediff.common.config import SamplerConfig
 from safediff.common.errors import UserInputError
+from safediff.common.sampling import (
+    GaussianStep,
+    SampledTrajectory,
+    ddim_step_with_logprob,
+    guided_noise_prediction,
+    sample_with_logprob,
+)
+from safediff.common.types import TextEmbeds
 
 # Their per-load progress bars ("Loading weights: 100%|...") repeat in every actor's log for models that load in
 # a blink; the project reports its own progress.
@@ -41,6 +51,11 @@ class ModelBundle:
     scheduler: DDIMScheduler
 
     @property
+    def denoiser(self) -> UNet2DConditionModel:
+        """The network the adapter goes on."""
+        return self.unet
+
+    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
@@ -49,30 +64,52 @@ class ModelBundle:
         factor = self.vae_scale_factor
         return self.unet.config.in_channels, height // factor, width // factor
 
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
-
     def to(self, device: str | torch.device, dtype: torch.dtype) -> ModelBundle:
-        for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device=device)
-            if module.dtype != dtype:  # a no-op cast would still make diffusers warn
-                module.to(dtype=dtype)
+        move_modules((self.unet, self.vae, self.text_encoder), device, dtype)
         return self
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+    def encode_prompts(self, prompts: list[str]) -> TextEmbeds:
         """CLIP text encoder last hidden states [N, L, D], as Stable Diffusion conditions on them."""
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+        return TextEmbeds(self.text_encoder(ids.to(self.text_encoder.device))[0])
 
-    @torch.no_grad()
     def decode_images(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [N, C, h, w] -> uint8 images [N, 3, H, W]."""
-        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-        images = self.vae.decode(latents).sample.float()
-        return ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        return decode_images(self.vae, latents)
+
+    def sample(self, cond: TextEmbeds, uncond: TextEmbeds, noise: torch.Tensor,
+               sampler: SamplerConfig) -> SampledTrajectory:
+        """DDIM with eta > 0 from `noise` [B, T+1, C, h, w] (common/sampling.py `sample_with_logprob`)."""
+        return sample_with_logprob(self.unet, self.scheduler, cond.states, uncond.states, noise, sampler.num_steps,
+                                   sampler.guidance_scale, sampler.eta)
+
+    def step(self, x_t: torch.Tensor, k: torch.Tensor, cond: TextEmbeds, uncond: TextEmbeds, sampler: SamplerConfig,
+             prev_sample: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> GaussianStep:
+        """The DDIM step of samples `x_t` [B, C, h, w], each at its own trajectory step `k` [B]: `prev_sample`
+        scored, or drawn from `noise`."""
+        self.scheduler.set_timesteps(sampler.num_steps)
+        t = self.scheduler.timesteps.to(x_t.device)[k.to(x_t.device)]
+        eps = guided_noise_prediction(self.unet, x_t, t, cond.states, uncond.states, sampler.guidance_scale)
+        return ddim_step_with_logprob(self.scheduler, eps, t, x_t, sampler.num_steps, sampler.eta,
+                                      prev_sample=prev_sample, noise=noise)
+
+
+def move_modules(modules, device: str | torch.device, dtype: torch.dtype) -> None:
+    for module in modules:
+        module.to(device=device)
+        if module.dtype != dtype:  # a no-op cast would still make diffusers warn
+            module.to(dtype=dtype)
+
+
+@torch.no_grad()
+def decode_images(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Latents [N, C, h, w] -> uint8 images [N, 3, H, W], undoing the latent scaling (and SD3's shift)."""
+    shift = vae.config.shift_factor or 0.0
+    latents = latents.to(vae.dtype) / vae.config.scaling_factor + shift
+    images = vae.decode(latents).sample.float()
+    return ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
 def check_loading_info(component: str, where: str, info: dict) -> None:

@@ -212,7 +212,7 @@ class FullTrainable(Trainable):
 def trainable_for(cfg: Config) -> Trainable:
     """The variant `model.finetune` names."""
     if cfg.model.finetune == "lora":
-        return LoraTrainable(cfg.lora)
+        return LoraTrainable(cfg.lora, cfg.model.family)
     return FullTrainable(cfg.model.pretrained, cfg.model.revision)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,32 @@ class PromptGroup:
 
 
 @dataclass
+class TextEmbeds:
+    """A batch of prompt encodings, as a model family's denoiser conditions on them."""
+
+    states: torch.Tensor                # [N, L, D] text hidden states (UNet cross-attention; SD3 joint attention)
+    pooled: torch.Tensor | None = None  # [N, P] pooled text embedding (SD3's timestep conditioning); None for UNets
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> TextEmbeds:
+        """`fn` applied to every tensor (a cast, a move, a row selection, a repeat)."""
+        return TextEmbeds(fn(self.states), None if self.pooled is None else fn(self.pooled))
+
+    def to(self, device: str | torch.device) -> TextEmbeds:
+        return self.map(lambda x: x.to(device))
+
+    def __getitem__(self, rows) -> TextEmbeds:
+        return self.map(lambda x: x[rows])
+
+    def __len__(self) -> int:
+        return self.states.shape[0]
+
+    @staticmethod
+    def cat(parts: list[TextEmbeds]) -> TextEmbeds:
+        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
+        return TextEmbeds(torch.cat([p.states for p in parts]), pooled)
+
+
+@dataclass
 class Trajectory:
     """All G samples of one group, enough for the learner to recompute every log-prob.
 
@@ -32,8 +59,8 @@ class Trajectory:
     latents: torch.Tensor        # [G, T+1, C, h, w] fp32
     log_probs: torch.Tensor      # [G, T] fp32
     timesteps: torch.Tensor      # [T] long
-    prompt_embeds: torch.Tensor  # [L, D] conditional text embedding of group.prompt
-    negative_embeds: torch.Tensor  # [L, D] embedding of the sampler's negative prompt
+    prompt_embeds: TextEmbeds    # [1, ...] conditional text embedding of group.prompt
+    negative_embeds: TextEmbeds  # [1, ...] embedding of the sampler's negative prompt
     images: torch.Tensor | None  # [G, 3, H, W] uint8; None once shipped to the reward on its own
     seeds: tuple[int, ...]       # per-sample noise seeds
     policy_version: int

@@ -97,7 +97,7 @@ def policy_with(cfg: Config, state: dict | None, info: dict) -> Policy:
 def local_renderer(cfg: Config, state: dict | None, info: dict):
     """A function chunk -> rendered PNGs in this process."""
     suite = cfg.evaluation.suite
-    pipe = pipeline(policy_with(cfg, state, info), suite.scheduler)
+    renderer = pipeline(policy_with(cfg, state, info), suite.scheduler)
     if suite.textual_inversion is not None:
-        pipe.load_textual_inversion(str(suite.textual_inversion))
-    return lambda rows: render_chunk(pipe, rows, suite.images_per_prompt, cfg.sampler, suite)
+        renderer.pipe.load_textual_inversion(str(suite.textual_inversion))
+    return lambda rows: render_chunk(renderer, rows, suite.images_per_prompt, cfg.sampler, suite)

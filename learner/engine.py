@@ -96,7 +96,7 @@ class LearnerWorker:
         deepspeed = init_process_group(gpu=self.cfg.cluster.gpus_per_learner_worker > 0)
         self.policy = Policy.from_config(self.cfg)
         params = self.policy.trainable_parameters()
-        self.engine, *_ = deepspeed.initialize(model=self.policy.unet, optimizer=adamw(params, self.cfg.optim),
+        self.engine, *_ = deepspeed.initialize(model=self.policy.denoiser, optimizer=adamw(params, self.cfg.optim),
                                                model_parameters=params,
                                                config=deepspeed_config(self.cfg))
         self.updater = GRPOUpdate(self.policy, self.cfg.grpo, self.cfg.sampler, self.cfg.run.seed,

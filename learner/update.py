@@ -22,9 +22,9 @@ import torch
 from safediff.common.config import GRPOConfig, OptimConfig, SamplerConfig
 from safediff.common.grpo import behaviour_weights, kl_to_reference, ppo_clip_loss
 from safediff.common.policy import Policy
-from safediff.common.sampling import ddim_step_with_logprob, guided_noise_prediction
+from safediff.common.sampling import GaussianStep
 from safediff.common.seeds import derive_seed, generator
-from safediff.common.types import Trajectory
+from safediff.common.types import TextEmbeds, Trajectory
 
 
 class StepOptimizer(Protocol):
@@ -71,9 +71,8 @@ class TrainBatch:
 
     latents: torch.Tensor     # [N, T+1, C, h, w]
     log_probs: torch.Tensor   # [N, T] recorded at rollout
-    timesteps: torch.Tensor   # [T]
-    cond: torch.Tensor        # [N, L, D]
-    uncond: torch.Tensor      # [1, L, D]
+    cond: TextEmbeds          # [N, ...]
+    uncond: TextEmbeds        # [1, ...]
     advantages: torch.Tensor  # [N]
 
     @classmethod
@@ -83,9 +82,8 @@ class TrainBatch:
         return cls(
             latents=torch.cat([t.latents for t in trajectories]),
             log_probs=torch.cat([t.log_probs for t in trajectories]),
-            timesteps=trajectories[0].timesteps,
-            cond=torch.stack([t.prompt_embeds for t in trajectories]).repeat_interleave(G, dim=0),
-            uncond=trajectories[0].negative_embeds[None],
+            cond=TextEmbeds.cat([t.prompt_embeds for t in trajectories]).map(lambda x: x.repeat_interleave(G, dim=0)),
+            uncond=trajectories[0].negative_embeds,
             advantages=advantages.reshape(-1).float(),
         )
 
@@ -102,19 +100,14 @@ class GRPOUpdate:
     def _zero_backward(self) -> None:
         self.optimizer.backward(sum(p.sum() * 0.0 for p in self.policy.trainable_parameters()))
 
-    def _step(self, batch: TrainBatch, rows: torch.Tensor, t_idx: torch.Tensor):
-        """The policy's DDIM step (mean, std, log-prob of the recorded next latent) for samples `rows`, each at
-        its own trajectory step `t_idx`; also returns the step's inputs for the KL reference."""
-        dev, scheduler = self.policy.device, self.policy.bundle.scheduler
-        x_t = batch.latents[rows, t_idx].to(dev)
-        x_prev = batch.latents[rows, t_idx + 1].to(dev)
-        t = batch.timesteps[t_idx].to(dev)
+    def _step(self, batch: TrainBatch, rows: torch.Tensor, t_idx: torch.Tensor) -> GaussianStep:
+        """The policy's sampler step (mean, std, log-prob of the recorded next latent) for samples `rows`, each at
+        its own trajectory step `t_idx`."""
+        dev = self.policy.device
+        x_t, x_prev = batch.latents[rows, t_idx].to(dev), batch.latents[rows, t_idx + 1].to(dev)
         cond, uncond = batch.cond[rows].to(dev), batch.uncond.to(dev)
         with self.policy.autocast():
-            eps = guided_noise_prediction(self.policy.unet, x_t, t, cond, uncond, self.sampler.guidance_scale)
-        step = ddim_step_with_logprob(scheduler, eps, t, x_t, self.sampler.num_steps, self.sampler.eta,
-                                      prev_sample=x_prev)
-        return step, (x_t, x_prev, t, cond, uncond)
+            return self.policy.bundle.step(x_t, t_idx, cond, uncond, self.sampler, prev_sample=x_prev)
 
     @torch.no_grad()
     def proximal_log_probs(self, batch: TrainBatch, rows: torch.Tensor) -> torch.Tensor:
@@ -124,7 +117,7 @@ class GRPOUpdate:
         for chunk in torch.split(rows, self.cfg.micro_batch_size):
             for ks in torch.split(torch.arange(K), self.cfg.timesteps_per_pass):
                 flat_rows, flat_t = _pairs(chunk, ks.expand(len(chunk), -1))
-                step, _ = self._step(batch, flat_rows, flat_t)
+                step = self._step(batch, flat_rows, flat_t)
                 out[flat_rows, flat_t] = step.log_prob.float().cpu()
         return out
 
@@ -132,8 +125,8 @@ class GRPOUpdate:
               prox: torch.Tensor | None) -> torch.Tensor:
         """PPO-clip (+ KL) loss of samples `rows`, each at its own trajectory step `t_idx`; `prox` [N, K] the
         proximal log-probs (decoupled objective) or None (standard)."""
-        dev, scheduler = self.policy.device, self.policy.bundle.scheduler
-        step, (x_t, x_prev, t, cond, uncond) = self._step(batch, rows, t_idx)
+        dev = self.policy.device
+        step = self._step(batch, rows, t_idx)
         behav, weights = batch.log_probs[rows, t_idx].to(dev), None
         old = behav
         if prox is not None:
@@ -144,11 +137,8 @@ class GRPOUpdate:
         terms = ppo_clip_loss(batch.advantages[rows].to(dev), step.log_prob, old, self.cfg.clip_range, weights)
         loss = terms.loss
         if self.cfg.kl_beta > 0:
-            with torch.no_grad(), self.policy.reference(), self.policy.autocast():
-                eps_ref = guided_noise_prediction(self.policy.unet, x_t, t, cond, uncond,
-                                                  self.sampler.guidance_scale)
-            ref_mean = ddim_step_with_logprob(scheduler, eps_ref, t, x_t, self.sampler.num_steps,
-                                              self.sampler.eta, prev_sample=x_prev).mean
+            with torch.no_grad(), self.policy.reference():
+                ref_mean = self._step(batch, rows, t_idx).mean
             kl = kl_to_reference(step.mean, ref_mean, step.std).mean()
             loss = loss + self.cfg.kl_beta * kl
             stats["kl_ref"].append(float(kl.detach()))
@@ -180,7 +170,7 @@ class GRPOUpdate:
                               for mb in torch.tensor_split(order, cfg.updates_per_step)]).unique()
             prox = self.proximal_log_probs(batch, mine)
         passes = torch.split(torch.arange(K), cfg.timesteps_per_pass)  # which of a sample's K steps share a pass
-        self.policy.unet.train()
+        self.policy.denoiser.train()
         for order, t_order in orders:
             for minibatch in torch.tensor_split(order, cfg.updates_per_step):
                 if minibatch.numel() == 0:  # fewer samples than minibatches (groups were dropped)
@@ -201,7 +191,7 @@ class GRPOUpdate:
                 if first_update_log_ratio is None and stats["abs_log_ratio"]:
                     first_update_log_ratio = float(torch.cat(stats["abs_log_ratio"]).max())
                 grad_norms.append(self.optimizer.step())
-        self.policy.unet.eval()
+        self.policy.denoiser.eval()
         if not stats["loss"]:
             return {"grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "samples_trained": 0}
         ratio = torch.cat(stats["ratio"])

@@ -20,7 +20,6 @@ from safediff.common.config import Config, SamplerConfig
 from safediff.common.policy import Policy
 from safediff.common.process import configure_threads, on_assigned_device
 from safediff.common.prompts import read_prompt_file
-from safediff.common.sampling import sample_with_logprob
 from safediff.common.seeds import derive_seed, generator, trajectory_noise
 from safediff.common.weight_sync import ActorBehind, PolicyHolder
 from safediff.redteam.unlearndiff import UnlearnDiff
@@ -38,11 +37,9 @@ def base_picture(policy: Policy, sampler: SamplerConfig, prompt: str, seed: int)
     noise seeded by `seed`."""
     bundle, device = policy.bundle, policy.device
     shape = bundle.latent_shape(sampler.height, sampler.width)
-    cond, uncond = bundle.encode_prompts([prompt, sampler.negative_prompt]).float()
+    embeds = bundle.encode_prompts([prompt, sampler.negative_prompt]).map(torch.Tensor.float).to(device)
     with policy.reference(), policy.autocast():
-        out = sample_with_logprob(policy.unet, bundle.scheduler, cond[None].to(device), uncond[None].to(device),
-                                  trajectory_noise(seed, sampler.num_steps, shape)[None], sampler.num_steps,
-                                  sampler.guidance_scale, sampler.eta)
+        out = bundle.sample(embeds[:1], embeds[1:], trajectory_noise(seed, sampler.num_steps, shape)[None], sampler)
     return bundle.decode_images(out.latents[:, -1])[0]
 
 

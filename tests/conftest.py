@@ -58,6 +58,24 @@ def colour_model(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def colour_sd3(tmp_path_factory) -> Path:
+    """The SD3 family's colour model: a tiny SD3-architecture pipeline whose VAE and transformer (with its text
+    encoders) are pre-trained on flat colours at 16 px, as `colour_model` is for the UNet family; its prompts are
+    encoded without T5 states (`model.max_sequence_length=0`)."""
+    from safediff.common.flow_models import build_tiny_sd3_bundle, load_sd3_bundle
+    from safediff.world.pretrain import train_flow_transformer, train_vae
+
+    root = build_tiny_sd3_bundle(tmp_path_factory.mktemp("colour_sd3") / "sd3", seed=0)
+    bundle = load_sd3_bundle(str(root), max_sequence_length=0)
+    images, captions = flat_colour_data()
+    train_vae(bundle, images, steps=200, progress=False)
+    train_flow_transformer(bundle, images, captions, steps=300, progress=False)
+    for name in ("vae", "transformer", "text_encoder", "text_encoder_2"):
+        getattr(bundle.pipeline, name).save_pretrained(root / name)
+    return root
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A real local Ray cluster on 127.0.0.1 for one test module (mark the module with usefixtures)."""

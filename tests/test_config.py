@@ -63,6 +63,9 @@ def test_bad_values_name_each_field():
     (["grpo.micro_batch_size=5"], "grpo.micro_batch_size"),
     (["reward.steer=unsafe_only"], "prompts.sources"),
     (["model.finetune=full", "grpo.kl_beta=0.1"], "grpo.kl_beta"),
+    (["model.family=sd3", "model.finetune=full"], "model.finetune=full supports model.family=unet only"),
+    (["model.family=sd3", "sampler.sde_kind=cps", "sampler.num_steps=10", "grpo.train_timesteps=10"],
+     "grpo.train_timesteps .10. must be below sampler.num_steps"),
 ])
 def test_cross_field_checks(overrides, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -264,3 +267,23 @@ def test_config_describe_lists_every_field_with_its_default_and_description():
     assert defaults.keys() <= described.keys()
     for field, value in defaults.items():
         assert yaml.safe_load(described[field]) == value, field
+
+
+def test_a_config_extends_another_field_by_field(tmp_path):
+    (tmp_path / "base.yaml").write_text("run: {name: base, steps: 7}\nsampler: {num_steps: 9, guidance_scale: 3}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nsampler: {num_steps: 12}\n")  # beside the file
+    child = load_config(tmp_path / "child.yaml")
+    assert (child.run.name, child.run.steps, child.sampler.num_steps, child.sampler.guidance_scale) == \
+        ("base", 7, 12, 3.0)
+    flow, world = load_config("world_flow"), load_config("world")  # a built-in name
+    assert flow.model.family == "sd3" and flow.reward == world.reward and flow.prompts == world.prompts
+    (tmp_path / "loop.yaml").write_text("extends: loop2.yaml\n")
+    (tmp_path / "loop2.yaml").write_text("extends: loop.yaml\n")
+    (tmp_path / "odd.yaml").write_text("extends: [a, b]\n")
+    (tmp_path / "missing.yaml").write_text("extends: nowhere\n")
+    for name, needle in (("loop.yaml", "loop.yaml: extends: makes a loop"),
+                         ("odd.yaml", "odd.yaml: extends: must name one config"),
+                         ("missing.yaml", "missing.yaml: --config nowhere: no such file")):
+        with pytest.raises(ConfigError, match=needle) as err:
+            load_config(tmp_path / name)
+        assert "\n" not in str(err.value)

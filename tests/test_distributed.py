@@ -92,6 +92,27 @@ def test_on_policy_run_matches_the_single_process_loop(tiny_dir, local_reference
         assert np.abs(grids["local"][s] - grids["ray"][s]).mean() < 0.5, s
 
 
+def test_the_flow_family_trains_on_the_ray_runtime_as_in_one_process(tiny_dir, tmp_path, prompt_file, tiny_config,
+                                                                     colour_sd3):
+    """model.family sd3 end to end: two rollout actors sampling the flow SDE, the CLIP reward actor, the DeepSpeed
+    learner, weight sync and sample grids from a stock StableDiffusion3Pipeline; the same tolerances as above."""
+    sd3 = (f"model.pretrained={colour_sd3}", "model.family=sd3", "model.max_sequence_length=0", "sampler.height=16",
+           "sampler.width=16", "cluster.rollout_actors=2", "cluster.max_staleness=0", "run.steps=2",
+           "tracking.sample_prompts=[a bright image]", "tracking.every=2")
+    local = train(_cfg(tiny_config, tiny_dir, tmp_path, prompt_file, "run.name=local", *sd3), progress=False)
+    result = run(_cfg(tiny_config, tiny_dir, tmp_path, prompt_file, "run.name=ray", *sd3), progress=False)
+    assert result.actor_status == [(2, result.checksum)] * 2
+    assert result.metrics[0]["first_update_max_abs_log_ratio"] < 1e-5
+    for a, b in zip(local.metrics, result.metrics):
+        assert abs(a["reward_mean"] - b["reward_mean"]) < 1e-5
+    ours, theirs = _adapter(local.run_dir), _adapter(result.run_dir)
+    assert any(k.startswith("transformer.") for k in theirs)  # the stock SD3 export format
+    delta = torch.cat([(ours[k] - theirs[k]).flatten() for k in ours]).norm()
+    assert delta / torch.cat([ours[k].flatten() for k in ours if "lora_B" in k]).norm() < 1e-2
+    for r in (local, result):
+        assert (r.run_dir / "samples" / "step_2.png").is_file()
+
+
 def test_a_topology_the_cluster_cannot_hold_is_refused(tiny_dir, tmp_path, prompt_file, tiny_config):
     cfg = _cfg(tiny_config, tiny_dir, tmp_path, prompt_file, "cluster.rollout_actors=2",
                "cluster.gpus_per_rollout_actor=1")

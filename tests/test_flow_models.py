@@ -32,10 +32,11 @@ def tiny_sd3(tmp_path_factory):
 def test_prompts_are_encoded_and_sampled_as_the_stock_pipeline_does(tiny_sd3):
     bundle = load_sd3_bundle(str(tiny_sd3))
     stock = _stock(tiny_sd3)
-    states, pooled = bundle.encode_prompts(PROMPTS)
+    states, pooled = (e := bundle.encode_prompts(PROMPTS)).states, e.pooled
     their_states, their_uncond, their_pooled, their_uncond_pooled = stock.encode_prompt(PROMPTS, None, None)
     assert torch.equal(states, their_states) and torch.equal(pooled, their_pooled)
-    uncond, uncond_pooled = bundle.encode_prompts([""])  # one row; the stock pipeline encodes one per prompt
+    # one row; the stock pipeline encodes one per prompt
+    uncond, uncond_pooled = (u := bundle.encode_prompts([""])).states, u.pooled
     torch.testing.assert_close(uncond.expand_as(their_uncond), their_uncond, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(uncond_pooled.expand_as(their_uncond_pooled), their_uncond_pooled, rtol=1e-6, atol=1e-6)
 
@@ -52,8 +53,8 @@ def test_prompts_are_encoded_and_sampled_as_the_stock_pipeline_does(tiny_sd3):
 @pytest.mark.parametrize("kind", ["sde", "cps"])
 def test_with_noise_the_sampler_records_every_trainable_step_as_a_function_of_its_noise(tiny_sd3, kind):
     bundle = load_sd3_bundle(str(tiny_sd3))
-    states, pooled = bundle.encode_prompts(PROMPTS)
-    uncond, uncond_pooled = bundle.encode_prompts([""])
+    states, pooled = (e := bundle.encode_prompts(PROMPTS)).states, e.pooled
+    uncond, uncond_pooled = (u := bundle.encode_prompts([""])).states, u.pooled
     steps = 4
     noise = torch.randn(len(PROMPTS), steps + 1, *bundle.latent_shape(16, 16),
                         generator=torch.Generator().manual_seed(1))
@@ -105,7 +106,7 @@ def test_a_transformer_lora_export_loads_into_the_stock_pipeline_and_gives_the_s
     stock.load_lora_weights(folder)
     assert count_lora_modules(stock.transformer, adapter=None) == modules
     x = torch.randn(2, *bundle.latent_shape(16, 16))
-    states, pooled = bundle.encode_prompts(PROMPTS)
+    states, pooled = (e := bundle.encode_prompts(PROMPTS)).states, e.pooled
     t = torch.tensor([500.0, 500.0])
     with torch.no_grad():
         ours = bundle.transformer(hidden_states=x, timestep=t, encoder_hidden_states=states,

@@ -369,7 +369,7 @@ def test_prompts_far_longer_than_77_tokens_load_whole_and_are_truncated_by_both_
     sd = resolve("pkg:world/weights/sd")
     bundle = ModelBundle(None, None, CLIPTextModel.from_pretrained(sd, subfolder="text_encoder"),
                          CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer"), None)
-    conditions = bundle.encode_prompts(long_rows)
+    conditions = bundle.encode_prompts(long_rows).states
     assert conditions.shape[:2] == (3, 77) and torch.isfinite(conditions).all()
     clip = load_clip(ClipConfig(model="local-dir:pkg:world/weights/clip"))
     embeddings = clip.encode_text(long_rows)

@@ -26,7 +26,7 @@ def test_tiny_bundle_loads_through_our_loader_and_stock_pipeline(tiny_dir):
     assert type(bundle.unet).__name__ == "UNet2DConditionModel"
     assert type(bundle.scheduler).__name__ == "DDIMScheduler"
     assert bundle.vae_scale_factor == 2
-    emb = bundle.encode_prompts(["a cat", "a dog"])
+    emb = bundle.encode_prompts(["a cat", "a dog"]).states
     assert emb.shape == (2, 77, 32) and not torch.equal(emb[0], emb[1])
     pipe = StableDiffusionPipeline.from_pretrained(tiny_dir / "sd", safety_checker=None)
     assert pipe.unet.config.cross_attention_dim == 32

@@ -85,8 +85,8 @@ def test_timesteps_in_one_pass_give_the_gradients_of_one_timestep_per_pass(tiny_
         for per_pass in (1, 3, 4):  # 3 leaves a pass of one timestep: passes need not divide train_timesteps
             policy, updater = _setup(cfg, objective, record=True, timesteps_per_pass=per_pass)
             batch, calls = _batch(cfg, policy), []
-            unet_forward = policy.unet.forward
-            policy.unet.forward = lambda *a, **k: calls.append(a[0].shape[0]) or unet_forward(*a, **k)
+            unet_forward = policy.denoiser.forward
+            policy.denoiser.forward = lambda *a, **k: calls.append(a[0].shape[0]) or unet_forward(*a, **k)
             metrics[objective, per_pass] = updater.update(batch, step=0)
             grads[objective, per_pass] = torch.stack(updater.optimizer.grads)
             passes[objective, per_pass] = calls

@@ -58,6 +58,9 @@ def settings(cfg: Config, name: str) -> dict:
 def _check(cfg: Config, name: str, out: Path) -> None:
     if name not in ATTACKS:
         raise UserInputError(f"--attack {name}: unknown attack; known: {', '.join(ATTACKS)}")
+    if cfg.model.family != "unet" and name != "prompts":
+        raise UserInputError(f"--attack {name}: model.family={cfg.model.family} supports the prompts attack only; "
+                             "ring-a-bell, inversion and unlearndiff search a UNet model's single text encoder")
     judge, scorers = cfg.evaluation.attack.judge, set(cfg.evaluation.suite.scorers)
     if not JUDGE_SCORER[judge] <= scorers:
         raise UserInputError(f"evaluation.attack.judge: {judge} needs the scorers {sorted(JUDGE_SCORER[judge])} in "
