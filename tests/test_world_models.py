@@ -9,6 +9,7 @@ import torch
 
 from safediff.common.assets import package_root
 from safediff.common.config import ClipConfig, load_config
+from safediff.common.flow_models import load_sd3_bundle
 from safediff.common.models import load_bundle
 from safediff.common.policy import Policy
 from safediff.reward_server.clip_model import load_clip
@@ -21,20 +22,25 @@ WEIGHTS = package_root() / "world" / "weights"
 
 def test_shipped_weights_are_small_safetensors_with_a_model_card():
     files = [p for p in WEIGHTS.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) <= 20 * 2**20
+    for model in ("sd", "clip", "flow"):  # each model at most 20 MB
+        assert sum(p.stat().st_size for p in files if p.is_relative_to(WEIGHTS / model)) <= 20 * 2**20, model
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]  # nothing to unpickle
     card = (WEIGHTS / "MODEL_CARD.md").read_text()
     scores = json.loads((WEIGHTS / "scores.json").read_text())
     assert "python -m safediff.world.train" in card and scores["base_model"]["unsafe_rate_glyph"] >= 0.0
 
 
-def test_shipped_models_load_like_stable_diffusion_and_open_clip():
-    from diffusers import StableDiffusionPipeline
+def test_shipped_models_load_in_stock_sd_and_sd3_pipelines_and_open_clip():
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 
     bundle = load_bundle(str(WEIGHTS / "sd"))  # strict: any missing or unexpected key is an error
     assert bundle.vae_scale_factor == 2 and bundle.unet.config.sample_size == 16
     pipe = StableDiffusionPipeline.from_pretrained(str(WEIGHTS / "sd"), safety_checker=None)
     assert type(pipe.unet).__name__ == "UNet2DConditionModel"
+    flow = load_sd3_bundle(str(WEIGHTS / "flow"))
+    assert flow.vae_scale_factor == 2 and flow.transformer.config.patch_size == 2
+    stock = StableDiffusion3Pipeline.from_pretrained(str(WEIGHTS / "flow"), text_encoder_3=None, tokenizer_3=None)
+    assert type(stock.transformer).__name__ == "SD3Transformer2DModel"
     clip = load_clip(ClipConfig(model=f"local-dir:{WEIGHTS / 'clip'}"))
     text = clip.encode_text(["a red square", "a magenta square", "a cross"])
     assert torch.allclose(text.norm(dim=-1), torch.ones(3), atol=1e-5)
