@@ -270,7 +270,8 @@ def test_config_describe_lists_every_field_with_its_default_and_description():
 
 
 def test_a_config_extends_another_field_by_field(tmp_path):
-    (tmp_path / "base.yaml").write_text("run: {name: base, steps: 7}\nsampler: {num_steps: 9, guidance_scale: 3}\n")
+    (tmp_path / "base.yaml").write_text("run: {name: base, steps: 7}\nsampler: {num_steps: 9, guidance_scale: 3}\n"
+                                        "grpo: {train_timesteps: 8}\n")
     (tmp_path / "child.yaml").write_text("extends: base.yaml\nsampler: {num_steps: 12}\n")  # beside the file
     child = load_config(tmp_path / "child.yaml")
     assert (child.run.name, child.run.steps, child.sampler.num_steps, child.sampler.guidance_scale) == \
