@@ -38,9 +38,6 @@ class TextEmbeds:
     def __getitem__(self, rows) -> TextEmbeds:
         return self.map(lambda x: x[rows])
 
-    def __len__(self) -> int:
-        return self.states.shape[0]
-
     @staticmethod
     def cat(parts: list[TextEmbeds]) -> TextEmbeds:
         pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
@@ -58,7 +55,7 @@ class Trajectory:
     group: PromptGroup
     latents: torch.Tensor        # [G, T+1, C, h, w] fp32
     log_probs: torch.Tensor      # [G, T] fp32
-    timesteps: torch.Tensor      # [T] long
+    timesteps: torch.Tensor      # [T] the sampler's: DDIM's (long), or a flow schedule's sigma * 1000 (float)
     prompt_embeds: TextEmbeds    # [1, ...] conditional text embedding of group.prompt
     negative_embeds: TextEmbeds  # [1, ...] embedding of the sampler's negative prompt
     images: torch.Tensor | None  # [G, 3, H, W] uint8; None once shipped to the reward on its own

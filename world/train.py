@@ -16,6 +16,7 @@ Weights are stored in float16 (safetensors) to keep the shipped files small; the
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import shutil
@@ -120,9 +121,10 @@ def main(argv: list[str] | None = None) -> int:
                   "earlier_args": kept["args"]}
         times = kept.get("seconds", {})
 
+    scenes = functools.cache(lambda: render_dataset(args.images, seed=args.seed))  # the diffusion and flow stages'
     if "diffusion" in stages:
         t = time.perf_counter()
-        images, captions = render_dataset(args.images, seed=args.seed)
+        images, captions = scenes()
         shutil.rmtree(args.out / "sd", ignore_errors=True)
         report.update(train_diffusion(args.out / "sd", images, captions, args.vae_steps, args.unet_steps,
                                       args.width, args.seed))
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         times["clip_s"] = time.perf_counter() - t
     if "flow" in stages:
         t = time.perf_counter()
-        images, captions = render_dataset(args.images, seed=args.seed)
+        images, captions = scenes()
         shutil.rmtree(args.out / "flow", ignore_errors=True)
         report.update(train_flow(args.out / "flow", args.out / "sd" / "vae", images, captions, args.flow_steps,
                                  args.flow_width, args.seed))
