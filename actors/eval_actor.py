@@ -15,9 +15,10 @@ from collections.abc import Callable
 import ray
 
 from safediff.common.config import Config
+from safediff.common.messages import ActorBehind
 from safediff.common.policy import Policy
 from safediff.common.process import configure_threads, on_assigned_device
-from safediff.common.weight_sync import ActorBehind, PolicyHolder
+from safediff.common.weight_sync import PolicyHolder
 
 Probe = Callable[[Policy, int], dict[str, float]]
 

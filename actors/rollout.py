@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 
 from safediff.common.config import SamplerConfig
+from safediff.common.messages import PromptGroup
 from safediff.common.policy import Policy
 from safediff.common.seeds import sample_seed, trajectory_noise
-from safediff.common.types import PromptGroup, Trajectory
+from safediff.common.types import Trajectory
 
 
 class Rollout:

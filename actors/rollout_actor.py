@@ -14,10 +14,11 @@ import ray
 from safediff.actors.render import pipeline, render_chunk
 from safediff.actors.rollout import Rollout
 from safediff.common.config import Config, SuiteConfig
+from safediff.common.messages import ActorBehind, PromptGroup
 from safediff.common.policy import Policy
 from safediff.common.process import configure_threads, on_assigned_device
-from safediff.common.types import EvalRow, PromptGroup
-from safediff.common.weight_sync import ActorBehind, PolicyHolder
+from safediff.common.types import EvalRow
+from safediff.common.weight_sync import PolicyHolder
 
 
 @ray.remote

@@ -76,6 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--actors", type=int, default=64)
     parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--reward-actors", type=int, default=2, help="reward stand-ins (each a torch process)")
     parser.add_argument("--metrics-cap", type=int, default=100, help="store.metrics_maxlen for the run")
     args = parser.parse_args()
     ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
@@ -84,7 +85,7 @@ def main() -> None:
                       f"cluster.rollout_actors={args.actors}", "cluster.max_staleness=1",
                       "cluster.cpus_per_rollout_actor=0.01", f"store.metrics_maxlen={args.metrics_cap}",
                       "tracking.every=1000000")
-    actors = noop_actors(args.actors)
+    actors = noop_actors(args.actors, args.reward_actors)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     sampler, start = Sampler(run_dir / "metrics.jsonl"), time.perf_counter()
     result = run(cfg, progress=True, actors=actors, resume=False)

@@ -22,31 +22,12 @@ import torch  # noqa: E402
 from ray.util.placement_group import placement_group  # noqa: E402
 
 from bench.fixtures import demo_config  # noqa: E402
+from bench.standins import NoopRollout  # noqa: E402
 from safediff.common.checkpoint import TrainerState  # noqa: E402
-from safediff.common.weight_sync import SyncReport, publish  # noqa: E402
+from safediff.common.weight_sync import publish  # noqa: E402
 from safediff.reward_server.steering import RewardOutput  # noqa: E402
 from safediff.runtime.controller import run  # noqa: E402
 from safediff.runtime.groups import Actors, LearnerGroup, RewardGroup, RolloutGroup  # noqa: E402
-
-
-@ray.remote(num_cpus=0)
-class NoopRollout:
-    def __init__(self):
-        self.version = 0
-
-    def generate(self, groups, min_version=0):
-        info = {"policy_version": self.version, "generate_s": 0.0}
-        return tuple(x for _ in groups for x in (None, torch.zeros(1, dtype=torch.uint8), info))
-
-    def load_adapter(self, update):
-        self.version = update.version
-        return SyncReport(update.version, update.checksum, update.module_count, 0.0)
-
-    def resync(self, update):
-        return self.load_adapter(update) if update.version > self.version else SyncReport(self.version, "", 0, 0.0)
-
-    def status(self):
-        return self.version, ""
 
 
 @ray.remote(num_cpus=0)
@@ -78,10 +59,12 @@ class NoopLearner:
         return None
 
 
-def noop_actors(rollouts: int) -> Actors:
-    """`rollouts` rollout stand-ins, one reward stand-in per 8 of them, and one learner stand-in."""
+def noop_actors(rollouts: int, rewards: int | None = None) -> Actors:
+    """`rollouts` rollout stand-ins (bench/standins.py), `rewards` reward stand-ins (default one per 8 rollout
+    stand-ins), and one learner stand-in."""
+    rewards = max(1, rollouts // 8) if rewards is None else rewards
     return Actors(RolloutGroup([NoopRollout.remote() for _ in range(rollouts)]),
-                  RewardGroup([NoopReward.remote() for _ in range(max(1, rollouts // 8))]),
+                  RewardGroup([NoopReward.remote() for _ in range(rewards)]),
                   LearnerGroup([NoopLearner.remote()], placement_group([{"CPU": 0.01}])))
 
 

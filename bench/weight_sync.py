@@ -21,8 +21,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray  # noqa: E402
 import torch  # noqa: E402
 
+from safediff.common.messages import AdapterUpdate  # noqa: E402
 from safediff.common.trainable import state_checksum  # noqa: E402
-from safediff.common.weight_sync import AdapterUpdate, fetch_state, pack_state, state_bytes  # noqa: E402
+from safediff.common.weight_sync import fetch_state, pack_state, state_bytes  # noqa: E402
 
 
 @ray.remote(num_cpus=0.1)

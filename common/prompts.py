@@ -11,8 +11,8 @@ import torch
 from safediff.common.assets import resolve
 from safediff.common.config import PromptsConfig, PromptSource
 from safediff.common.errors import UserInputError
+from safediff.common.messages import PromptGroup
 from safediff.common.seeds import derive_seed, generator
-from safediff.common.types import PromptGroup
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Records that cross process boundaries (rollout -> reward -> learner). Plain tensors, no pickled models."""
+"""Records with tensors that cross process boundaries (rollout -> reward -> learner). Plain tensors, no pickled
+models; common/messages.py holds those without tensors."""
 
 from __future__ import annotations
 
@@ -8,17 +9,7 @@ from typing import Any
 
 import torch
 
-
-@dataclass(frozen=True)
-class PromptGroup:
-    """One prompt to be sampled G times by a single policy version."""
-
-    step: int            # training step the group belongs to
-    group_index: int     # position within the step; with `step` it seeds the group's noise
-    prompt: str
-    source: int          # index of the prompt source in the config's mixture
-    prompt_index: int    # row of the prompt within its source
-    unsafe: bool | None  # label, when the source has one
+from safediff.common.messages import PromptGroup
 
 
 @dataclass

@@ -16,20 +16,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from safediff.common.messages import AdapterSyncError, AdapterUpdate, SyncReport
 from safediff.common.policy import Policy
 from safediff.common.trainable import state_checksum
-
-
-class AdapterSyncError(RuntimeError):
-    """A weight update that could not be applied exactly; the actor keeps its previous weights' version."""
-
-
-class ActorBehind(RuntimeError):
-    """An actor holds an older policy than the call needs (it restarted and has not been re-synced)."""
 
 
 @dataclass(frozen=True)
@@ -63,31 +55,6 @@ def unpack_state(packed: PackedState) -> dict[str, torch.Tensor]:
         nbytes = numel * torch.empty(0, dtype=dtype).element_size()
         out[name] = packed.flat[start:start + nbytes].view(dtype).view(shape)
     return out
-
-
-@dataclass(frozen=True)
-class AdapterUpdate:
-    version: int
-    state_ref: Any        # ray.ObjectRef of a PackedState (nested, so Ray does not resolve it early)
-    checksum: str
-    module_count: int     # LoRA: modules carrying the adapter; full fine-tune: number of tensors
-    num_bytes: int
-
-
-@dataclass(frozen=True)
-class SyncReport:
-    version: int
-    checksum: str
-    modules_bound: int
-    load_ms: float
-
-
-def check_report(report: SyncReport, update: AdapterUpdate, who: str) -> None:
-    """The receiver bound exactly what was published, else AdapterSyncError naming `who`."""
-    if (report.version, report.checksum, report.modules_bound) != (update.version, update.checksum,
-                                                                   update.module_count):
-        raise AdapterSyncError(f"{who} reports {report} for published version {update.version} "
-                               f"({update.checksum[:12]}, {update.module_count} modules)")
 
 
 def publish(state: dict[str, torch.Tensor], version: int, module_count: int) -> AdapterUpdate:

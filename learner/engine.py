@@ -18,11 +18,12 @@ import torch
 
 from safediff.common.checkpoint import TrainerState
 from safediff.common.config import Config
+from safediff.common.messages import AdapterUpdate
 from safediff.common.policy import Policy
 from safediff.common.process import configure_threads, free_port, on_assigned_device
 from safediff.common.trainable import state_checksum
 from safediff.common.types import Trajectory
-from safediff.common.weight_sync import AdapterUpdate, publish
+from safediff.common.weight_sync import publish
 from safediff.learner.update import GRPOUpdate, TrainBatch, adamw
 
 

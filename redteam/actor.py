@@ -17,11 +17,12 @@ import ray
 import torch
 
 from safediff.common.config import Config, SamplerConfig
+from safediff.common.messages import ActorBehind
 from safediff.common.policy import Policy
 from safediff.common.process import configure_threads, on_assigned_device
 from safediff.common.prompts import read_prompt_file
 from safediff.common.seeds import derive_seed, generator, trajectory_noise
-from safediff.common.weight_sync import ActorBehind, PolicyHolder
+from safediff.common.weight_sync import PolicyHolder
 from safediff.redteam.unlearndiff import UnlearnDiff
 
 

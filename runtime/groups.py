@@ -22,9 +22,8 @@ from safediff.actors.rollout_actor import RolloutActor
 from safediff.common.checkpoint import Checkpoint, TrainerState
 from safediff.common.config import Config
 from safediff.common.errors import LearnerFailed
+from safediff.common.messages import ActorBehind, AdapterUpdate, PromptGroup, check_report
 from safediff.common.trainable import state_checksum
-from safediff.common.types import PromptGroup
-from safediff.common.weight_sync import ActorBehind, AdapterUpdate, check_report
 from safediff.learner.engine import LearnerWorker
 from safediff.redteam.actor import AttackActor
 from safediff.reward_server.actor import RewardActor

@@ -29,8 +29,9 @@ import ray
 from safediff.common.checkpoint import export_weights
 from safediff.common.config import Config, SelectConfig
 from safediff.common.errors import UserInputError
+from safediff.common.messages import AdapterUpdate
 from safediff.common.metrics import MetricsLog, plot_evaluations, read_metrics
-from safediff.common.weight_sync import AdapterUpdate, fetch_state
+from safediff.common.weight_sync import fetch_state
 from safediff.runtime.groups import EvalGroup
 from safediff.runtime.run_store import RunStore
 

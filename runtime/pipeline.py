@@ -20,9 +20,9 @@ import torch
 
 from safediff.common.checkpoint import Checkpoint
 from safediff.common.config import Config
+from safediff.common.messages import AdapterUpdate, PromptGroup, SyncReport, check_report
 from safediff.common.prompts import PromptStream
-from safediff.common.types import PromptGroup
-from safediff.common.weight_sync import AdapterUpdate, SyncReport, check_report, fetch_state, publish
+from safediff.common.weight_sync import fetch_state, publish
 from safediff.reward_server.steering import RewardOutput
 from safediff.runtime.groups import LOST, Actors
 from safediff.runtime.redteam import RedTeam

@@ -21,8 +21,8 @@ import torch
 
 from safediff.common.config import Config
 from safediff.common.grpo import group_advantages, zero_std_fraction
+from safediff.common.messages import PromptGroup
 from safediff.common.metrics import read_metrics
-from safediff.common.types import PromptGroup
 from safediff.runtime.run_store import Interrupted
 from safediff.runtime.session import RunContext
 

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from safediff.common.config import AdversarialConfig
+from safediff.common.messages import AdapterUpdate
 from safediff.common.metrics import MetricsLog
 from safediff.common.prompts import AdversarialPool, PromptStream
-from safediff.common.weight_sync import AdapterUpdate
 from safediff.runtime.groups import AttackGroup
 from safediff.runtime.run_store import RunStore
 

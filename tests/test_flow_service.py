@@ -11,8 +11,8 @@ from diffusers import StableDiffusion3Pipeline
 
 from safediff.actors.rollout import Rollout
 from safediff.common.config import ConfigError
+from safediff.common.messages import PromptGroup
 from safediff.common.policy import Policy
-from safediff.common.types import PromptGroup
 from safediff.reward_server.steering import RewardOutput
 from safediff.runtime.local import train
 from safediff.world.evaluate import EVAL_STEP

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from safediff.common.config import load_config
-from safediff.common.types import PromptGroup
+from safediff.common.messages import PromptGroup
 from safediff.reward_server.steering import DIAGNOSTICS
 from safediff.runtime.controller import Utilisation
 from safediff.runtime.pipeline import CollectedStep

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from safediff.common.types import PromptGroup
+from safediff.common.messages import PromptGroup
 from safediff.runtime.groups import merge_ranks
 from safediff.runtime.recipe import PhaseTimer, StepRecipe
 from safediff.runtime.run_store import Interrupted

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from safediff.common.config import ConfigError, load_config
+from safediff.common.messages import AdapterSyncError, AdapterUpdate
 from safediff.common.policy import Policy
-from safediff.common.weight_sync import AdapterSyncError, AdapterUpdate, apply_update
+from safediff.common.weight_sync import apply_update
 from safediff.reward_server.batching import MicroBatcher
 from safediff.runtime.cluster import check_resources, required_resources
 from safediff.runtime.pipeline import HangWatch

@@ -22,9 +22,9 @@ import torch
 
 from safediff.actors.rollout import Rollout
 from safediff.common.config import SamplerConfig
+from safediff.common.messages import PromptGroup
 from safediff.common.policy import Policy
 from safediff.common.progress import track
-from safediff.common.types import PromptGroup
 from safediff.world.judges import detect, satisfies, unsafe
 from safediff.world.scenes import BENIGN_TASKS, Spec
 
