@@ -8,9 +8,10 @@ must come out bit for bit the same. They run on a one-machine multi-node cluster
 rank and the reward actor on the head, one rollout actor per worker node, plus spare worker nodes that a lost
 node's actor restarts on. Every `--kill-every` seconds (uniform in [S/2, 3S/2], seeded), one fault is picked at
 random: kill a rollout actor, kill the reward actor, or remove the worker node of a rollout actor (only while a
-spare node is left). Reported: groups lost and groups counted twice (both must be 0: every step trains exactly
-the samples of its groups), groups retried, the faults injected, the extra wall time, and whether the adapter
-checksum equals the undisturbed run's.
+spare node is left; meanwhile the run goes on with the actors that answer). A group lost again on its retry is
+retried again, up to `cluster.group_retries` times. Reported: groups lost and groups counted twice (both must be 0:
+every step trains exactly the samples of its groups), groups retried, the faults injected, the extra wall time, and
+whether the adapter checksum equals the undisturbed run's.
 """
 
 from __future__ import annotations
@@ -87,8 +88,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides (dotted.key=value)")
     args = parser.parse_args()
 
-    # one group per CLIP forward: otherwise how reward requests happen to meet changes CLIP's last float bits, and
-    # the two runs could differ without any fault
+    # one group per UNet batch and per CLIP forward: otherwise how groups happen to meet in a batch (an actor taking
+    # a lost actor's groups renders them with its own; reward requests are batched as they arrive) changes the last
+    # float bits, and the two runs could differ without any fault
     group_size = load_config(args.config, args.overrides).grpo.group_size
 
     def config(name: str):
@@ -96,7 +98,8 @@ def main() -> None:
                                           "cluster.max_staleness=0", f"cluster.rollout_actors={args.rollout_actors}",
                                           "cluster.cpus_per_rollout_actor=1", "cluster.cpus_per_reward_actor=0.5",
                                           "cluster.cpus_per_learner_worker=1", "evaluation.every=0",
-                                          f"reward.batch_max_images={group_size}", *PLACED, *args.overrides])
+                                          f"sampler.batch_size={group_size}", f"reward.batch_max_images={group_size}",
+                                          *PLACED, *args.overrides])
 
     with one_machine_cluster(workers=args.rollout_actors + args.spare_nodes) as nodes:
         start = time.perf_counter()
@@ -108,7 +111,7 @@ def main() -> None:
         start, stormy, outcome = time.perf_counter(), None, "finished"
         try:
             stormy = run(cfg, progress=True, actors=actors, resume=False)
-        except Exception as err:  # the job stopped (a group lost twice): reported, with what it did before
+        except Exception as err:  # the job stopped (a group lost more often than retried): reported, with what it did
             outcome = f"stopped: {first_line(err)}"
         finally:
             chaos.stop()

@@ -313,12 +313,15 @@ class ClusterConfig(_Strict):
     max_staleness: int = Field(0, ge=0, description="Policy versions a rollout may lag the learner (0 = on-policy).")
     hang_first_s: float = Field(1800.0, gt=0, description="Seconds the first step's groups may take (model loading "
                                 "included) before the rollout or reward actor holding one that is not back is declared "
-                                "hung: it is killed, Ray restarts it, and the group is generated again, once.")
+                                "hung: it is killed, Ray restarts it, and the group is generated again.")
     hang_factor: float = Field(5.0, gt=1, description="After the first step a group is overdue once it has taken this "
                                "many times the slowest of the last 8 steps (launch to every group scored), so a slow "
                                "actor is not taken for a hung one.")
     hang_min_s: float = Field(120.0, gt=0, description="The shortest time after which a group is overdue, however "
                               "fast the measured steps were.")
+    group_retries: int = Field(3, ge=1, description="Times a lost group (its rollout or reward actor died or hung) is "
+                               "generated again, each time on the next rollout actor that answers, before the job "
+                               "stops with its last checkpoint; one fault costs one retry.")
 
     @field_validator("resources_per_rollout_actor", "resources_per_reward_actor", "resources_per_learner_worker")
     @classmethod

@@ -155,7 +155,8 @@ class Utilisation:
 
 
 class SampleGrids:
-    """The sample grids of `safediff run`, rendered by rollout actor 0 with the policy it was sent last (its calls run
+    """The sample grids of `safediff run`, rendered by the first rollout actor taking groups with the policy it was
+    sent last (its calls run
     in order, so a render asked after an adapter update renders that update); the learner never waits for one
     except after the last step. A grid whose actor died is skipped with a warning: the next one comes `every`
     steps later."""
@@ -167,7 +168,7 @@ class SampleGrids:
     def request(self, done: int, version: int) -> None:
         """Ask for the grid of the policy `version`, trained for `done` steps, when one is due."""
         if self.tracker.wants_samples(done):
-            self.pending.append((done, self.actors.rollouts.at(0).render.remote(
+            self.pending.append((done, self.actors.rollouts.first_up().render.remote(
                 self.tracker.sample_rows, version, self.tracker.sample_suite, self.cfg.tracking.images_per_prompt)))
 
     def collect(self, wait: bool = False) -> None:

@@ -87,6 +87,51 @@ def _restartable(actor_class, cfg: Config, count: int, cpus: float, gpus: float,
 
 
 class RolloutGroup(ActorGroup):
+    """The rollout actors. One that lost a group is set aside: it gets no new groups until it answers again (Ray
+    restarts it where its resources are free, which after a lost node may be only when a node joins), so the run
+    goes on with the others meanwhile."""
+
+    def __init__(self, handles: list):
+        super().__init__(handles)
+        self.aside: dict[int, ray.ObjectRef] = {}  # slot -> its pending probe (a status call)
+
+    def set_aside(self, slot: int) -> None:
+        self.aside.setdefault(slot, self.handles[slot].status.remote())
+
+    def _answered(self, slot: int) -> bool:
+        """Whether the actor set aside at `slot` has answered its probe; a probe answered by an error (the actor
+        is still restarting) is sent again."""
+        probe = self.aside[slot]
+        if not ray.wait([probe], timeout=0)[0]:
+            return False
+        try:
+            ray.get(probe)
+            return True
+        except LOST:
+            self.aside[slot] = self.handles[slot].status.remote()
+            return False
+
+    def up(self) -> tuple[list[int], list[int]]:
+        """(slots taking new groups, those of them that have just come back); an actor that has come back still
+        needs the current adapter (its calls run in order: a resync sent before its next generation is enough)."""
+        back = [slot for slot in list(self.aside) if self._answered(slot)]
+        for slot in back:
+            del self.aside[slot]
+        return [s for s in range(len(self.handles)) if s not in self.aside], back
+
+    def first_up(self):
+        """The first actor not set aside (actor 0 if all are)."""
+        return self.handles[next((s for s in range(len(self.handles)) if s not in self.aside), 0)]
+
+    def wait_back(self, timeout_s: float, every: bool = False) -> None:
+        """Wait up to `timeout_s` for one actor set aside (`every`: all of them) to answer; `up` then reports it."""
+        deadline = time.monotonic() + timeout_s
+        while self.aside and time.monotonic() < deadline:
+            answered = [slot for slot in list(self.aside) if self._answered(slot)]
+            if answered and (not every or len(answered) == len(self.aside)):
+                return
+            time.sleep(0.5)
+
     @classmethod
     def create(cls, cfg: Config) -> RolloutGroup:
         c = cfg.cluster
@@ -103,9 +148,10 @@ class RolloutGroup(ActorGroup):
         """Send `update` to every actor; references to their SyncReports."""
         return [actor.load_adapter.remote(update) for actor in self.handles]
 
-    def status(self) -> list[tuple[int, str]]:
-        """(policy version, checksum) held by each actor."""
-        return ray.get([actor.status.remote() for actor in self.handles])
+    def status(self) -> list[tuple[int, str] | None]:
+        """(policy version, checksum) held by each actor; None for one set aside."""
+        answers = {s: a.status.remote() for s, a in enumerate(self.handles) if s not in self.aside}
+        return [ray.get(answers[s]) if s in answers else None for s in range(len(self.handles))]
 
 
 class RewardGroup(ActorGroup):
@@ -291,10 +337,12 @@ class Actors:
             if group is not None:
                 group.kill()
 
-    def wait_until_ready(self, update: AdapterUpdate | None, timeout_s: float = 600.0) -> None:
-        """Wait for restarting actors to answer; a restarted rollout actor gets the current adapter first."""
+    def wait_until_ready(self, update: AdapterUpdate | None, rollout_slots: list[int],
+                         timeout_s: float = 600.0) -> None:
+        """Wait for the rollout actors `rollout_slots` and every reward actor to answer (a restarting one answers
+        once restarted); those rollout actors get adapter `update` first."""
         deadline = time.monotonic() + timeout_s
-        calls = [lambda a=a: _resync(a, update) for a in self.rollouts] + \
+        calls = [lambda a=self.rollouts[s]: _resync(a, update) for s in rollout_slots] + \
             [lambda r=r: r.batch_stats.remote() for r in self.rewards]
         for call in calls:
             answer_when_up(call, deadline)

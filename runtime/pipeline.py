@@ -41,6 +41,7 @@ class StepRollout:
     trajectories: list  # ObjectRef[Trajectory] per group
     rewards: list       # ObjectRef[RewardOutput] per group
     infos: list         # ObjectRef[dict] per group: policy version used, generate seconds
+    slots: list         # per group: (rollout actor, reward actor) it was sent to
     launched: float = field(default_factory=time.monotonic)
 
 
@@ -54,6 +55,7 @@ class CollectedStep:
     infos: list[dict]           # per group
     staleness: list[int]        # per group: step - policy version that generated it
     groups_in_flight: int       # when the step was taken out of the pipeline
+    rollout_actors_up: int      # rollout actors taking groups then (not set aside)
 
     @property
     def rewards(self) -> torch.Tensor:
@@ -67,37 +69,39 @@ class CollectedStep:
 
     def record(self) -> dict:
         return {"staleness_max": max(self.staleness), "staleness_mean": sum(self.staleness) / len(self.staleness),
-                "groups_in_flight": self.groups_in_flight,
+                "groups_in_flight": self.groups_in_flight, "rollout_actors_up": self.rollout_actors_up,
                 "time_generate_mean": sum(i["generate_s"] for i in self.infos) / len(self.infos),
                 "time_reward_batch_mean": sum(s.seconds or 0.0 for s in self.scored) / len(self.scored)}
 
 
 @dataclass
 class SyncTracker:
-    """Sync reports still on their way back, checked against what the learner published."""
+    """Sync reports still on their way back, checked against what the learner published, one per (update, rollout
+    actor)."""
 
-    pending: list[tuple[AdapterUpdate, list]] = field(default_factory=list)
+    pending: list[tuple[AdapterUpdate, int, ray.ObjectRef]] = field(default_factory=list)
     last_load_ms: float = 0.0
 
     def sent(self, update: AdapterUpdate, report_refs: list) -> None:
-        self.pending.append((update, report_refs))
+        self.pending += [(update, slot, ref) for slot, ref in enumerate(report_refs)]
 
-    def check(self, block: bool) -> None:
-        still = []
-        for update, refs in self.pending:
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=None if block else 0)
-            if len(ready) < len(refs):
-                still.append((update, refs))
+    def check(self, block: bool, aside: set[int] = frozenset()) -> None:
+        """Check the reports back by now (`block`: all of them, except those of actors set aside, which are
+        dropped: an actor that comes back is re-synced)."""
+        self.pending = [entry for entry in self.pending if entry[1] not in aside] if block else self.pending
+        refs = [ref for _, _, ref in self.pending]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=None if block else 0) if refs else ([], [])
+        ready, still = set(ready), []
+        for update, slot, ref in self.pending:
+            if ref not in ready:
+                still.append((update, slot, ref))
                 continue
-            reports: list[SyncReport] = []
-            for i, ref in enumerate(refs):
-                try:
-                    report = ray.get(ref)
-                except LOST:  # the actor died: it is re-synced before it generates again (see collect)
-                    continue
-                check_report(report, update, f"rollout actor {i}")
-                reports.append(report)
-            self.last_load_ms = max((r.load_ms for r in reports), default=self.last_load_ms)
+            try:
+                report: SyncReport = ray.get(ref)
+            except LOST:  # the actor died: it is re-synced before it generates again (see collect)
+                continue
+            check_report(report, update, f"rollout actor {slot}")
+            self.last_load_ms = report.load_ms
         self.pending = still
 
 
@@ -132,6 +136,7 @@ class RolloutPipeline:
         self.P, self.G, self.steps = cfg.grpo.prompts_per_step, cfg.grpo.group_size, cfg.run.steps
         K = cfg.cluster.max_staleness
         self.gate, self.syncs, self.hangs = StalenessGate(K, self.P), SyncTracker(), HangWatch.from_config(cfg)
+        self.retries = cfg.cluster.group_retries
         self.recent: deque[AdapterUpdate] = deque(maxlen=K + 1)  # policies that may still be generating
         self.inflight: dict[int, StepRollout] = {}
         self.next_step = start  # the next step to launch
@@ -156,36 +161,81 @@ class RolloutPipeline:
 
     def collect(self, step: int) -> CollectedStep:
         """Step `step`'s scored groups (the learner waits here). A group whose rollout or reward actor died or hung
-        is generated again, exactly once, on the next actors (after re-syncing them): its noise is a function of
-        (seed, step, group, sample), so the retry is the same group, and it is counted and trained once."""
+        is generated again on the next rollout actor that answers (re-synced first), up to `cluster.group_retries`
+        times: its noise is a function of (seed, step, group, sample), so the retry is the same group, and it is
+        counted and trained once. The rollout actor that lost it is set aside until it answers again."""
         self.fill()
         in_flight = sum(len(r.groups) for r in self.inflight.values())
         current = self.inflight.pop(step)
         scored, infos = [], []
         since, retried = current.launched, False  # a retry restarts the clock of the groups after it
         for i, group in enumerate(current.groups):
-            try:
-                self._kill_if_overdue(step, i, i, current, since)
-                reward, info = ray.get([current.rewards[i], current.infos[i]])
-            except LOST as err:
-                slot, retried = i + 1, True
-                log.warning("step %d group %d lost (%s); retrying on rollout actor %d", group.step, i,
-                            type(err).__name__, slot % len(self.actors.rollouts))
-                self.store.event("group_retried", step=group.step, group=i, error=type(err).__name__)
-                self.actors.wait_until_ready(self.update)
-                current.trajectories[i], current.rewards[i], current.infos[i] = self._submit(group, slot)
-                if self._kill_if_overdue(step, i, slot, current, time.monotonic()):
-                    raise RuntimeError(f"step {step} group {i} was not back in time twice; the job stops here. "
-                                       f"Resubmit the same command to continue from the newest checkpoint")
-                reward, info = ray.get([current.rewards[i], current.infos[i]])
-                since = time.monotonic()
+            error = None
+            for _ in range(self.retries + 1):
+                try:
+                    if error is not None:
+                        self._resend(step, i, current, error)
+                        since, retried = time.monotonic(), True
+                    self._kill_if_overdue(step, i, current, since)
+                    reward, info = ray.get([current.rewards[i], current.infos[i]])
+                    break
+                except LOST as err:
+                    error = err
+            else:
+                raise RuntimeError(f"step {step} group {i} was lost {self.retries + 1} times (cluster.group_retries="
+                                   f"{self.retries}); the job stops here. Resubmit the same command to continue "
+                                   f"from the newest checkpoint") from error
             scored.append(reward)
             infos.append(info)
         if not retried:
             self.hangs.measured(time.monotonic() - current.launched)
         self.syncs.check(block=False)  # a failed adapter load surfaces here, before its stale groups do
         staleness = [self.gate.record(step, info["policy_version"]) for info in infos]
-        return CollectedStep(current.groups, current.trajectories, scored, infos, staleness, in_flight)
+        up = len(self.actors.rollouts) - len(self.actors.rollouts.aside)
+        return CollectedStep(current.groups, current.trajectories, scored, infos, staleness, in_flight, up)
+
+    def _resend(self, step: int, i: int, current: StepRollout, err: Exception) -> None:
+        """Send group `i` of `current`, lost (`err`), to the rollout and reward actors of the next rollout actor that
+        answers. The rollout actor that lost it is set aside (not when only its reward actor was lost)."""
+        slot = current.slots[i][0]
+        if _failed(current.infos[i]):
+            self._set_aside(step, slot)
+        up = self._live_slots(step)
+        nxt = ([s for s in up if s > slot] or up)[0]
+        log.warning("step %d group %d lost (%s); retrying on rollout actor %d", step, i, type(err).__name__, nxt)
+        self.store.event("group_retried", step=step, group=i, error=type(err).__name__, slot=nxt)
+        current.slots[i] = (nxt, nxt)
+        try:
+            self.actors.wait_until_ready(self.update, [nxt])
+        except LOST:
+            self._set_aside(step, nxt)
+            raise
+        current.trajectories[i], current.rewards[i], current.infos[i] = self._submit(current.groups[i], nxt)
+
+    def _set_aside(self, step: int, slot: int) -> None:
+        if slot not in self.actors.rollouts.aside:
+            self.actors.rollouts.set_aside(slot)
+            self.store.event("rollout_actor_set_aside", step=step, slot=slot)
+
+    def _live_slots(self, step: int) -> list[int]:
+        """The rollout actors taking new groups (one that has come back is sent the current adapter first); when
+        none answers, wait up to `cluster.hang_first_s` for one to come back."""
+        rollouts, deadline = self.actors.rollouts, time.monotonic() + self.hangs.first_s
+        while True:
+            up, back = rollouts.up()
+            for slot in back:
+                log.warning("rollout actor %d answers again and takes groups from now on", slot)
+                self.store.event("rollout_actor_back", step=step, slot=slot)
+                if self.update is not None:
+                    rollouts[slot].resync.remote(self.update)
+            if up:
+                return up
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"step {step}: no rollout actor answered for {self.hangs.first_s:.0f} s "
+                                   f"(cluster.hang_first_s); the job stops here. Resubmit the same command to "
+                                   f"continue from the newest checkpoint")
+            log.warning("step %d: no rollout actor answers; waiting for one to come back", step)
+            rollouts.wait_back(min(30.0, max(0.0, deadline - time.monotonic())))
 
     def cursor(self) -> dict:
         """Where the prompt stream stands now: its cursors and pool, and the red team's pending attack."""
@@ -218,23 +268,31 @@ class RolloutPipeline:
                 self.send(older[v] if v < start else update)
             self.fill()
 
-    def finish(self) -> list[tuple[int, str]]:
-        """Wait for the last syncs; an actor that restarted after it is brought up to date. Returns every
-        actor's (version, checksum)."""
-        self.syncs.check(block=True)
-        self.actors.wait_until_ready(self.update)
-        return self.actors.rollouts.status()
+    def finish(self) -> list[tuple[int, str] | None]:
+        """Wait for the last syncs; an actor that restarted after it is brought up to date, and one set aside gets
+        `cluster.hang_min_s` to come back. Returns each rollout actor's (version, checksum), None for one that did
+        not come back."""
+        rollouts = self.actors.rollouts
+        rollouts.wait_back(self.hangs.min_s, every=True)
+        up = self._live_slots(self.steps)
+        self.syncs.check(block=True, aside=set(rollouts.aside))
+        self.actors.wait_until_ready(self.update, up)
+        for slot in rollouts.aside:
+            log.warning("rollout actor %d did not come back before the end of the run", slot)
+        return rollouts.status()
 
-    def _kill_if_overdue(self, step: int, i: int, slot: int, current: StepRollout, since: float) -> bool:
-        """Wait for group `i` of `current` (sent to rollout and reward actor `slot` at `since`, monotonic) for the
-        hang limit. Past it, kill the actor still holding the group (the rollout actor if the group's images are not
-        made, else the reward actor) and return True: Ray restarts the actor, and a get of the group raises as for
-        any lost actor."""
+    def _kill_if_overdue(self, step: int, i: int, current: StepRollout, since: float) -> bool:
+        """Wait for group `i` of `current` (sent to its actors at `since`, monotonic) for the hang limit. Past it,
+        kill the actor still holding the group (the rollout actor if the group's images are not made, else the
+        reward actor) and return True: Ray restarts the actor, and a get of the group raises as for any lost
+        actor."""
         refs = [current.infos[i], current.rewards[i]]
         ready, _ = ray.wait(refs, num_returns=2, timeout=max(0.0, since + self.hangs.limit() - time.monotonic()))
         if len(ready) == 2:
             return False
-        role, group = ("rollout", self.actors.rollouts) if len(ready) == 0 else ("reward", self.actors.rewards)
+        rollout_slot, reward_slot = current.slots[i]
+        role, group, slot = ("rollout", self.actors.rollouts, rollout_slot) if len(ready) == 0 else \
+            ("reward", self.actors.rewards, reward_slot)
         waited = time.monotonic() - since
         log.warning("step %d group %d not back after %.0f s: %s actor %d is declared hung and restarted", step, i,
                     waited, role, slot % len(group))
@@ -248,18 +306,30 @@ class RolloutPipeline:
         return trajectory, self.actors.rewards.score(images, group, self.G, slot), info
 
     def _launch(self, step: int) -> StepRollout:
-        """Draw step `step`'s groups and send them out: group i to rollout actor i mod n (each actor renders its
-        groups in one call, in shared UNet batches) and then to reward actor i mod m."""
+        """Draw step `step`'s groups and send them out: group i to the (i mod n)-th of the n rollout actors taking
+        groups (each renders its groups in one call, in shared UNet batches) and then to reward actor i mod m."""
         cursor = self.cursor()  # before the red team's refresh at this step: a resume at `step` refreshes again
         if self.redteam is not None:
             self.redteam.before_launch(step, self.update)
         groups = self.prompts.next_groups(step, self.P)
-        out = StepRollout(cursor, groups, [None] * len(groups), [None] * len(groups), [None] * len(groups))
-        actors = len(self.actors.rollouts)
-        for slot in range(min(actors, len(groups))):
-            mine = list(range(slot, len(groups), actors))
+        n = len(groups)
+        out = StepRollout(cursor, groups, [None] * n, [None] * n, [None] * n, [None] * n)
+        up = self._live_slots(step)
+        for k, slot in enumerate(up[:n]):
+            mine = list(range(k, n, len(up)))
             rendered = self.actors.rollouts.generate([groups[i] for i in mine], slot, self.version)
             for i, (trajectory, images, info) in zip(mine, rendered):
-                out.trajectories[i], out.infos[i] = trajectory, info
+                out.trajectories[i], out.infos[i], out.slots[i] = trajectory, info, (slot, i)
                 out.rewards[i] = self.actors.rewards.score(images, groups[i], self.G, i)
         return out
+
+
+def _failed(ref: ray.ObjectRef) -> bool:
+    """Whether the object `ref` (its task done or failed) cannot be had: its actor died."""
+    try:
+        ray.get(ref, timeout=0)
+        return False
+    except LOST:
+        return True
+    except ray.exceptions.GetTimeoutError:  # still running: the actor was declared hung and is being killed
+        return True

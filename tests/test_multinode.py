@@ -2,8 +2,6 @@
 raylets (Ray's own harness, `ray.cluster_utils.Cluster`, set up in bench/fixtures.py), the roles placed on them by
 custom resources."""
 
-import time
-
 import pytest
 
 from bench.fixtures import node_of, one_machine_cluster
@@ -17,7 +15,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 # The reward actor on the head, one rollout actor per rollout node, the learner rank on the learner node; one group
-# per reward forward, so CLIP's numerics do not depend on how requests happened to be batched.
+# per UNet batch and per reward forward, so the numerics do not depend on how groups happened to meet in a batch (an
+# actor taking a lost actor's groups renders them in the same call as its own).
 PLACED = ("cluster.resources_per_rollout_actor={rollout_node: 1}", "cluster.resources_per_reward_actor={head_node: 1}",
           "cluster.resources_per_learner_worker={learner_node: 1}")
 
@@ -36,7 +35,7 @@ def _placed(tiny_config, tiny_dir, tmp_path, prompts, name):
     return tiny_config(tiny_dir, tmp_path, prompts, "run.steps=3", "run.save_every=1", f"run.name={name}",
                        "cluster.max_staleness=0", "cluster.rollout_actors=2", "cluster.cpus_per_rollout_actor=1",
                        "cluster.cpus_per_reward_actor=0.5", "cluster.cpus_per_learner_worker=1",
-                       "reward.batch_max_images=8", *PLACED)
+                       "reward.batch_max_images=8", "sampler.batch_size=8", *PLACED)
 
 
 @pytest.fixture(scope="module")
@@ -52,27 +51,25 @@ def whole(cluster, tiny_dir, tmp_path_factory, prompts, tiny_config):
     return run(_placed(tiny_config, tiny_dir, tmp_path_factory.mktemp("whole"), prompts, "whole"), progress=False)
 
 
-def test_a_lost_rollout_node_costs_its_groups_once_and_a_new_node_takes_its_actor(
+def test_a_lost_rollout_node_costs_its_groups_once_the_run_goes_on_and_a_new_node_takes_its_actor(
         cluster, whole, tiny_dir, tmp_path, prompts, tiny_config, when, steps_recorded):
     """After step 0 the worker node of rollout actor 0 dies with the actor and the objects it held (`remove_node`,
-    no graceful shutdown) and no node has room for it; 5 s later a new node joins. Ray restarts the actor there,
-    the lost groups are generated again once, and the run ends on the uninterrupted run's adapter (on-policy, so
-    every retried group is the same group)."""
+    no graceful shutdown) and no node has room for it: its groups are generated again once on actor 1, which takes
+    every group until, after step 1, a new node joins; Ray restarts the actor there and it is re-synced. The run ends
+    on the uninterrupted run's adapter (on-policy, so every retried group is the same group)."""
     reference = whole
     cfg = _placed(tiny_config, tiny_dir, tmp_path, prompts, "preempted")
     actors = start_actors(cfg)
     victim = next(n for n in cluster.worker_nodes if n.node_id == node_of(actors.rollouts[0]))
     joined = []
-
-    def preempt_and_replace():
-        cluster.remove_node(victim)
-        time.sleep(5)
-        joined.append(cluster.add_node(1, "rollout_node").node_id)
-
-    watcher = when(steps_recorded(tmp_path / "runs" / "preempted", 1), preempt_and_replace)
+    run_dir = tmp_path / "runs" / "preempted"
+    watchers = [when(steps_recorded(run_dir, 1), lambda: cluster.remove_node(victim)),
+                when(steps_recorded(run_dir, 2), lambda: joined.append(cluster.add_node(1, "rollout_node").node_id))]
     result = run(cfg, progress=False, actors=actors)
-    watcher.join()
+    for watcher in watchers:
+        watcher.join()
     assert victim not in cluster.worker_nodes and len(joined) == 1
+    assert [m["rollout_actors_up"] for m in result.metrics][:2] == [2, 1]  # step 1 went on with one actor
     P, G = cfg.grpo.prompts_per_step, cfg.grpo.group_size
     assert all(m["samples_trained"] == P * G and m["dropped_groups"] == 0 for m in result.metrics)
     assert result.actor_status == [(3, result.checksum)] * 2  # the restarted actor holds the final policy
