@@ -203,6 +203,9 @@ class LearnerGroup(ActorGroup):
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
             raise LearnerFailed(f"a learner rank died in '{what}' ({type(err).__name__}); the job stops here. "
                                 f"Resubmit the same command to continue from the newest checkpoint") from err
+        except ray.exceptions.ObjectLostError as err:  # a node lost between a step's collection and its update
+            raise LearnerFailed(f"the learner's '{what}' lost its input ({type(err).__name__}); the job stops here. "
+                                f"Resubmit the same command to continue from the newest checkpoint") from err
 
     def update(self, trajectories: list, advantages: torch.Tensor, step: int) -> dict[str, float]:
         """One GRPO step on every rank's shard (`trajectories`: references, fetched by the ranks themselves;

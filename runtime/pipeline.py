@@ -160,50 +160,68 @@ class RolloutPipeline:
             self.next_step += 1
 
     def collect(self, step: int) -> CollectedStep:
-        """Step `step`'s scored groups (the learner waits here). A group whose rollout or reward actor died or hung
-        is generated again on the next rollout actor that answers (re-synced first), up to `cluster.group_retries`
-        times: its noise is a function of (seed, step, group, sample), so the retry is the same group, and it is
-        counted and trained once. The rollout actor that lost it is set aside until it answers again."""
+        """Step `step`'s scored groups (the learner waits here). A group whose rollout or reward actor died or hung,
+        or whose trajectory was lost with its node after its reward came back, is generated again on the next rollout
+        actor that answers (re-synced first), up to `cluster.group_retries` times: its noise is a function of (seed,
+        step, group, sample), so the retry is the same group, and it is counted and trained once. The rollout actor
+        that lost it is set aside until it answers again."""
         self.fill()
         in_flight = sum(len(r.groups) for r in self.inflight.values())
         current = self.inflight.pop(step)
-        scored, infos = [], []
-        since, retried = current.launched, False  # a retry restarts the clock of the groups after it
-        for i, group in enumerate(current.groups):
-            error = None
-            for _ in range(self.retries + 1):
-                try:
-                    if error is not None:
-                        self._resend(step, i, current, error)
-                        since, retried = time.monotonic(), True
-                    self._kill_if_overdue(step, i, current, since)
-                    reward, info = ray.get([current.rewards[i], current.infos[i]])
-                    break
-                except LOST as err:
-                    error = err
-            else:
-                raise RuntimeError(f"step {step} group {i} was lost {self.retries + 1} times (cluster.group_retries="
-                                   f"{self.retries}); the job stops here. Resubmit the same command to continue "
-                                   f"from the newest checkpoint") from error
-            scored.append(reward)
-            infos.append(info)
-        if not retried:
+        answers, since, retries = [], current.launched, 0  # a retry restarts the clock of the groups after it
+        for i in range(len(current.groups)):
+            since, answer, tries = self._answer(step, i, current, since)
+            answers.append(answer)
+            retries += tries
+        for i in self._lost_trajectories(current):  # lost with their node after their rewards came back
+            since, answers[i], tries = self._answer(step, i, current, time.monotonic(), lost="TrajectoryLost")
+            retries += tries
+        if not retries:
             self.hangs.measured(time.monotonic() - current.launched)
         self.syncs.check(block=False)  # a failed adapter load surfaces here, before its stale groups do
+        scored, infos = [reward for reward, _ in answers], [info for _, info in answers]
         staleness = [self.gate.record(step, info["policy_version"]) for info in infos]
         up = len(self.actors.rollouts) - len(self.actors.rollouts.aside)
         return CollectedStep(current.groups, current.trajectories, scored, infos, staleness, in_flight, up)
 
-    def _resend(self, step: int, i: int, current: StepRollout, err: Exception) -> None:
-        """Send group `i` of `current`, lost (`err`), to the rollout and reward actors of the next rollout actor that
-        answers. The rollout actor that lost it is set aside (not when only its reward actor was lost)."""
+    def _answer(self, step: int, i: int, current: StepRollout, since: float,
+                lost: str | None = None) -> tuple[float, tuple, int]:
+        """Wait for group `i` of `current` (sent at `since`; `lost`: already lost, for that reason), sending it again
+        while it is lost, up to `cluster.group_retries` times. Returns (when it was last sent, (reward, info),
+        retries)."""
+        error = lost
+        for tries in range(self.retries + 1):
+            try:
+                if error is not None:
+                    self._resend(step, i, current, error)
+                    since = time.monotonic()
+                self._kill_if_overdue(step, i, current, since)
+                return since, tuple(ray.get([current.rewards[i], current.infos[i]])), tries
+            except LOST as err:
+                error = type(err).__name__
+        raise RuntimeError(f"step {step} group {i} was lost {self.retries + 1} times (cluster.group_retries="
+                           f"{self.retries}); the job stops here. Resubmit the same command to continue from the "
+                           f"newest checkpoint")
+
+    def _lost_trajectories(self, current: StepRollout) -> list[int]:
+        """Groups of `current` whose trajectory is held only by nodes that are gone: made on a node lost after their
+        rewards came back, before the learner fetched them. (An object small enough to live with its owner lists
+        no node and is never lost this way.)"""
+        alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+        where = ray.experimental.get_object_locations(current.trajectories)
+        return [i for i, ref in enumerate(current.trajectories)
+                if where[ref]["node_ids"] and not alive.intersection(where[ref]["node_ids"])]
+
+    def _resend(self, step: int, i: int, current: StepRollout, error: str) -> None:
+        """Send group `i` of `current`, lost (`error`: why), to the rollout and reward actors of the next rollout
+        actor that answers. The rollout actor that lost it is set aside (not when only its reward actor was lost)."""
         slot = current.slots[i][0]
         if _failed(current.infos[i]):
             self._set_aside(step, slot)
         up = self._live_slots(step)
         nxt = ([s for s in up if s > slot] or up)[0]
-        log.warning("step %d group %d lost (%s); retrying on rollout actor %d", step, i, type(err).__name__, nxt)
-        self.store.event("group_retried", step=step, group=i, error=type(err).__name__, slot=nxt)
+        log.warning("step %d group %d lost (%s); retrying on rollout actor %d", step, i, error, nxt)
+        self.store.event("group_retried", step=step, group=i, error=error, slot=nxt)
         current.slots[i] = (nxt, nxt)
         try:
             self.actors.wait_until_ready(self.update, [nxt])
