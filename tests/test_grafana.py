@@ -31,8 +31,8 @@ SCORED = {"step", "reward_mean", "reward_std", "zero_std_frac", "cos_safe_mean",
 LEARNER = {"loss", "approx_kl", "clipfrac", "ratio_mean", "grad_norm"}
 #   GRPOUpdate.update (learner/update.py, which the Ray learner ranks run too): the records of a real 2-step tiny
 #   training run (slow)
-PIPELINE = {"staleness_mean", "staleness_max", "groups_in_flight", "time_generate_mean", "time_reward_batch_mean",
-            "images_per_s", "actor_idle_frac", "learner_idle_frac"}
+PIPELINE = {"staleness_mean", "staleness_max", "groups_in_flight", "rollout_actors_up", "time_generate_mean",
+            "time_reward_batch_mean", "images_per_s", "actor_idle_frac", "learner_idle_frac"}
 #   Ray runtime only: CollectedStep.record (runtime/pipeline.py) and Utilisation.step (runtime/controller.py),
 #   called here on stand-in groups; staleness is above 0 only with cluster.max_staleness > 0
 CONTROLLER = {"time_train", "time_wait_rollouts", "time_publish", "sync_bytes", "sync_load_ms"}
@@ -147,7 +147,8 @@ def test_the_scored_and_pipeline_fields_are_in_the_records_the_runtime_code_buil
     assert SCORED <= scored.record.keys(), SCORED - scored.record.keys()
 
     collected = CollectedStep(groups, [None] * P, [SimpleNamespace(seconds=0.5)] * P,
-                              [{"policy_version": 0, "generate_s": 1.0}] * P, staleness=[0, 1], groups_in_flight=4)
+                              [{"policy_version": 0, "generate_s": 1.0}] * P, staleness=[0, 1], groups_in_flight=4,
+                              rollout_actors_up=2)
     record = {**collected.record(), **Utilisation(rollout_actors=2).step(P * G, 0.1, collected.infos)}
     assert PIPELINE <= record.keys(), PIPELINE - record.keys()
 
