@@ -299,15 +299,14 @@ class RolloutPipeline:
             log.warning("rollout actor %d did not come back before the end of the run", slot)
         return rollouts.status()
 
-    def _kill_if_overdue(self, step: int, i: int, current: StepRollout, since: float) -> bool:
+    def _kill_if_overdue(self, step: int, i: int, current: StepRollout, since: float) -> None:
         """Wait for group `i` of `current` (sent to its actors at `since`, monotonic) for the hang limit. Past it,
         kill the actor still holding the group (the rollout actor if the group's images are not made, else the
-        reward actor) and return True: Ray restarts the actor, and a get of the group raises as for any lost
-        actor."""
+        reward actor): Ray restarts the actor, and a get of the group raises as for any lost actor."""
         refs = [current.infos[i], current.rewards[i]]
         ready, _ = ray.wait(refs, num_returns=2, timeout=max(0.0, since + self.hangs.limit() - time.monotonic()))
         if len(ready) == 2:
-            return False
+            return
         rollout_slot, reward_slot = current.slots[i]
         role, group, slot = ("rollout", self.actors.rollouts, rollout_slot) if len(ready) == 0 else \
             ("reward", self.actors.rewards, reward_slot)
@@ -316,7 +315,6 @@ class RolloutPipeline:
                     waited, role, slot % len(group))
         self.store.event("actor_hung", step=step, group=i, role=role, slot=slot % len(group), waited_s=round(waited, 1))
         ray.kill(group.at(slot), no_restart=False)
-        return True
 
     def _submit(self, group: PromptGroup, slot: int) -> tuple:
         """Generate one group on rollout actor `slot` and score it on reward actor `slot`: three references."""
