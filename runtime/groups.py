@@ -117,11 +117,15 @@ class RolloutGroup(ActorGroup):
         back = [slot for slot in list(self.aside) if self._answered(slot)]
         for slot in back:
             del self.aside[slot]
-        return [s for s in range(len(self.handles)) if s not in self.aside], back
+        return self._taking(), back
+
+    def _taking(self) -> list[int]:
+        """The slots not set aside."""
+        return [s for s in range(len(self.handles)) if s not in self.aside]
 
     def first_up(self):
         """The first actor not set aside (actor 0 if all are)."""
-        return self.handles[next((s for s in range(len(self.handles)) if s not in self.aside), 0)]
+        return self.handles[next(iter(self._taking()), 0)]
 
     def wait_back(self, timeout_s: float, every: bool = False) -> None:
         """Wait up to `timeout_s` for one actor set aside (`every`: all of them) to answer; `up` then reports it."""
@@ -150,7 +154,7 @@ class RolloutGroup(ActorGroup):
 
     def status(self) -> list[tuple[int, str] | None]:
         """(policy version, checksum) held by each actor; None for one set aside."""
-        answers = {s: a.status.remote() for s, a in enumerate(self.handles) if s not in self.aside}
+        answers = {s: self.handles[s].status.remote() for s in self._taking()}
         return [ray.get(answers[s]) if s in answers else None for s in range(len(self.handles))]
 
 
