@@ -5,7 +5,8 @@
     rollout   the step's prompts_per_step groups rendered one group per call (as before) and all in one call
               (as a rollout actor now does), on the world's models and sampler
     learner   one GRPO update of a step's samples with grpo.timesteps_per_pass 1 (the reference's loop) and the
-              config's value, from the same trajectories and advantages; the single-process optimiser, no Ray
+              config's value, from the same trajectories and advantages; the single-process optimiser, no Ray;
+              with its time per phase (forward, backward, optimizer, to_device)
 
 Each is timed `--repeats` times after one warm-up and the best time is reported, with the ratio. Threads: the
 learner's and rollout actor's count from the config (cluster.cpus_per_*). With `--profile`, one more update at the
@@ -59,18 +60,21 @@ def main() -> int:
     advantages = torch.randn(len(groups), cfg.grpo.group_size, generator=torch.Generator().manual_seed(0))
     batch = TrainBatch.from_trajectories(rollout.generate(groups), advantages)
     start_state = policy.state()
-    seconds = {}
+    seconds, metrics = {}, {}
+    trained = cfg.grpo.timesteps_per_sample or cfg.grpo.train_timesteps
     for per_pass in sorted({1, cfg.grpo.timesteps_per_pass}):
         grpo = cfg.grpo.model_copy(update={"timesteps_per_pass": per_pass})
 
-        def update(grpo=grpo):
+        def update(grpo=grpo, per_pass=per_pass):
             policy.load_state(start_state, 0)
             optimizer = TorchOptimizer(policy.trainable_parameters(), cfg.optim)
-            GRPOUpdate(policy, grpo, cfg.sampler, cfg.run.seed, optimizer).update(batch, step=0)
+            metrics[per_pass] = GRPOUpdate(policy, grpo, cfg.sampler, cfg.run.seed, optimizer).update(batch, step=0)
 
         seconds[per_pass] = best_of(args.repeats, update)
-        print(f"learner, {len(batch)} samples x {cfg.grpo.train_timesteps} timesteps, timesteps_per_pass "
-              f"{per_pass}: {seconds[per_pass]:.1f} s")
+        phases = ", ".join(f"{key.removeprefix('learner_').removesuffix('_s')} {value:.1f} s"
+                           for key, value in metrics[per_pass].items() if key.startswith("learner_"))
+        print(f"learner, {len(batch)} samples x {trained} timesteps, timesteps_per_pass {per_pass}: "
+              f"{seconds[per_pass]:.1f} s (last run: {phases})")
     if len(seconds) == 2:
         print(f"learner ratio: {seconds[1] / seconds[cfg.grpo.timesteps_per_pass]:.2f}x")
     if args.profile:

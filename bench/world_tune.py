@@ -7,7 +7,8 @@ Each `--setting NAME [key.sub=value ...]` is the world config plus the common ov
 flags: a `--setting` takes every word after it) and its own. Every (setting, seed) is trained like a
 `safediff.world.ablations` variant: the single-process loop, the same method as the Ray runtime's synchronous
 default, at about half its wall time per run on 2 cores when two run at a time. Its final adapter is scored on the
-held-out sets, without CLIP (the judges only), against the base model scored with the same seed's noise. After
+held-out sets, without CLIP (the judges only), against the base model scored with the same seed's noise, and its
+training's wall time kept (runs share the cores, so compare it only within one invocation). After
 each run <out>/tune.md and <out>/results.json are rewritten: per setting and seed the unsafe rates' relative change
 and the benign accuracy's change in points, their mean ± standard error over seeds, and how many of the project's
 five targets the mean meets; a rerun skips the (name, seed) runs already there. Tuning reads only the held-out
@@ -33,14 +34,16 @@ from safediff.world.report import score
 
 def report(settings: dict[str, list[str]], results: dict[str, dict], seeds: list[int]) -> str:
     lines = ["| setting | overrides | " + " | ".join(f"seed {s}: glyph, hazard, benign" for s in seeds)
-             + " | mean glyph | mean hazard | mean benign (pts) | targets met |",
-             "|---|---|" + "---|" * len(seeds) + "---:|---:|---:|---|"]
+             + " | mean glyph | mean hazard | mean benign (pts) | targets met | training (min per run) |",
+             "|---|---|" + "---|" * len(seeds) + "---:|---:|---:|---|---:|"]
     for name, overrides in settings.items():
         per_seed = [changes({"base": results[f"base@{s}"], "run": results[f"{name}@{s}"]}, "run")
                     if f"{name}@{s}" in results else None for s in seeds]
         cells = [f"{c['glyph']:+.0%}, {c['hazard']:+.0%}, {c['benign_pts']:+.1f}" if c else "..." for c in per_seed]
         done = [c for c in per_seed if c]
+        minutes = [results[f"{name}@{s}"]["train_s"] / 60 for s in seeds if "train_s" in results.get(f"{name}@{s}", {})]
         summary = mean_cells(done) + [f"{sum(targets(done).values())}/5"] if done else ["..."] * 4
+        summary.append(f"{sum(minutes) / len(minutes):.1f}" if minutes else "...")
         lines.append(f"| {name} | `{' '.join(overrides) or '(the config)'}` | " + " | ".join(cells + summary) + " |")
     return "\n".join(lines)
 

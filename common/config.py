@@ -208,6 +208,11 @@ class GRPOConfig(_Strict):
                                         "weights pi_prox / pi_behav.")
     train_timesteps: int = Field(49, ge=1, description="Each sample trains on the first K trajectory steps "
                                  "(reference: 49 of 50, the last dropped), in its own shuffled order.")
+    timesteps_per_sample: int | None = Field(
+        None, ge=1, description="How many of the K = train_timesteps steps each sample trains per training step: "
+        "the first ones of its seeded shuffled order, so a random subset drawn per sample and step (DDPO's and "
+        "flow_grpo's train.timestep_fraction). Costs that share of the learner's time. None trains all K (the "
+        "reference).")
     kl_beta: float = Field(0.0, ge=0, description="KL penalty beta * KL to the base model (LoRA disabled), where KL "
                            "is |mu - mu_ref|^2 / (2 sigma^2) averaged over the latent's C x h x w dimensions (like the "
                            "log-probs), then over samples and trained timesteps: flow_grpo's convention, so its beta "
@@ -637,6 +642,9 @@ class Config(_Strict):
         if g.train_timesteps > self.sampler.num_steps:
             raise ValueError(f"grpo.train_timesteps ({g.train_timesteps}) exceeds sampler.num_steps "
                              f"({self.sampler.num_steps})")
+        if g.timesteps_per_sample is not None and g.timesteps_per_sample > g.train_timesteps:
+            raise ValueError(f"grpo.timesteps_per_sample ({g.timesteps_per_sample}) exceeds grpo.train_timesteps "
+                             f"({g.train_timesteps})")
         samples = g.prompts_per_step * g.group_size
         if samples % g.updates_per_step:
             raise ValueError(f"grpo.updates_per_step ({g.updates_per_step}) must divide the step's "

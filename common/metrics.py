@@ -3,11 +3,35 @@ evaluations made while training."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from safediff.common.errors import UserInputError
+
+
+class PhaseTimer:
+    """Wall seconds per named phase of a step: `with timer("train"): ...`, then `timer.seconds["train"]`. `sync`
+    (e.g. torch.cuda.synchronize) runs at each phase's end, so work a device queued is charged to the phase that
+    queued it, not to the next one that waits for it."""
+
+    def __init__(self, sync: Callable[[], None] | None = None):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.sync = sync
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+            if self.sync is not None:
+                self.sync()
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
 
 
 class MetricsLog:

@@ -2,13 +2,12 @@
 
 The step's samples are shuffled and split into `updates_per_step` minibatches; each minibatch is one
 optimiser step whose gradient accumulates over micro-batches and over each sample's trained timesteps
-(the first `train_timesteps` of its trajectory, visited in a per-sample shuffled order,
-`timesteps_per_pass` of them in one forward/backward). Each pass is weighted by its share of
-the minibatch's (sample, timestep) terms, so the optimiser sees the mean PPO-clip loss over
-them, even when dropped groups leave minibatches of unequal size. With `grpo.objective: decoupled` the
-log-probs the ratio is taken against are recomputed under the learner's policy before the step's first
-update (the proximal policy), and each term is weighted by its truncated behaviour weight
-(common/grpo.py `behaviour_weights`).
+(the first `train_timesteps` of its trajectory, visited in a per-sample shuffled order, of which the first
+`timesteps_per_sample` are trained, `timesteps_per_pass` of them in one forward/backward). Each pass is weighted
+by its share of the minibatch's (sample, timestep) terms, so the optimiser sees the mean PPO-clip loss over them,
+even when dropped groups leave minibatches of unequal size. With `grpo.objective: decoupled` the log-probs the ratio
+is taken against are recomputed under the learner's policy before the step's first update (the proximal policy),
+and each term is weighted by its truncated behaviour weight (common/grpo.py `behaviour_weights`).
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import torch
 
 from safediff.common.config import GRPOConfig, OptimConfig, SamplerConfig
 from safediff.common.grpo import behaviour_weights, kl_to_reference, ppo_clip_loss
+from safediff.common.metrics import PhaseTimer
 from safediff.common.policy import Policy
 from safediff.common.sampling import GaussianStep
 from safediff.common.seeds import derive_seed, generator
@@ -90,6 +90,10 @@ class TrainBatch:
     def __len__(self) -> int:
         return self.latents.shape[0]
 
+    def to(self, device: torch.device) -> TrainBatch:
+        return TrainBatch(self.latents.to(device), self.log_probs.to(device), self.cond.to(device),
+                          self.uncond.to(device), self.advantages.to(device))
+
 
 class GRPOUpdate:
     def __init__(self, policy: Policy, grpo: GRPOConfig, sampler: SamplerConfig, run_seed: int,
@@ -102,39 +106,35 @@ class GRPOUpdate:
 
     def _step(self, batch: TrainBatch, rows: torch.Tensor, t_idx: torch.Tensor) -> GaussianStep:
         """The policy's sampler step (mean, std, log-prob of the recorded next latent) for samples `rows`, each at
-        its own trajectory step `t_idx`."""
-        dev = self.policy.device
-        x_t, x_prev = batch.latents[rows, t_idx].to(dev), batch.latents[rows, t_idx + 1].to(dev)
-        cond, uncond = batch.cond[rows].to(dev), batch.uncond.to(dev)
+        its own trajectory step `t_idx` (`batch` on the policy's device)."""
+        x_t, x_prev = batch.latents[rows, t_idx], batch.latents[rows, t_idx + 1]
         with self.policy.autocast():
-            return self.policy.bundle.step(x_t, t_idx, cond, uncond, self.sampler, prev_sample=x_prev)
+            return self.policy.bundle.step(x_t, t_idx, batch.cond[rows], batch.uncond, self.sampler, prev_sample=x_prev)
 
     @torch.no_grad()
-    def proximal_log_probs(self, batch: TrainBatch, rows: torch.Tensor) -> torch.Tensor:
-        """[N, K] log-probs of the first K = train_timesteps recorded steps under the policy held now, filled for
-        `rows` (NaN elsewhere): the decoupled objective's pi_prox, taken before the step's first update."""
-        K, out = self.cfg.train_timesteps, torch.full((len(batch), self.cfg.train_timesteps), float("nan"))
-        for chunk in torch.split(rows, self.cfg.micro_batch_size):
-            for ks in torch.split(torch.arange(K), self.cfg.timesteps_per_pass):
-                flat_rows, flat_t = _pairs(chunk, ks.expand(len(chunk), -1))
-                step = self._step(batch, flat_rows, flat_t)
-                out[flat_rows, flat_t] = step.log_prob.float().cpu()
+    def proximal_log_probs(self, batch: TrainBatch, needed: torch.Tensor) -> torch.Tensor:
+        """[N, K] log-probs, under the policy held now, of the (sample, recorded step) pairs where `needed` [N, K]
+        is true (NaN elsewhere; K = train_timesteps): the decoupled objective's pi_prox, taken before the step's
+        first update, in passes of micro_batch_size x timesteps_per_pass pairs."""
+        out = torch.full(needed.shape, float("nan"), device=batch.log_probs.device)
+        for pairs in torch.split(needed.nonzero(), self.cfg.micro_batch_size * self.cfg.timesteps_per_pass):
+            step = self._step(batch, pairs[:, 0], pairs[:, 1])
+            out[pairs[:, 0], pairs[:, 1]] = step.log_prob.float()
         return out
 
     def _term(self, batch: TrainBatch, rows: torch.Tensor, t_idx: torch.Tensor, stats: dict,
               prox: torch.Tensor | None) -> torch.Tensor:
         """PPO-clip (+ KL) loss of samples `rows`, each at its own trajectory step `t_idx`; `prox` [N, K] the
         proximal log-probs (decoupled objective) or None (standard)."""
-        dev = self.policy.device
         step = self._step(batch, rows, t_idx)
-        behav, weights = batch.log_probs[rows, t_idx].to(dev), None
+        behav, weights = batch.log_probs[rows, t_idx], None
         old = behav
         if prox is not None:
-            old = prox[rows, t_idx].to(dev)
+            old = prox[rows, t_idx]
             weights = behaviour_weights(old, behav, self.cfg.behaviour_weight_cap)
             stats["behaviour_weight"].append(weights.cpu())
             stats["behaviour_log_ratio"].append((old - behav).abs().cpu())
-        terms = ppo_clip_loss(batch.advantages[rows].to(dev), step.log_prob, old, self.cfg.clip_range, weights)
+        terms = ppo_clip_loss(batch.advantages[rows], step.log_prob, old, self.cfg.clip_range, weights)
         loss = terms.loss
         if self.cfg.kl_beta > 0:
             with torch.no_grad(), self.policy.reference():
@@ -155,21 +155,34 @@ class GRPOUpdate:
         With several data-parallel ranks every rank sees the whole batch and the same seeded order, and
         trains rows rank, rank + W, ... of each minibatch; its loss is scaled by W so that the ranks'
         averaged gradient is the gradient of the mean over the whole minibatch.
+
+        Where the time went, in seconds (`learner_<phase>_s`): to_device (the batch, once), proximal (the
+        decoupled objective's pi_prox), forward (policy steps and losses), backward (with ZeRO's gradient
+        reduce, which runs inside it), optimizer (clip and apply). On CUDA each phase ends with a synchronize.
         """
+        clock = PhaseTimer(torch.cuda.synchronize if self.policy.device.type == "cuda" else None)
+        with clock("to_device"):
+            batch = batch.to(self.policy.device)
         cfg, N, K = self.cfg, len(batch), self.cfg.train_timesteps
+        S = cfg.timesteps_per_sample or K  # trained steps per sample: the first S of its shuffled K
         stats: dict[str, list] = defaultdict(list)
         grad_norms, first_update_log_ratio = [], None
         orders = []
         for epoch in range(cfg.inner_epochs):
             rng = generator(derive_seed("train-order", self.run_seed, step, epoch))
             order = torch.randperm(N, generator=rng)
-            orders.append((order, torch.stack([torch.randperm(K, generator=rng) for _ in range(N)])))  # [N], [N, K]
+            t_order = torch.stack([torch.randperm(K, generator=rng)[:S] for _ in range(N)])
+            orders.append((order, t_order))  # [N], [N, S]
         prox = None
         if cfg.objective == "decoupled":  # pi_prox: this rank's rows, before any update of the step
-            mine = torch.cat([mb[rank::world_size] for order, _ in orders
-                              for mb in torch.tensor_split(order, cfg.updates_per_step)]).unique()
-            prox = self.proximal_log_probs(batch, mine)
-        passes = torch.split(torch.arange(K), cfg.timesteps_per_pass)  # which of a sample's K steps share a pass
+            needed = torch.zeros(N, K, dtype=torch.bool)
+            for order, t_order in orders:
+                for mb in torch.tensor_split(order, cfg.updates_per_step):
+                    mine = mb[rank::world_size]
+                    needed[mine.unsqueeze(1), t_order[mine]] = True
+            with clock("proximal"):
+                prox = self.proximal_log_probs(batch, needed)
+        passes = torch.split(torch.arange(S), cfg.timesteps_per_pass)  # which of a sample's S steps share a pass
         self.policy.denoiser.train()
         for order, t_order in orders:
             for minibatch in torch.tensor_split(order, cfg.updates_per_step):
@@ -180,23 +193,29 @@ class GRPOUpdate:
                 for rows in micro_batches:
                     for js in passes:
                         flat_rows, flat_t = _pairs(rows, t_order[rows][:, js])
-                        loss = self._term(batch, flat_rows, flat_t, stats, prox)
-                        # weight so the minibatch gradient is that of the mean over its (sample, step) pairs
-                        self.optimizer.backward(loss * (world_size * len(flat_rows) / (len(minibatch) * K)))
+                        with clock("forward"):
+                            loss = self._term(batch, flat_rows, flat_t, stats, prox)
+                        with clock("backward"):
+                            # weight so the minibatch gradient is that of the mean over its (sample, step) pairs
+                            self.optimizer.backward(loss * (world_size * len(flat_rows) / (len(minibatch) * S)))
                 # ZeRO-2/3 reduce inside every backward: all ranks must make the same number of calls, also
                 # when dropped groups leave shards of unequal size (the largest is ceil(len / world_size)).
                 largest = -(-len(minibatch) // world_size)
-                for _ in range((-(-largest // cfg.micro_batch_size) - len(micro_batches)) * len(passes)):
-                    self._zero_backward()
+                with clock("backward"):
+                    for _ in range((-(-largest // cfg.micro_batch_size) - len(micro_batches)) * len(passes)):
+                        self._zero_backward()
                 if first_update_log_ratio is None and stats["abs_log_ratio"]:
                     first_update_log_ratio = float(torch.cat(stats["abs_log_ratio"]).max())
-                grad_norms.append(self.optimizer.step())
+                with clock("optimizer"):
+                    grad_norms.append(self.optimizer.step())
         self.policy.denoiser.eval()
+        times = {f"learner_{phase}_s": seconds for phase, seconds in clock.seconds.items()}
         if not stats["loss"]:
-            return {"grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "samples_trained": 0}
+            return {"grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "samples_trained": 0, **times}
         ratio = torch.cat(stats["ratio"])
         out = {
-            "samples_trained": len(ratio) // K,
+            **times,
+            "samples_trained": len(ratio) // S,
             "loss": sum(stats["loss"]) / len(stats["loss"]),
             "approx_kl": sum(stats["approx_kl"]) / len(stats["approx_kl"]),
             "clipfrac": float(torch.cat(stats["clipped"]).float().mean()),

@@ -18,6 +18,7 @@ import ray
 
 from safediff.common.checkpoint import Checkpoint, Layout, export_weights, resume_point, write_checkpoint
 from safediff.common.config import Config
+from safediff.common.metrics import PhaseTimer
 from safediff.common.prompts import PromptStream, read_prompt_file
 from safediff.common.weight_sync import fetch_state
 from safediff.reward_server.steering import DIAGNOSTICS
@@ -26,7 +27,7 @@ from safediff.runtime.groups import Actors, start_actors
 from safediff.runtime.live_eval import LiveEval
 from safediff.runtime.pipeline import RolloutPipeline
 from safediff.runtime.progress import StepProgress
-from safediff.runtime.recipe import PhaseTimer, StepRecipe
+from safediff.runtime.recipe import StepRecipe
 from safediff.runtime.redteam import RedTeam
 from safediff.runtime.session import RunContext, TrainResult, close_run, stop_requests, tracked_run
 from safediff.runtime.telemetry import RayRunMetrics

@@ -18,12 +18,13 @@ from safediff.actors.rollout import Rollout
 from safediff.common.checkpoint import Layout, TrainerState, export_weights, resume_point, write_checkpoint
 from safediff.common.config import Config
 from safediff.common.errors import UserInputError
+from safediff.common.metrics import PhaseTimer
 from safediff.common.policy import Policy
 from safediff.common.prompts import PromptStream
 from safediff.learner.update import GRPOUpdate, TorchOptimizer, TrainBatch
 from safediff.reward_server.steering import DIAGNOSTICS, RewardOutput, SteeringReward
 from safediff.runtime.progress import StepProgress
-from safediff.runtime.recipe import PhaseTimer, StepRecipe
+from safediff.runtime.recipe import StepRecipe
 from safediff.runtime.session import RunContext, TrainResult, close_run, stop_requests, tracked_run
 
 log = logging.getLogger(__name__)

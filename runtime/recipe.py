@@ -10,11 +10,8 @@ generate, score and update; both hand their step's rewards to a `StepRecipe`:
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,21 +24,6 @@ from safediff.runtime.run_store import Interrupted
 from safediff.runtime.session import RunContext
 
 log = logging.getLogger(__name__)
-
-
-class PhaseTimer:
-    """Wall seconds per named phase of a step: `with timer("train"): ...`, then `timer.seconds["train"]`."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] += time.perf_counter() - start
 
 
 @dataclass

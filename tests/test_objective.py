@@ -1,6 +1,7 @@
 """The decoupled objective against the standard one: on-policy they give the same update; on stale data the
 decoupled ratio is taken against the learner's own policy, and the behaviour weights carry the staleness. And
-grpo.timesteps_per_pass: several trained timesteps in one pass give the same update as one at a time."""
+grpo.timesteps_per_pass: several trained timesteps in one pass give the same update as one at a time; and
+grpo.timesteps_per_sample: a random subset of each sample's trained timesteps, weighted as the mean over it."""
 
 import torch
 
@@ -109,3 +110,43 @@ def test_timesteps_in_one_pass_give_the_gradients_of_one_timestep_per_pass(tiny_
     assert sorted(passes["standard", 3]) == [4] * 4 + [12] * 4
     assert passes["standard", 4] == [16] * 4
     assert passes["decoupled", 4] == [16] * 8  # the proximal log-probs' 4 passes, then training's 4
+
+
+def test_a_subset_of_timesteps_per_sample_gives_the_mean_gradient_over_the_pairs_trained(tiny_dir, tmp_path,
+                                                                                        prompt_file, tiny_config):
+    cfg = tiny_config(tiny_dir, tmp_path, prompt_file, "grpo.group_size=4", "grpo.prompts_per_step=2",
+                      "grpo.updates_per_step=2", "grpo.micro_batch_size=2", "grpo.train_timesteps=4",
+                      "grpo.timesteps_per_pass=2")
+    grads = {}
+    for per_sample in (None, 4):  # all K: the reference's draws, bit for bit
+        policy, updater = _setup(cfg, "standard", record=True, timesteps_per_sample=per_sample)
+        updater.update(_batch(cfg, policy), step=0)
+        grads[per_sample] = torch.stack(updater.optimizer.grads)
+    assert torch.equal(grads[None], grads[4])
+
+    policy, updater = _setup(cfg, "standard", record=True, timesteps_per_sample=2)
+    batch, trained, term = _batch(cfg, policy), [[]], updater._term
+    updater._term = lambda b, rows, t, *a: trained[-1].extend(zip(rows.tolist(), t.tolist())) or term(b, rows, t, *a)
+    recorder_step = updater.optimizer.step
+    updater.optimizer.step = lambda: trained.append([]) or recorder_step()
+    metrics = updater.update(batch, step=0)
+    got, trained = torch.stack(updater.optimizer.grads), trained[:-1]
+    pairs = [p for minibatch in trained for p in minibatch]
+    assert metrics["samples_trained"] == len(batch) == 8 and len(pairs) == 8 * 2
+    assert sorted(r for r, _ in pairs) == sorted(list(range(8)) * 2)        # every sample, twice ...
+    assert all(len({t for r, t in pairs if r == row}) == 2 for row in range(8))  # ... at two distinct steps
+    assert len({tuple(sorted(t for r, t in pairs if r == row)) for row in range(8)}) > 1  # drawn per sample
+
+    # independently: each pair's loss on its own, averaged over the minibatch's 4 samples x 2 steps
+    stats = {k: [] for k in ("loss", "approx_kl", "ratio", "clipped", "abs_log_ratio")}
+    params = policy.trainable_parameters()
+    for k, minibatch in enumerate(trained):
+        for p in params:
+            p.grad = None
+        policy.denoiser.train()
+        for r, t in minibatch:
+            (term(batch, torch.tensor([r]), torch.tensor([t]), stats, None) / len(minibatch)).backward()
+        want = torch.cat([p.grad.flatten() for p in params])
+        assert float(want.abs().max()) > 0
+        # float32 rounding of another batching (measured 1.7e-5); weighting by K instead of S would be 50% off
+        assert float(torch.linalg.norm(got[k] - want) / torch.linalg.norm(want)) < 1e-4

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from safediff.common.messages import PromptGroup
+from safediff.common.metrics import PhaseTimer
 from safediff.runtime.groups import merge_ranks
-from safediff.runtime.recipe import PhaseTimer, StepRecipe
+from safediff.runtime.recipe import StepRecipe
 from safediff.runtime.run_store import Interrupted
 from safediff.runtime.session import tracked_run
 

@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import multiprocessing
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -78,13 +79,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_variant(config: Path, overrides: list[str], images: int, threads: int, clip: bool = True) -> dict[str, float]:
     """Train one variant with the single-process loop and score its final adapter (in a worker process); without
-    `clip` the CLIP alignment column is left out (the judges' columns are the same)."""
+    `clip` the CLIP alignment column is left out (the judges' columns are the same). `train_s`: training's wall
+    time."""
     torch.set_num_threads(threads)
     cfg = load_config(config, overrides)
+    start = time.perf_counter()
     result = train(cfg, resume=False)
+    train_s = time.perf_counter() - start
     policy = Policy.from_config(cfg)
     policy.load_state(policy.trainable.load_saved(result.run_dir / "adapter"), result.final_version)
-    return score(policy, cfg, images, load_clip(cfg.reward.clip) if clip else None, progress=False)[0]
+    row = score(policy, cfg, images, load_clip(cfg.reward.clip) if clip else None, progress=False)[0]
+    return {**row, "train_s": train_s}
 
 
 def write_tables(rows: dict[str, dict[str, float]], out: Path) -> None:
