@@ -28,7 +28,8 @@ METRIC = re.compile(r"\bray_[a-zA-Z0-9_:]+")
 # numeric fields are the gauges, runtime/telemetry.py). Every field of the dashboard is in exactly one group.
 SCORED = {"step", "reward_mean", "reward_std", "zero_std_frac", "cos_safe_mean", "cos_prompt_mean", "dropped_groups"}
 #   StepRecipe.score (runtime/recipe.py, shared by both loops), called here on made-up rewards
-LEARNER = {"loss", "approx_kl", "clipfrac", "ratio_mean", "grad_norm"}
+LEARNER = {"loss", "approx_kl", "clipfrac", "ratio_mean", "grad_norm", "learner_forward_s", "learner_backward_s",
+           "learner_optimizer_s", "learner_to_device_s"}
 #   GRPOUpdate.update (learner/update.py, which the Ray learner ranks run too): the records of a real 2-step tiny
 #   training run (slow)
 PIPELINE = {"staleness_mean", "staleness_max", "groups_in_flight", "rollout_actors_up", "time_generate_mean",
@@ -116,7 +117,7 @@ def test_the_dashboard_is_an_importable_grafana_dashboard():
         assert panel["type"] == "timeseries" and panel["targets"], panel["title"]
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
         for target in panel["targets"]:
-            assert target["refId"] and target["legendFormat"] == "{{run}}"
+            assert target["refId"] and target["legendFormat"].startswith("{{run}}")  # (then the series' name)
             assert 'run=~"$run"' in target["expr"], target["expr"]
 
 
@@ -176,3 +177,5 @@ def test_the_scored_and_learner_fields_are_in_a_real_training_runs_records(tiny_
     for record in result.metrics:
         numeric = {k for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         assert SCORED | LEARNER <= numeric, (SCORED | LEARNER) - numeric
+        phases = sum(v for k, v in record.items() if k.startswith("learner_") and k.endswith("_s"))
+        assert 0.5 * record["time_train"] < phases <= record["time_train"]  # the update's time, split by phase
