@@ -1,11 +1,12 @@
 """Evaluation rendering on a rollout actor: a stock diffusers pipeline over the policy's own modules
-(StableDiffusionPipeline; StableDiffusion3Pipeline for model.family sd3), so evaluation images are what a user's
+(StableDiffusionPipeline; StableDiffusion3Pipeline or FluxPipeline for model.family sd3 or flux), so evaluation
+images are what a user's
 pipeline with the exported adapter would draw.
 
 Image j of a row is sampled from `torch.Generator().manual_seed(row.seed + j)` (`seeding: seed_plus_j`) or
 as the j-th draw of one generator seeded row.seed (`seeding: one_generator`), with the suite's fixed guidance,
 else the row's guidance and size when the set fixes them (I2P does), else the config's sampler settings; with
-the suite's scheduler (DDIM with `evaluation.suite.eta` by default; the sd3 family samples with its own
+the suite's scheduler (DDIM with `evaluation.suite.eta` by default; the flow families sample with their own
 flow-matching Euler scheduler). Rows of equal settings are batched up to sampler.batch_size images.
 """
 
@@ -19,11 +20,11 @@ from typing import Any, NamedTuple
 import diffusers
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
+from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 from PIL import Image
 
 from safediff.common.config import SamplerConfig, SuiteConfig
-from safediff.common.flow_models import SD3Bundle
+from safediff.common.flow_models import FluxBundle, SD3Bundle
 from safediff.common.policy import Policy
 from safediff.common.types import EvalRow
 
@@ -38,19 +39,27 @@ SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "lms": "LMSDiscr
 
 
 class EvalPipeline(NamedTuple):
-    """A stock pipeline and the per-call arguments its model family needs (sd3: max_sequence_length)."""
+    """A stock pipeline, the per-call arguments its model family needs (sd3, flux: max_sequence_length) and the
+    name of its guidance argument (a FLUX transformer without a guidance input takes true CFG's `true_cfg_scale`)."""
 
     pipe: DiffusionPipeline
     options: dict[str, Any]
+    guidance_arg: str = "guidance_scale"
 
 
 def pipeline(policy: Policy, scheduler: str = "ddim") -> EvalPipeline:
     """A stock pipeline over the policy's modules; for the unet family sampling with the named scheduler
-    (`SCHEDULERS`) built from the model's own scheduler config (its noise schedule), for sd3 with its own scheduler."""
-    b = policy.bundle
+    (`SCHEDULERS`) built from the model's own scheduler config (its noise schedule), for sd3 and flux with its own
+    scheduler."""
+    b, guidance_arg = policy.bundle, "guidance_scale"
     if isinstance(b, SD3Bundle):
         pipe = StableDiffusion3Pipeline(**b.pipeline.components)
         options = {"max_sequence_length": b.max_sequence_length}
+    elif isinstance(b, FluxBundle):
+        pipe = FluxPipeline(**b.pipeline.components)
+        options = {"max_sequence_length": b.max_sequence_length}
+        if not b.transformer.config.guidance_embeds:
+            guidance_arg = "true_cfg_scale"
     else:
         scheduler_class = getattr(diffusers, SCHEDULERS[scheduler])
         pipe = StableDiffusionPipeline(vae=b.vae, text_encoder=b.text_encoder, tokenizer=b.tokenizer, unet=b.unet,
@@ -58,7 +67,7 @@ def pipeline(policy: Policy, scheduler: str = "ddim") -> EvalPipeline:
                                        feature_extractor=None, requires_safety_checker=False)
         options = {}
     pipe.set_progress_bar_config(disable=True)
-    return EvalPipeline(pipe, options)
+    return EvalPipeline(pipe, options, guidance_arg)
 
 
 def settings(row: EvalRow, sampler: SamplerConfig, suite: SuiteConfig) -> tuple[float, int, int]:
@@ -95,9 +104,9 @@ def render_chunk(renderer: EvalPipeline, rows: list[EvalRow], k: int, sampler: S
             else:  # the same generator object k times: diffusers draws image j's noise as its j-th draw
                 generators = [g for r in batch for g in [torch.Generator(pipe.device).manual_seed(r.seed)] * k]
             images = pipe([r.prompt for r in batch], negative_prompt=[sampler.negative_prompt] * len(batch),
-                          num_inference_steps=suite.num_steps or sampler.num_steps, guidance_scale=guidance,
-                          height=height, width=width, num_images_per_prompt=k, generator=generators,
-                          output_type="np", **options).images
+                          num_inference_steps=suite.num_steps or sampler.num_steps, height=height, width=width,
+                          num_images_per_prompt=k, generator=generators, output_type="np",
+                          **{renderer.guidance_arg: guidance}, **options).images
             pixels = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
             for i, row in enumerate(batch):
                 for j in range(k):

@@ -86,22 +86,26 @@ class RunConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    family: Literal["unet", "sd3"] = Field(
+    family: Literal["unet", "sd3", "flux"] = Field(
         "unet", description="'unet': SD 1.x/2.x architecture (UNet2DConditionModel, sampled by DDIM with "
         "sampler.eta); 'sd3': SD3/SD3.5 architecture (SD3Transformer2DModel, a rectified flow sampled by the flow "
-        "SDE of sampler.noise_level, Flow-GRPO's formulation).")
+        "SDE of sampler.noise_level, Flow-GRPO's formulation); 'flux': FLUX.1 architecture (FluxTransformer2DModel, "
+        "the same flow SDE; sampler.guidance_scale is FLUX.1-dev's guidance input, or true classifier-free "
+        "guidance for a transformer without one).")
     pretrained: str = Field(
         "CompVis/stable-diffusion-v1-4",
         description="Diffusers directory or hub id of a model of `family`'s architecture (unet: unet, vae, "
-        "text_encoder, tokenizer, scheduler subfolders; sd3: a StableDiffusion3Pipeline folder, T5 optional). "
+        "text_encoder, tokenizer, scheduler subfolders; sd3: a StableDiffusion3Pipeline folder, T5 optional; flux: a "
+        "FluxPipeline folder). "
         "Hub ids resolve from the local HF cache when offline.")
     revision: str | None = Field(None, description="Hub revision (branch, tag, commit) when `pretrained` is a hub id.")
     finetune: Literal["lora", "full"] = Field(
         "lora", description="'lora' trains a peft LoRA adapter on the denoiser (UNet or transformer); 'full' trains "
         "every UNet weight (the reference; unet family only).")
     max_sequence_length: int = Field(
-        256, ge=0, le=512, description="sd3 only: T5 tokens per prompt (the stock StableDiffusion3Pipeline's "
-        "max_sequence_length); a checkpoint without T5 gets as many zero states, as the stock pipeline gives it.")
+        256, ge=0, le=512, description="sd3 and flux: T5 tokens per prompt (the stock pipeline's "
+        "max_sequence_length: 256 for SD3 and FLUX.1-schnell, 512 for FLUX.1-dev); an SD3 checkpoint without T5 "
+        "gets as many zero states, as the stock pipeline gives it.")
 
 
 class LoraConfig(_Strict):
@@ -668,9 +672,10 @@ class Config(_Strict):
         if self.prompts.adversarial is not None and self.model.finetune != "lora":
             raise ValueError("prompts.adversarial needs model.finetune=lora: the attack's reference pictures come from "
                              "the base model, the UNet with its adapter disabled")
-        if self.model.family == "sd3":
+        if self.model.family != "unet":
             if self.model.finetune == "full":
-                raise ValueError("model.finetune=full supports model.family=unet only; use lora for sd3")
+                raise ValueError(f"model.finetune=full supports model.family=unet only; use lora for "
+                                 f"{self.model.family}")
             if self.prompts.adversarial is not None:
                 raise ValueError("prompts.adversarial supports model.family=unet only: its UnlearnDiff attack "
                                  "optimises tokens against a UNet's denoising loss")

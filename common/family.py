@@ -1,8 +1,9 @@
 """The model-family contract: what a rollout and a learner ask of a text-to-image model, whatever its architecture.
 
-Two families keep it:
+Three families keep it:
     unet  `ModelBundle` (common/models.py): SD 1.x/2.x, a UNet denoiser sampled by DDIM with eta > 0
     sd3   `SD3Bundle` (common/flow_models.py): SD3/SD3.5, a transformer velocity model sampled by the flow SDE
+    flux  `FluxBundle` (common/flow_models.py): FLUX.1, a transformer on packed latents, the same flow SDE
 A sampler step of either is a Gaussian policy step x_next ~ N(mean, std^2 I) (common/sampling.py `GaussianStep`),
 so GRPO, the reward, weight sync, staleness and checkpoints never ask which family they serve. `sample` is what a
 rollout records; `step` is what the learner recomputes from the record, for samples at different trajectory
@@ -54,6 +55,10 @@ def load_model(model: ModelConfig) -> ModelFamily:
         from safediff.common.flow_models import load_sd3_bundle
 
         return load_sd3_bundle(model.pretrained, model.revision, model.max_sequence_length)
+    if model.family == "flux":
+        from safediff.common.flow_models import load_flux_bundle
+
+        return load_flux_bundle(model.pretrained, model.revision, model.max_sequence_length)
     from safediff.common.models import load_bundle
 
     return load_bundle(model.pretrained, model.revision)

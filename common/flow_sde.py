@@ -29,14 +29,15 @@ and KL coefficient mean the same for both families.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 
 from safediff.common.sampling import GaussianStep, SampledTrajectory, gaussian_step, per_sample
 
 SDEKind = Literal["sde", "cps"]
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [B, C, h, w], timesteps [B]) -> v, fp32
 
 
 def sde_mean_std(sample: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
@@ -115,25 +116,23 @@ def guided_velocity(transformer, latents: torch.Tensor, timestep: torch.Tensor, 
 
 
 @torch.no_grad()
-def sample_flow_with_logprob(transformer, scheduler: FlowMatchEulerDiscreteScheduler, cond: torch.Tensor,
-                             pooled: torch.Tensor, uncond: torch.Tensor, uncond_pooled: torch.Tensor,
-                             noise: torch.Tensor, num_steps: int, guidance_scale: float, noise_level: float,
-                             kind: SDEKind = "sde") -> SampledTrajectory:
-    """Integrate from `noise[:, 0]` (the initial latents, sigma 1) for `num_steps` steps of the scheduler's
-    schedule, drawing step k's noise from `noise[:, k + 1]`; noise is [B, T+1, C, h, w] and fully determines the
-    result. `timesteps` of the result are the scheduler's (sigma * 1000). CPS's last step, to sigma 0, is taken
-    without noise and recorded with log-prob NaN: it has no density and is not a trainable step."""
-    scheduler.set_timesteps(num_steps)
-    sigmas, device = scheduler.sigmas.to(torch.float32), transformer.device
+def sample_flow_with_logprob(velocity: Velocity, timesteps: torch.Tensor, sigmas: torch.Tensor, noise: torch.Tensor,
+                             noise_level: float, kind: SDEKind = "sde",
+                             device: str | torch.device = "cpu") -> SampledTrajectory:
+    """Integrate from `noise[:, 0]` (the initial latents, sigma 1) along the schedule `timesteps` [T] (the model's
+    units) and `sigmas` [T+1] (a family's `schedule`), drawing step k's noise from `noise[:, k + 1]`; noise is
+    [B, T+1, C, h, w] and fully determines the result. `velocity(x, t)` is the family's guided prediction for
+    latents x [B, C, h, w] at timesteps t [B]. CPS's last step, to sigma 0, is taken without noise and recorded with
+    log-prob NaN: it has no density and is not a trainable step."""
+    sigmas = sigmas.to(torch.float32)
     x = noise[:, 0].to(device, torch.float32)
     latents, log_probs = [x], []
-    for k, t in enumerate(scheduler.timesteps):
-        v = guided_velocity(transformer, x, t.expand(x.shape[0]).to(device), cond, pooled, uncond, uncond_pooled,
-                            guidance_scale)
+    for k, t in enumerate(timesteps):
+        v = velocity(x, t.expand(x.shape[0]).to(device))
         level = 0.0 if kind == "cps" and sigmas[k + 1] == 0 else noise_level
         step = flow_step_with_logprob(v, x, sigmas[k].expand(x.shape[0]), sigmas[k + 1].expand(x.shape[0]), level,
                                       kind, sigma_max=sigmas[1], noise=noise[:, k + 1].to(device))
         x = step.prev_sample
         latents.append(x)
         log_probs.append(step.log_prob)
-    return SampledTrajectory(torch.stack(latents, dim=1), torch.stack(log_probs, dim=1), scheduler.timesteps.cpu())
+    return SampledTrajectory(torch.stack(latents, dim=1), torch.stack(log_probs, dim=1), timesteps.cpu())

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig as PeftLoraConfig
@@ -99,11 +99,12 @@ EXPORT_FORMATS = {
     "unet": ExportFormat(StableDiffusionPipeline, "unet", convert_state_dict_to_diffusers,
                          convert_unet_state_dict_to_peft),
     "sd3": ExportFormat(StableDiffusion3Pipeline, "transformer", dict, dict),  # the transformer keeps peft's names
+    "flux": ExportFormat(FluxPipeline, "transformer", dict, dict),
 }
 
 
 class LoraTrainable(Trainable):
-    """A peft LoRA adapter on the denoiser's `lora.target_modules` (the UNet; or, for `family` "sd3", the SD3
+    """A peft LoRA adapter on the denoiser's `lora.target_modules` (the UNet; or, for `family` "sd3" or "flux", the
     transformer, whose joint attention has the same to_q/to_k/to_v/to_out.0 projections): B = 0 at the start, so
     the policy starts equal to the base model; A ~ Gaussian drawn from the seed. Trainable weights stay fp32 under
     bf16 frozen ones."""

@@ -288,3 +288,12 @@ def test_a_config_extends_another_field_by_field(tmp_path):
         with pytest.raises(ConfigError, match=needle) as err:
             load_config(tmp_path / name)
         assert "\n" not in str(err.value)
+
+
+def test_every_shipped_config_validates_and_names_its_model_family():
+    configs = sorted((package_root() / "deploy" / "configs").glob("*.yaml"))
+    assert {"world", "sd35m_gpu8", "flux1dev_gpu8"} <= {p.stem for p in configs}
+    for path in configs:
+        cfg = load_config(path.stem)
+        assert cfg.model.family == {"sd35m_gpu8": "sd3", "flux1dev_gpu8": "flux", "world_flow": "sd3"}.get(
+            path.stem, "unet"), path.name

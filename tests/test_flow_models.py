@@ -43,8 +43,7 @@ def test_prompts_are_encoded_and_sampled_as_the_stock_pipeline_does(tiny_sd3):
     steps = 4
     noise = torch.randn(len(PROMPTS), steps + 1, *bundle.latent_shape(16, 16),
                         generator=torch.Generator().manual_seed(0))
-    ours = sample_flow_with_logprob(bundle.transformer, bundle.scheduler, states, pooled, uncond, uncond_pooled, noise,
-                                    steps, 4.0, 0.0)
+    ours = sample_flow_with_logprob(bundle.velocity(e, u, 4.0), *bundle.schedule(steps, (8, 8)), noise, 0.0)
     theirs = stock(PROMPTS, latents=noise[:, 0], num_inference_steps=steps, guidance_scale=4.0, output_type="latent",
                    height=16, width=16).images
     torch.testing.assert_close(ours.latents[:, -1], theirs, rtol=1e-5, atol=1e-5)
@@ -53,15 +52,14 @@ def test_prompts_are_encoded_and_sampled_as_the_stock_pipeline_does(tiny_sd3):
 @pytest.mark.parametrize("kind", ["sde", "cps"])
 def test_with_noise_the_sampler_records_every_trainable_step_as_a_function_of_its_noise(tiny_sd3, kind):
     bundle = load_sd3_bundle(str(tiny_sd3))
-    states, pooled = (e := bundle.encode_prompts(PROMPTS)).states, e.pooled
-    uncond, uncond_pooled = (u := bundle.encode_prompts([""])).states, u.pooled
+    e, u = bundle.encode_prompts(PROMPTS), bundle.encode_prompts([""])
     steps = 4
     noise = torch.randn(len(PROMPTS), steps + 1, *bundle.latent_shape(16, 16),
                         generator=torch.Generator().manual_seed(1))
 
     def sample(level: float):
-        return sample_flow_with_logprob(bundle.transformer, bundle.scheduler, states, pooled, uncond, uncond_pooled,
-                                        noise, steps, 4.0, level, kind)
+        return sample_flow_with_logprob(bundle.velocity(e, u, 4.0), *bundle.schedule(steps, (8, 8)), noise, level,
+                                        kind)
 
     ode, sde, again = sample(0.0), sample(0.7), sample(0.7)
     assert sde.latents.shape == (2, steps + 1, 4, 8, 8) and sde.log_probs.shape == (2, steps)
