@@ -86,6 +86,26 @@ def ray_cluster():
     ray.shutdown()
 
 
+def _without_a_weight(pipeline_dir: Path, out: Path) -> Path:
+    """A copy of a flow pipeline directory whose transformer lacks one attention weight."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(pipeline_dir, out)
+    weights = out / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    state.pop(next(k for k in state if k.endswith("attn.to_q.weight")))
+    save_file(state, str(weights))
+    return out
+
+
+@pytest.fixture(scope="session")
+def without_a_weight():
+    """`without_a_weight(pipeline_dir, out)`: a copy of a flow pipeline whose transformer lacks one weight."""
+    return _without_a_weight
+
+
 @pytest.fixture
 def prompt_file(tmp_path) -> Path:
     path = tmp_path / "prompts.txt"
