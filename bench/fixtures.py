@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import platform
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,17 @@ from safediff.runtime.redis_server import EmbeddedRedis
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "runs" / "bench-models"
+
+
+def cpu_name() -> str:
+    """The CPU's model name as the kernel reports it (e.g. "AMD EPYC"), for the benchmarks' first line."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def tiny_models() -> Path:

@@ -17,11 +17,11 @@ share (on the world's UNet, 8 heads of dimension 4 over 256 tokens, most of it i
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
 
+from bench.fixtures import cpu_name
 from safediff.actors.rollout import Rollout
 from safediff.common.config import load_config
 from safediff.common.policy import Policy
@@ -48,7 +48,7 @@ def main() -> int:
     args = parser.parse_args()
     cfg = load_config("world", args.overrides)
     configure_threads(cfg.cluster.cpus_per_learner_worker)
-    print(f"CPU: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
+    print(f"CPU: {cpu_name()}, torch threads {torch.get_num_threads()}")
     policy = Policy.from_config(cfg)
     groups = PromptStream.from_config(cfg.prompts, cfg.run.seed).next_groups(0, cfg.grpo.prompts_per_step)
     rollout = Rollout(policy, cfg.sampler, cfg.grpo.group_size, cfg.run.seed)

@@ -30,3 +30,15 @@ def test_staleness_table_has_a_row_per_setting_and_the_verdicts():
     assert "| s1_decoupled | -85%, -75%, +3.0 | - | -85% | -75% | +3.0 | 40 |" in table
     assert "- s1_decoupled within one standard error of s0_standard or better (1 seeds): glyph yes, hazard yes, " \
            "benign_pts yes" in table
+
+
+def test_the_roofline_counts_matmuls_and_attention_by_hand_formulas():
+    import torch
+
+    from bench.roofline import counted
+
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    assert counted(lambda: a @ b) == 2 * 64 * 32 * 16
+    q, k, v = (torch.randn(2, 3, 10, 8) for _ in range(3))  # [B, H, L, D]
+    # Q K^T and (softmax) V: 2 B H L L D each; the fused CPU kernel alone would not be counted
+    assert counted(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)) == 2 * (2 * 2 * 3 * 10 * 10 * 8)

@@ -1,0 +1,136 @@
+"""How close the rollout and the learner come to this machine's matmul peak, and the rollout against the stock
+diffusers pipeline, measured in one process and one run:
+
+    python -m bench.roofline [--config world] [--repeats 2] [key.sub=value ...]
+
+peak      the best rate of torch.mm on square float32 matrices of 512 to 2048 (the dtype the CPU runs in), with the
+          threads of the learner (cluster.cpus_per_learner_worker)
+FLOPs     counted by torch's FlopCounterMode (its own formulas for matmuls, convolutions and attention; attention is
+          counted through the math kernel, which it decomposes into matmuls): one UNet forward per sample, one
+          forward + backward per sample with the adapter trainable (the learner's; backward computes input
+          gradients and the LoRA weights' only), one VAE decode per image
+rollout   `Rollout.generate` of one step's groups (log-probs recorded, images decoded) against the stock
+          `StableDiffusionPipeline` over the same modules with `DDIMScheduler` at the same eta, steps, guidance, size
+          and batch (output_type "pt", decoded): seconds per image, the ratio, and the utilisation
+          images/s x (steps x 2 CFG halves x forward + decode) / peak
+learner   one GRPO update of the step's samples (single process, no Ray), its utilisation
+          (sample, timestep) pairs/s x 2 CFG halves x forward+backward / peak, and its time per phase
+
+The unet family only (the world, SD-shaped models).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.fixtures import cpu_name
+from bench.world_step_parts import best_of
+from safediff.actors.render import pipeline
+from safediff.actors.rollout import Rollout
+from safediff.common.config import load_config
+from safediff.common.policy import Policy
+from safediff.common.process import configure_threads
+from safediff.common.prompts import PromptStream
+from safediff.learner.update import GRPOUpdate, TorchOptimizer, TrainBatch
+
+
+def matmul_peak(repeats: int = 3) -> float:
+    """FLOP/s: the best of torch.mm over square float32 sizes 512-2048 (2 n^3 FLOPs each)."""
+    best = 0.0
+    for n in (512, 1024, 2048):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        seconds = best_of(repeats, lambda a=a, b=b: torch.mm(a, b))
+        best = max(best, 2 * n**3 / seconds)
+    return best
+
+
+def counted(work) -> int:
+    """FLOPs of `work()`, attention through the math kernel so that its matmuls are counted."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        work()
+    return counter.get_total_flops()
+
+
+def unet_flops(policy: Policy, batch: TrainBatch, rows: int) -> tuple[float, float]:
+    """(forward, forward + backward) FLOPs per UNet sample: the first `rows` samples of `batch` at their first
+    recorded step, conditioned on their prompts, with the adapter trainable."""
+    unet, x = policy.bundle.unet, batch.latents[:rows, 0]
+    t = torch.full((rows,), int(policy.bundle.scheduler.config.num_train_timesteps) - 1)
+    states = batch.cond.states[:rows]
+    with torch.no_grad():
+        forward = counted(lambda: unet(x, t, states).sample)
+    both = counted(lambda: unet(x, t, states).sample.square().mean().backward())
+    for p in policy.trainable_parameters():
+        p.grad = None
+    return forward / rows, both / rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="world")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.family != "unet":
+        parser.error("bench.roofline measures the unet family (SD-shaped models)")
+    configure_threads(cfg.cluster.cpus_per_learner_worker)
+    print(f"CPU: {cpu_name()}, torch threads {torch.get_num_threads()}")
+    peak = matmul_peak()
+    print(f"matmul peak (float32): {peak / 1e9:.1f} GFLOP/s")
+
+    policy = Policy.from_config(cfg)
+    s, g = cfg.sampler, cfg.grpo
+    groups = PromptStream.from_config(cfg.prompts, cfg.run.seed).next_groups(0, g.prompts_per_step)
+    rollout = Rollout(policy, s, g.group_size, cfg.run.seed)
+    trajectories = rollout.generate(groups)
+    images = len(groups) * g.group_size
+    advantages = torch.randn(len(groups), g.group_size, generator=torch.Generator().manual_seed(0))
+    batch = TrainBatch.from_trajectories(trajectories, advantages)
+
+    forward, forward_backward = unet_flops(policy, batch, rows=g.micro_batch_size)
+    decode = counted(lambda: policy.bundle.decode_images(batch.latents[:g.micro_batch_size, -1])) / g.micro_batch_size
+    per_image = s.num_steps * 2 * forward + decode
+    print(f"FLOPs: UNet forward {forward / 1e9:.2f} G per sample, forward+backward {forward_backward / 1e9:.2f} G, "
+          f"VAE decode {decode / 1e9:.2f} G per image; an image {per_image / 1e9:.1f} G ({s.num_steps} steps x 2)")
+
+    ours = best_of(args.repeats, lambda: rollout.generate(groups)) / images
+    stock = pipeline(policy, "ddim").pipe
+    negative = [s.negative_prompt] * len(groups)
+
+    def stock_call():
+        with torch.no_grad(), policy.autocast():
+            stock([gr.prompt for gr in groups], negative_prompt=negative, num_inference_steps=s.num_steps,
+                  guidance_scale=s.guidance_scale, eta=s.eta, height=s.height, width=s.width,
+                  num_images_per_prompt=g.group_size, generator=torch.Generator().manual_seed(0), output_type="pt")
+
+    theirs = best_of(args.repeats, stock_call) / images
+    print(f"rollout, {images} images in one call: ours {ours:.3f} s per image (log-probs recorded), stock "
+          f"StableDiffusionPipeline {theirs:.3f} s ({ours / theirs:.2f}x); utilisation "
+          f"{per_image / ours / peak:.1%} of the matmul peak (stock {per_image / theirs / peak:.1%})")
+
+    trained = g.timesteps_per_sample or g.train_timesteps
+    start_state, metrics = policy.state(), {}
+
+    def update():
+        policy.load_state(start_state, 0)
+        optimizer = TorchOptimizer(policy.trainable_parameters(), cfg.optim)
+        metrics.update(GRPOUpdate(policy, g, s, cfg.run.seed, optimizer).update(batch, step=0))
+
+    seconds = best_of(args.repeats, update)
+    pairs = len(batch) * trained
+    phases = {k.removeprefix("learner_").removesuffix("_s"): v for k, v in metrics.items() if k.startswith("learner_")}
+    largest = max(phases, key=phases.get)
+    print(f"learner, {len(batch)} samples x {trained} timesteps: {seconds:.1f} s, {pairs / seconds:.1f} pairs/s; "
+          f"utilisation {pairs * 2 * forward_backward / seconds / peak:.1%} of the matmul peak; largest phase "
+          f"{largest} ({phases[largest] / sum(phases.values()):.0%}): "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
