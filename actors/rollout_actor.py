@@ -16,7 +16,7 @@ from safediff.actors.rollout import Rollout
 from safediff.common.config import Config, SuiteConfig
 from safediff.common.messages import ActorBehind, PromptGroup
 from safediff.common.policy import Policy
-from safediff.common.process import configure_threads, on_assigned_device
+from safediff.common.process import configure_threads, on_assigned_device, peak_memory
 from safediff.common.types import EvalRow
 from safediff.common.weight_sync import PolicyHolder
 
@@ -43,7 +43,7 @@ class RolloutActor(PolicyHolder):
         share = (time.perf_counter() - start) / len(groups)
         out = []
         for trajectory in trajectories:
-            info = {"policy_version": trajectory.policy_version, "generate_s": share}
+            info = {"policy_version": trajectory.policy_version, "generate_s": share, **peak_memory(self.policy.device)}
             out += [dataclasses.replace(trajectory, images=None), trajectory.images, info]
         return tuple(out)
 

@@ -7,8 +7,10 @@ attention, an NCCL learner group of 1, the full Ray runtime.
 Builds an SD v1.x-shaped bundle and an open_clip ViT-H-14 with random weights (the real weights are not
 needed for throughput), runs `deploy/configs/gpu1.yaml` (1 rollout, 1 reward, 1 learner sharing the
 GPU) for a few steps at 512 px, and prints rollout images/s, learner steps/s and sync ms with the
-card's name, and step 0's first-update max |log ratio| (rollout vs learner log-probs in the run's dtype). Writes
-the same as JSON to $OUT/gpu_check.json when OUT is set.
+card's name, step 0's first-update max |log ratio| (rollout vs learner log-probs in the run's dtype), the learner's
+time per phase, and the model FLOPs utilisation (MFU) of the rollout and the learner against torch.mm's measured
+peak in the run's dtype (FLOPs counted as bench/roofline.py counts them). Writes the same as JSON to
+$OUT/gpu_check.json when OUT is set.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from bench.fixtures import REPO, tiny_models  # noqa: E402
+from bench.roofline import counted, matmul_peak, unet_flops  # noqa: E402
 from safediff.common.config import load_config  # noqa: E402
 from safediff.common.models import build_sd_shaped_bundle  # noqa: E402
+from safediff.common.policy import Policy  # noqa: E402
 from safediff.reward_server.clip_model import build_tiny_clip  # noqa: E402
 from safediff.runtime.controller import run  # noqa: E402
 
@@ -65,11 +69,24 @@ def main() -> None:
     ray.shutdown()
     steady = records[1:] or records
     mean = lambda key: sum(r[key] for r in steady) / len(steady)  # noqa: E731
+    peak, image_flops, pair_flops = utilisation_figures(cfg, args.tiny)
+    images_per_s = cfg.grpo.group_size / mean("time_generate_mean")
+    pairs = cfg.grpo.prompts_per_step * cfg.grpo.group_size * (cfg.grpo.timesteps_per_sample
+                                                                 or cfg.grpo.train_timesteps)
     result = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.tiny else "cpu",
         "resolution": cfg.sampler.height, "ddim_steps": cfg.sampler.num_steps, "group_size": cfg.grpo.group_size,
-        "rollout_images_per_s_per_actor": cfg.grpo.group_size / mean("time_generate_mean"),
+        "rollout_images_per_s_per_actor": images_per_s,
         "learner_steps_per_s": 1 / mean("time_train"),
+        # model FLOPs utilisation against torch.mm's measured peak in the run's dtype (bench/roofline.py)
+        "matmul_peak_tflops": peak / 1e12,
+        "rollout_mfu": images_per_s * image_flops / peak,
+        "learner_mfu": pairs * pair_flops / mean("time_train") / peak,
+        # the most GPU memory each role's tensors held (torch.cuda.max_memory_allocated; absent on CPU)
+        "rollout_memory_max_mib": steady[-1].get("rollout_memory_max_mib"),
+        "learner_memory_max_mib": steady[-1].get("learner_memory_max_mib"),
+        "learner_time_per_phase_s": {k.removeprefix("learner_").removesuffix("_s"): mean(k) for k in steady[-1]
+                                     if k.startswith("learner_") and k.endswith("_s")},
         "sync_ms": 1000 * mean("time_publish") + mean("sync_load_ms"),
         "sync_bytes": steady[-1]["sync_bytes"], "pipeline_images_per_s": steady[-1]["images_per_s"],
         # step 0 is on-policy whatever max_staleness is: its first minibatch recomputes exactly what the rollout
@@ -80,6 +97,20 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gpu_check.json").write_text(json.dumps(result, indent=1))
+
+
+def utilisation_figures(cfg, tiny: bool) -> tuple[float, float, float]:
+    """(matmul peak FLOP/s in the run's dtype on the run's device, FLOPs per rollout image, FLOPs per trained
+    (sample, timestep) pair), the latter two counted on the policy with one sample (bench/roofline.py)."""
+    policy = Policy.from_config(cfg)
+    dtype = torch.float32 if tiny else torch.bfloat16
+    sizes = (512, 1024) if tiny else (2048, 4096, 8192)
+    peak = matmul_peak(dtype, policy.device, sizes)
+    x = torch.randn(1, *policy.bundle.latent_shape(cfg.sampler.height, cfg.sampler.width), device=policy.device)
+    states = policy.bundle.encode_prompts(["a photo"]).states.to(policy.device)
+    forward, forward_backward = unet_flops(policy, x, states)
+    decode = counted(lambda: policy.bundle.decode_images(x))
+    return peak, cfg.sampler.num_steps * 2 * forward + decode, 2 * forward_backward  # CFG: 2 UNet samples each
 
 
 if __name__ == "__main__":

@@ -38,13 +38,21 @@ from safediff.common.prompts import PromptStream
 from safediff.learner.update import GRPOUpdate, TorchOptimizer, TrainBatch
 
 
-def matmul_peak(repeats: int = 3) -> float:
-    """FLOP/s: the best of torch.mm over square float32 sizes 512-2048 (2 n^3 FLOPs each)."""
+def matmul_peak(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                sizes: tuple[int, ...] = (512, 1024, 2048), repeats: int = 3) -> float:
+    """FLOP/s: the best rate of torch.mm over square matrices of `sizes` (2 n^3 FLOPs each; 8 products per timing,
+    synchronised on CUDA)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     best = 0.0
-    for n in (512, 1024, 2048):
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        seconds = best_of(repeats, lambda a=a, b=b: torch.mm(a, b))
-        best = max(best, 2 * n**3 / seconds)
+    for n in sizes:
+        a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+
+        def work(a=a, b=b):
+            for _ in range(8):
+                torch.mm(a, b)
+            sync()
+
+        best = max(best, 8 * 2 * n**3 / best_of(repeats, work))
     return best
 
 
@@ -55,15 +63,15 @@ def counted(work) -> int:
     return counter.get_total_flops()
 
 
-def unet_flops(policy: Policy, batch: TrainBatch, rows: int) -> tuple[float, float]:
-    """(forward, forward + backward) FLOPs per UNet sample: the first `rows` samples of `batch` at their first
-    recorded step, conditioned on their prompts, with the adapter trainable."""
-    unet, x = policy.bundle.unet, batch.latents[:rows, 0]
-    t = torch.full((rows,), int(policy.bundle.scheduler.config.num_train_timesteps) - 1)
-    states = batch.cond.states[:rows]
-    with torch.no_grad():
+def unet_flops(policy: Policy, x: torch.Tensor, states: torch.Tensor) -> tuple[float, float]:
+    """(forward, forward + backward) FLOPs per UNet sample, for latents x [B, C, h, w] conditioned on text states
+    [B, L, D], with the adapter trainable (the learner's backward: input gradients and the LoRA weights')."""
+    unet, rows = policy.bundle.unet, x.shape[0]
+    t = torch.full((rows,), int(policy.bundle.scheduler.config.num_train_timesteps) - 1, device=x.device)
+    with torch.no_grad(), policy.autocast():
         forward = counted(lambda: unet(x, t, states).sample)
-    both = counted(lambda: unet(x, t, states).sample.square().mean().backward())
+    with policy.autocast():
+        both = counted(lambda: unet(x, t, states).sample.float().square().mean().backward())
     for p in policy.trainable_parameters():
         p.grad = None
     return forward / rows, both / rows
@@ -92,8 +100,9 @@ def main() -> int:
     advantages = torch.randn(len(groups), g.group_size, generator=torch.Generator().manual_seed(0))
     batch = TrainBatch.from_trajectories(trajectories, advantages)
 
-    forward, forward_backward = unet_flops(policy, batch, rows=g.micro_batch_size)
-    decode = counted(lambda: policy.bundle.decode_images(batch.latents[:g.micro_batch_size, -1])) / g.micro_batch_size
+    rows = g.micro_batch_size
+    forward, forward_backward = unet_flops(policy, batch.latents[:rows, 0], batch.cond.states[:rows])
+    decode = counted(lambda: policy.bundle.decode_images(batch.latents[:rows, -1])) / rows
     per_image = s.num_steps * 2 * forward + decode
     print(f"FLOPs: UNet forward {forward / 1e9:.2f} G per sample, forward+backward {forward_backward / 1e9:.2f} G, "
           f"VAE decode {decode / 1e9:.2f} G per image; an image {per_image / 1e9:.1f} G ({s.num_steps} steps x 2)")

@@ -26,6 +26,14 @@ def on_assigned_device(cfg: Config, gpus: float) -> Config:
     return cfg.model_copy(update={"run": cfg.run.model_copy(update={"device": "cpu"})})
 
 
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """{"memory_max_mib": the most device memory this process's tensors held so far} on CUDA; {} elsewhere (the
+    CPU's is the process's RSS, which Ray's dashboard shows per actor)."""
+    if device.type != "cuda":
+        return {}
+    return {"memory_max_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on `host` now ("" = every interface: a port other nodes will connect to)."""
     with socket.socket() as s:

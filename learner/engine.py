@@ -20,7 +20,7 @@ from safediff.common.checkpoint import TrainerState
 from safediff.common.config import Config
 from safediff.common.messages import AdapterUpdate
 from safediff.common.policy import Policy
-from safediff.common.process import configure_threads, free_port, on_assigned_device
+from safediff.common.process import configure_threads, free_port, on_assigned_device, peak_memory
 from safediff.common.trainable import state_checksum
 from safediff.common.types import Trajectory
 from safediff.common.weight_sync import publish
@@ -113,7 +113,8 @@ class LearnerWorker:
         metrics = self.updater.update(TrainBatch.from_trajectories(trajectories, advantages), step,
                                       self.rank, self.world_size)
         self.policy.version += 1
-        metrics.update(fetch_s=fetched - start, train_s=time.perf_counter() - fetched)
+        metrics.update(fetch_s=fetched - start, train_s=time.perf_counter() - fetched,
+                       **{f"learner_{k}": v for k, v in peak_memory(self.policy.device).items()})
         return metrics
 
     def skip(self) -> None:

@@ -71,7 +71,9 @@ class CollectedStep:
         return {"staleness_max": max(self.staleness), "staleness_mean": sum(self.staleness) / len(self.staleness),
                 "groups_in_flight": self.groups_in_flight, "rollout_actors_up": self.rollout_actors_up,
                 "time_generate_mean": sum(i["generate_s"] for i in self.infos) / len(self.infos),
-                "time_reward_batch_mean": sum(s.seconds or 0.0 for s in self.scored) / len(self.scored)}
+                "time_reward_batch_mean": sum(s.seconds or 0.0 for s in self.scored) / len(self.scored),
+                **({"rollout_memory_max_mib": max(i["memory_max_mib"] for i in self.infos)}
+                   if all("memory_max_mib" in i for i in self.infos) else {})}
 
 
 @dataclass

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -152,6 +153,10 @@ def test_the_scored_and_pipeline_fields_are_in_the_records_the_runtime_code_buil
                               rollout_actors_up=2)
     record = {**collected.record(), **Utilisation(rollout_actors=2).step(P * G, 0.1, collected.infos)}
     assert PIPELINE <= record.keys(), PIPELINE - record.keys()
+    assert "rollout_memory_max_mib" not in record  # CPU actors report no device memory
+    on_gpu = dataclasses.replace(collected, infos=[{"policy_version": 0, "generate_s": 1.0, "memory_max_mib": m}
+                                                   for m in (900.0, 1200.0)])
+    assert on_gpu.record()["rollout_memory_max_mib"] == 1200.0  # the largest actor's
 
 
 def test_the_controller_and_live_evaluation_fields_are_keys_the_source_writes():
