@@ -1,7 +1,7 @@
 """How close the rollout and the learner come to this machine's matmul peak, and the rollout against the stock
 diffusers pipeline, measured in one process and one run:
 
-    python -m bench.roofline [--config world] [--repeats 2] [key.sub=value ...]
+    python -m bench.roofline [--config world] [--repeats 3] [key.sub=value ...]
 
 peak      the best rate of torch.mm on square float32 matrices of 512 to 2048 (the dtype the CPU runs in), with the
           threads of the learner (cluster.cpus_per_learner_worker)
@@ -11,7 +11,7 @@ FLOPs     counted by torch's FlopCounterMode (its own formulas for matmuls, conv
           gradients and the LoRA weights' only), one VAE decode per image
 rollout   `Rollout.generate` of one step's groups (log-probs recorded, images decoded) against the stock
           `StableDiffusionPipeline` over the same modules with `DDIMScheduler` at the same eta, steps, guidance, size
-          and batch (output_type "pt", decoded): seconds per image, the ratio, and the utilisation
+          and batch (output_type "pt", decoded), timed in turns: seconds per image, the ratio, and the utilisation
           images/s x (steps x 2 CFG halves x forward + decode) / peak
 learner   one GRPO update of the step's samples (single process, no Ray), its utilisation
           (sample, timestep) pairs/s x 2 CFG halves x forward+backward / peak, and its time per phase
@@ -22,6 +22,7 @@ The unet family only (the world, SD-shaped models).
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -56,6 +57,19 @@ def matmul_peak(dtype: torch.dtype = torch.float32, device: str | torch.device =
     return best
 
 
+def alternating_best(repeats: int, first, second) -> tuple[float, float]:
+    """The best time of each of two calls, timed in turns after one warm-up each, so that a slower spell of the
+    machine (other processes, clock changes) falls on both alike."""
+    first(), second()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for work, out in ((first, times[0]), (second, times[1])):
+            start = time.perf_counter()
+            work()
+            out.append(time.perf_counter() - start)
+    return min(times[0]), min(times[1])
+
+
 def counted(work) -> int:
     """FLOPs of `work()`, attention through the math kernel so that its matmuls are counted."""
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
@@ -80,7 +94,7 @@ def unet_flops(policy: Policy, x: torch.Tensor, states: torch.Tensor) -> tuple[f
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="world")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
@@ -107,7 +121,6 @@ def main() -> int:
     print(f"FLOPs: UNet forward {forward / 1e9:.2f} G per sample, forward+backward {forward_backward / 1e9:.2f} G, "
           f"VAE decode {decode / 1e9:.2f} G per image; an image {per_image / 1e9:.1f} G ({s.num_steps} steps x 2)")
 
-    ours = best_of(args.repeats, lambda: rollout.generate(groups)) / images
     stock = pipeline(policy, "ddim").pipe
     negative = [s.negative_prompt] * len(groups)
 
@@ -117,7 +130,8 @@ def main() -> int:
                   guidance_scale=s.guidance_scale, eta=s.eta, height=s.height, width=s.width,
                   num_images_per_prompt=g.group_size, generator=torch.Generator().manual_seed(0), output_type="pt")
 
-    theirs = best_of(args.repeats, stock_call) / images
+    ours, theirs = (seconds / images for seconds in alternating_best(args.repeats, lambda: rollout.generate(groups),
+                                                                     stock_call))
     print(f"rollout, {images} images in one call: ours {ours:.3f} s per image (log-probs recorded), stock "
           f"StableDiffusionPipeline {theirs:.3f} s ({ours / theirs:.2f}x); utilisation "
           f"{per_image / ours / peak:.1%} of the matmul peak (stock {per_image / theirs / peak:.1%})")
