@@ -28,6 +28,12 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def learner_phases(record: dict) -> dict[str, float]:
+    """The learner's seconds per phase in a step record or update's metrics (`learner_<phase>_s`), by phase name."""
+    return {key.removeprefix("learner_").removesuffix("_s"): value for key, value in record.items()
+            if key.startswith("learner_") and key.endswith("_s")}
+
+
 def tiny_models() -> Path:
     from safediff.common.models import build_tiny_bundle
     from safediff.reward_server.clip_model import build_tiny_clip

@@ -28,8 +28,8 @@ import open_clip  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from bench.fixtures import REPO, tiny_models  # noqa: E402
-from bench.roofline import counted, matmul_peak, unet_flops  # noqa: E402
+from bench.fixtures import REPO, learner_phases, tiny_models  # noqa: E402
+from bench.roofline import matmul_peak, model_flops  # noqa: E402
 from safediff.common.config import load_config  # noqa: E402
 from safediff.common.models import build_sd_shaped_bundle  # noqa: E402
 from safediff.common.policy import Policy  # noqa: E402
@@ -71,8 +71,7 @@ def main() -> None:
     mean = lambda key: sum(r[key] for r in steady) / len(steady)  # noqa: E731
     peak, image_flops, pair_flops = utilisation_figures(cfg, args.tiny)
     images_per_s = cfg.grpo.group_size / mean("time_generate_mean")
-    pairs = cfg.grpo.prompts_per_step * cfg.grpo.group_size * (cfg.grpo.timesteps_per_sample
-                                                                 or cfg.grpo.train_timesteps)
+    pairs = cfg.grpo.prompts_per_step * cfg.grpo.group_size * cfg.grpo.trained_per_sample
     result = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.tiny else "cpu",
         "resolution": cfg.sampler.height, "ddim_steps": cfg.sampler.num_steps, "group_size": cfg.grpo.group_size,
@@ -85,8 +84,7 @@ def main() -> None:
         # the most GPU memory each role's tensors held (torch.cuda.max_memory_allocated; absent on CPU)
         "rollout_memory_max_mib": steady[-1].get("rollout_memory_max_mib"),
         "learner_memory_max_mib": steady[-1].get("learner_memory_max_mib"),
-        "learner_time_per_phase_s": {k.removeprefix("learner_").removesuffix("_s"): mean(k) for k in steady[-1]
-                                     if k.startswith("learner_") and k.endswith("_s")},
+        "learner_time_per_phase_s": {phase: mean(f"learner_{phase}_s") for phase in learner_phases(steady[-1])},
         "sync_ms": 1000 * mean("time_publish") + mean("sync_load_ms"),
         "sync_bytes": steady[-1]["sync_bytes"], "pipeline_images_per_s": steady[-1]["images_per_s"],
         # step 0 is on-policy whatever max_staleness is: its first minibatch recomputes exactly what the rollout
@@ -108,9 +106,8 @@ def utilisation_figures(cfg, tiny: bool) -> tuple[float, float, float]:
     peak = matmul_peak(dtype, policy.device, sizes)
     x = torch.randn(1, *policy.bundle.latent_shape(cfg.sampler.height, cfg.sampler.width), device=policy.device)
     states = policy.bundle.encode_prompts(["a photo"]).states.to(policy.device)
-    forward, forward_backward = unet_flops(policy, x, states)
-    decode = counted(lambda: policy.bundle.decode_images(x))
-    return peak, cfg.sampler.num_steps * 2 * forward + decode, 2 * forward_backward  # CFG: 2 UNet samples each
+    flops = model_flops(policy, cfg.sampler.num_steps, x, states)
+    return peak, flops.per_image, flops.per_pair
 
 
 if __name__ == "__main__":

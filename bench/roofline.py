@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import NamedTuple
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.fixtures import cpu_name
+from bench.fixtures import cpu_name, learner_phases
 from bench.world_step_parts import best_of
 from safediff.actors.render import pipeline
 from safediff.actors.rollout import Rollout
@@ -77,18 +78,27 @@ def counted(work) -> int:
     return counter.get_total_flops()
 
 
-def unet_flops(policy: Policy, x: torch.Tensor, states: torch.Tensor) -> tuple[float, float]:
-    """(forward, forward + backward) FLOPs per UNet sample, for latents x [B, C, h, w] conditioned on text states
-    [B, L, D], with the adapter trainable (the learner's backward: input gradients and the LoRA weights')."""
+class ModelFlops(NamedTuple):
+    forward: float           # one UNet forward, per sample
+    forward_backward: float  # the same with the learner's backward (input gradients and the LoRA weights')
+    decode: float            # one VAE decode, per image
+    per_image: float         # a rollout image: num_steps x 2 CFG halves x forward + decode
+    per_pair: float          # a trained (sample, timestep) pair: 2 CFG halves x forward_backward
+
+
+def model_flops(policy: Policy, num_steps: int, x: torch.Tensor, states: torch.Tensor) -> ModelFlops:
+    """FLOPs of the policy's UNet and VAE, counted on latents x [B, C, h, w] conditioned on text states [B, L, D]
+    with the adapter trainable, per sample."""
     unet, rows = policy.bundle.unet, x.shape[0]
     t = torch.full((rows,), int(policy.bundle.scheduler.config.num_train_timesteps) - 1, device=x.device)
     with torch.no_grad(), policy.autocast():
-        forward = counted(lambda: unet(x, t, states).sample)
+        forward = counted(lambda: unet(x, t, states).sample) / rows
     with policy.autocast():
-        both = counted(lambda: unet(x, t, states).sample.float().square().mean().backward())
+        both = counted(lambda: unet(x, t, states).sample.float().square().mean().backward()) / rows
     for p in policy.trainable_parameters():
         p.grad = None
-    return forward / rows, both / rows
+    decode = counted(lambda: policy.bundle.decode_images(x)) / rows
+    return ModelFlops(forward, both, decode, num_steps * 2 * forward + decode, 2 * both)
 
 
 def main() -> int:
@@ -115,11 +125,11 @@ def main() -> int:
     batch = TrainBatch.from_trajectories(trajectories, advantages)
 
     rows = g.micro_batch_size
-    forward, forward_backward = unet_flops(policy, batch.latents[:rows, 0], batch.cond.states[:rows])
-    decode = counted(lambda: policy.bundle.decode_images(batch.latents[:rows, -1])) / rows
-    per_image = s.num_steps * 2 * forward + decode
-    print(f"FLOPs: UNet forward {forward / 1e9:.2f} G per sample, forward+backward {forward_backward / 1e9:.2f} G, "
-          f"VAE decode {decode / 1e9:.2f} G per image; an image {per_image / 1e9:.1f} G ({s.num_steps} steps x 2)")
+    flops = model_flops(policy, s.num_steps, batch.latents[:rows, 0], batch.cond.states[:rows])
+    per_image = flops.per_image
+    print(f"FLOPs: UNet forward {flops.forward / 1e9:.2f} G per sample, forward+backward "
+          f"{flops.forward_backward / 1e9:.2f} G, VAE decode {flops.decode / 1e9:.2f} G per image; an image "
+          f"{per_image / 1e9:.1f} G ({s.num_steps} steps x 2)")
 
     stock = pipeline(policy, "ddim").pipe
     negative = [s.negative_prompt] * len(groups)
@@ -136,7 +146,7 @@ def main() -> int:
           f"StableDiffusionPipeline {theirs:.3f} s ({ours / theirs:.2f}x); utilisation "
           f"{per_image / ours / peak:.1%} of the matmul peak (stock {per_image / theirs / peak:.1%})")
 
-    trained = g.timesteps_per_sample or g.train_timesteps
+    trained = g.trained_per_sample
     start_state, metrics = policy.state(), {}
 
     def update():
@@ -146,10 +156,10 @@ def main() -> int:
 
     seconds = best_of(args.repeats, update)
     pairs = len(batch) * trained
-    phases = {k.removeprefix("learner_").removesuffix("_s"): v for k, v in metrics.items() if k.startswith("learner_")}
+    phases = learner_phases(metrics)
     largest = max(phases, key=phases.get)
     print(f"learner, {len(batch)} samples x {trained} timesteps: {seconds:.1f} s, {pairs / seconds:.1f} pairs/s; "
-          f"utilisation {pairs * 2 * forward_backward / seconds / peak:.1%} of the matmul peak; largest phase "
+          f"utilisation {pairs * flops.per_pair / seconds / peak:.1%} of the matmul peak; largest phase "
           f"{largest} ({phases[largest] / sum(phases.values()):.0%}): "
           + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
     return 0

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from bench.fixtures import cpu_name
+from bench.fixtures import cpu_name, learner_phases
 from safediff.actors.rollout import Rollout
 from safediff.common.config import load_config
 from safediff.common.policy import Policy
@@ -61,7 +61,6 @@ def main() -> int:
     batch = TrainBatch.from_trajectories(rollout.generate(groups), advantages)
     start_state = policy.state()
     seconds, metrics = {}, {}
-    trained = cfg.grpo.timesteps_per_sample or cfg.grpo.train_timesteps
     for per_pass in sorted({1, cfg.grpo.timesteps_per_pass}):
         grpo = cfg.grpo.model_copy(update={"timesteps_per_pass": per_pass})
 
@@ -71,10 +70,9 @@ def main() -> int:
             metrics[per_pass] = GRPOUpdate(policy, grpo, cfg.sampler, cfg.run.seed, optimizer).update(batch, step=0)
 
         seconds[per_pass] = best_of(args.repeats, update)
-        phases = ", ".join(f"{key.removeprefix('learner_').removesuffix('_s')} {value:.1f} s"
-                           for key, value in metrics[per_pass].items() if key.startswith("learner_"))
-        print(f"learner, {len(batch)} samples x {trained} timesteps, timesteps_per_pass {per_pass}: "
-              f"{seconds[per_pass]:.1f} s (last run: {phases})")
+        phases = ", ".join(f"{phase} {value:.1f} s" for phase, value in learner_phases(metrics[per_pass]).items())
+        print(f"learner, {len(batch)} samples x {cfg.grpo.trained_per_sample} timesteps, timesteps_per_pass "
+              f"{per_pass}: {seconds[per_pass]:.1f} s (last run: {phases})")
     if len(seconds) == 2:
         print(f"learner ratio: {seconds[1] / seconds[cfg.grpo.timesteps_per_pass]:.2f}x")
     if args.profile:

@@ -234,6 +234,11 @@ class GRPOConfig(_Strict):
                                     "activation memory.")
     inner_epochs: int = Field(1, ge=1, description="Passes over one step's samples.")
 
+    @property
+    def trained_per_sample(self) -> int:
+        """S: the trained timesteps of each sample per step (timesteps_per_sample, else all train_timesteps)."""
+        return self.timesteps_per_sample or self.train_timesteps
+
 
 class OptimConfig(_Strict):
     lr: float = Field(1e-5, gt=0, description="AdamW learning rate (constant).")

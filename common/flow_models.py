@@ -145,8 +145,15 @@ class SD3Bundle(FlowBundle):
         return TextEmbeds(states, pooled)
 
     def velocity(self, cond: TextEmbeds, uncond: TextEmbeds, guidance_scale: float) -> Velocity:
-        return lambda x, t: guided_velocity(self.transformer, x, t, cond.states, cond.pooled, uncond.states,
-                                            uncond.pooled, guidance_scale)
+        transformer = self.transformer
+
+        def predict(x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+            dtype = transformer.dtype
+            return transformer(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=states.to(dtype),
+                               pooled_projections=pooled.to(dtype), return_dict=False)[0]
+
+        return lambda x, t: guided_velocity(predict, x, t, cond.states, cond.pooled, uncond.states, uncond.pooled,
+                                            guidance_scale)
 
 
 class FluxBundle(FlowBundle):
@@ -183,7 +190,7 @@ class FluxBundle(FlowBundle):
     def velocity(self, cond: TextEmbeds, uncond: TextEmbeds, guidance_scale: float) -> Velocity:
         transformer, factor = self.transformer, self.vae_scale_factor
 
-        def predict(states: torch.Tensor, pooled: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def predict(x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
             """The transformer's velocity [B, C, h, w] for latents x [B, C, h, w] at timesteps t [B], packed and
             unpacked by the stock pipeline's own functions."""
             B, C, h, w = x.shape
@@ -200,16 +207,9 @@ class FluxBundle(FlowBundle):
             return FluxPipeline._unpack_latents(out.float(), h * factor, w * factor, factor)
 
         if transformer.config.guidance_embeds:
-            return lambda x, t: predict(cond.states, cond.pooled, x, t)
-
-        def true_cfg(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # one call on [uncond; cond]
-            B = x.shape[0]
-            out = predict(torch.cat([uncond.states.expand(B, -1, -1), cond.states]),
-                          torch.cat([uncond.pooled.expand(B, -1), cond.pooled]), torch.cat([x, x]), torch.cat([t, t]))
-            out_uncond, out_cond = out.chunk(2)
-            return out_uncond + guidance_scale * (out_cond - out_uncond)
-
-        return true_cfg
+            return lambda x, t: predict(x, t, cond.states, cond.pooled)
+        return lambda x, t: guided_velocity(predict, x, t, cond.states, cond.pooled, uncond.states, uncond.pooled,
+                                            guidance_scale)
 
 
 def _load_pipeline(pipeline_class: type, pretrained: str, revision: str | None, modules: dict[str, type],

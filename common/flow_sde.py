@@ -38,6 +38,8 @@ from safediff.common.sampling import GaussianStep, SampledTrajectory, gaussian_s
 
 SDEKind = Literal["sde", "cps"]
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [B, C, h, w], timesteps [B]) -> v, fp32
+# a transformer's prediction (x [B, C, h, w], timesteps [B], text states [B, L, D], pooled [B, P]) -> [B, C, h, w]
+Predict = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def sde_mean_std(sample: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
@@ -98,19 +100,17 @@ def flow_step_with_logprob(
     return step
 
 
-def guided_velocity(transformer, latents: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor,
+def guided_velocity(predict: Predict, latents: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor,
                     pooled: torch.Tensor, uncond: torch.Tensor, uncond_pooled: torch.Tensor,
                     guidance_scale: float) -> torch.Tensor:
-    """SD3's true classifier-free guidance: uncond + g * (cond - uncond), one transformer call on [uncond; cond].
+    """True classifier-free guidance (SD3's, and FLUX's without a guidance input): uncond + g * (cond - uncond), one
+    `predict` call on [uncond; cond].
 
-    `timestep` is [B] in the scheduler's units (sigma * 1000); `cond` [B, L, D] and `pooled` [B, P] are the joint
-    text states and pooled text embedding; `uncond`, `uncond_pooled` are [1, ...] or [B, ...]."""
+    `timestep` is [B] in the scheduler's units (sigma * 1000); `cond` [B, L, D] and `pooled` [B, P] are the text
+    states and pooled text embedding; `uncond`, `uncond_pooled` are [1, ...] or [B, ...]."""
     batch = latents.shape[0]
-    out = transformer(hidden_states=torch.cat([latents, latents]).to(transformer.dtype),
-                      timestep=torch.cat([timestep, timestep]),
-                      encoder_hidden_states=torch.cat([uncond.expand(batch, -1, -1), cond]).to(transformer.dtype),
-                      pooled_projections=torch.cat([uncond_pooled.expand(batch, -1), pooled]).to(transformer.dtype),
-                      return_dict=False)[0]
+    out = predict(torch.cat([latents, latents]), torch.cat([timestep, timestep]),
+                  torch.cat([uncond.expand(batch, -1, -1), cond]), torch.cat([uncond_pooled.expand(batch, -1), pooled]))
     out_uncond, out_cond = out.float().chunk(2)
     return out_uncond + guidance_scale * (out_cond - out_uncond)
 

@@ -164,7 +164,7 @@ class GRPOUpdate:
         with clock("to_device"):
             batch = batch.to(self.policy.device)
         cfg, N, K = self.cfg, len(batch), self.cfg.train_timesteps
-        S = cfg.timesteps_per_sample or K  # trained steps per sample: the first S of its shuffled K
+        S = cfg.trained_per_sample  # the first S of each sample's shuffled K
         stats: dict[str, list] = defaultdict(list)
         grad_norms, first_update_log_ratio = [], None
         orders = []
