@@ -6,8 +6,6 @@ the same prompts and the same adapter as the uninterrupted run."""
 import json
 import os
 import signal
-import threading
-import time
 
 import pytest
 import ray
@@ -19,6 +17,7 @@ from safediff.common.trainable import state_checksum
 from safediff.common.weight_sync import publish
 from safediff.runtime.controller import run
 from safediff.runtime.groups import AttackGroup
+from safediff.runtime.pipeline import RolloutPipeline
 from safediff.runtime.redis_server import EmbeddedRedis
 from safediff.runtime.redteam import RedTeam
 from safediff.runtime.run_store import Interrupted, RunStore
@@ -101,24 +100,24 @@ def test_a_killed_attack_actor_is_resynced_to_the_policy_it_attacked(tiny_dir, t
 
 
 def test_a_run_stopped_between_a_request_and_its_install_resumes_to_the_same_prompts(tiny_dir, tmp_path, files,
-                                                                                     tiny_config, uninterrupted):
+                                                                                     tiny_config, uninterrupted,
+                                                                                     monkeypatch):
     reference, records = uninterrupted
     cfg = _config(tiny_config, tiny_dir, tmp_path, files, "run.name=red")
     run_dir = tmp_path / "runs" / "red"
+    collect = RolloutPipeline.collect
 
-    def stop_in_step_2():  # honoured after step 2 (or, on a loaded machine, step 3): a checkpoint at 3 (or 4)
-        metrics = run_dir / "metrics.jsonl"
-        while not metrics.is_file() or len(metrics.read_text().splitlines()) < 2:
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
+    def collect_then_stop_in_step_2(self, step):  # a SIGTERM inside step 2, honoured after it: a checkpoint at 3
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return collect(self, step)
 
-    stopper = threading.Thread(target=stop_in_step_2, daemon=True)
-    stopper.start()
+    monkeypatch.setattr(RolloutPipeline, "collect", collect_then_stop_in_step_2)
     with pytest.raises(Interrupted):
         run(cfg, progress=False)
-    stopper.join()
+    monkeypatch.undo()
     stopped = read_manifest(run_dir)[-1]
-    assert stopped["step"] in (3, 4)  # either way the attack asked for at step 2 is pending, installed at step 4
+    assert stopped["step"] == 3  # the attack asked for at step 2 is pending, installed at step 4
     cursor = json.loads((run_dir / "checkpoints" / stopped["path"] / "trainer.json").read_text())["cursor"]
     assert cursor["redteam"] == {"step": 2, "version": 2} and cursor["adversarial"]["version"] == 0
     resumed = run(cfg, progress=False)
