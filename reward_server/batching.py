@@ -1,9 +1,10 @@
 """Request micro-batching for an asyncio server (the Ray reward actor is one).
 
-Concurrent `submit` calls are merged into one call of a batch function. A batch closes when it holds
-at least `max_items` items or `max_wait_s` after its first request, whichever comes first; batches
-run one at a time in a worker thread, so requests that arrive while the model is busy queue up and
-form the next, larger batch (the busier the server, the bigger its batches).
+Concurrent `submit` calls are merged into one call of a batch function, one batch at a time (in a worker thread,
+so the event loop keeps taking requests). While the function is idle, a batch starts when the waiting requests
+hold `max_items` items or `max_wait_s` after the first of them, whichever comes first. While it is busy, requests
+simply wait, and the moment it is done the next batch starts with everything waiting (up to `max_items`): the
+busier the server, the bigger its batches, and no request waits behind a queue of small ones.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class MicroBatcher(Generic[P, R]):
         self._pending: list[tuple[P, int, asyncio.Future]] = []
         self._pending_items = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._busy = False  # a batch is in the worker thread
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="microbatch")
 
     async def submit(self, payload: P, size: int = 1) -> R:
@@ -44,19 +46,28 @@ class MicroBatcher(Generic[P, R]):
         future = loop.create_future()
         self._pending.append((payload, size, future))
         self._pending_items += size
-        if self._pending_items >= self.max_items:
-            self._flush()
-        elif self._timer is None:
-            self._timer = loop.call_later(self.max_wait_s, self._flush)
+        if not self._busy:  # when busy, the running batch starts the next one as it ends
+            if self._pending_items >= self.max_items:
+                self._start_batch()
+            elif self._timer is None:
+                self._timer = loop.call_later(self.max_wait_s, self._start_batch)
         return await future
 
-    def _flush(self) -> None:
+    def _start_batch(self) -> None:
+        """Hand the waiting requests, in order, up to the first that brings the batch to max_items, to the worker."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        batch, self._pending, self._pending_items = self._pending, [], 0
-        if batch:
-            asyncio.get_running_loop().create_task(self._run(batch))
+        if self._busy or not self._pending:
+            return
+        taken, items = 0, 0
+        while taken < len(self._pending) and items < self.max_items:
+            items += self._pending[taken][1]
+            taken += 1
+        batch, self._pending = self._pending[:taken], self._pending[taken:]
+        self._pending_items -= items
+        self._busy = True
+        asyncio.get_running_loop().create_task(self._run(batch))
 
     async def _run(self, batch: list[tuple[P, int, asyncio.Future]]) -> None:
         loop = asyncio.get_running_loop()
@@ -68,10 +79,13 @@ class MicroBatcher(Generic[P, R]):
             for _, _, future in batch:
                 if not future.done():
                     future.set_exception(err)
-            return
-        self.stats.batches += 1
-        self.stats.requests += len(batch)
-        self.stats.items += sum(size for _, size, _ in batch)
-        for (_, _, future), result in zip(batch, results):
-            if not future.done():
-                future.set_result(result)
+        else:
+            self.stats.batches += 1
+            self.stats.requests += len(batch)
+            self.stats.items += sum(size for _, size, _ in batch)
+            for (_, _, future), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)
+        finally:
+            self._busy = False
+            self._start_batch()  # what arrived meanwhile goes at once: it has waited a whole batch already

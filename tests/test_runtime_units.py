@@ -1,6 +1,7 @@
 """Pieces of the distributed runtime that need no Ray cluster: micro-batching, sync checks, staleness, resources."""
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -29,8 +30,29 @@ def test_micro_batcher_merges_concurrent_requests_and_routes_results():
 
     results, stats = asyncio.run(main())
     assert results == [2 * i for i in range(10)]
-    assert seen == [4, 4, 2]  # two full batches close at once, the rest after max_wait
+    assert seen == [4, 4, 2]  # the first full batch starts at once, each next one as the one before it ends
     assert stats.batches == 3 and stats.requests == 10 and stats.mean_batch_items == pytest.approx(10 / 3)
+
+
+def test_requests_that_arrive_while_a_batch_runs_form_one_batch_when_it_ends():
+    seen = []
+
+    def slow(batch):
+        seen.append(list(batch))
+        time.sleep(0.2)
+        return batch
+
+    async def main():
+        batcher = MicroBatcher(slow, max_items=64, max_wait_s=0.01)
+        first = asyncio.ensure_future(batcher.submit(0))
+        later = []
+        for i in range(1, 4):  # 30 ms apart, all while the first batch runs, each longer apart than max_wait
+            await asyncio.sleep(0.03)
+            later.append(asyncio.ensure_future(batcher.submit(i)))
+        return await asyncio.gather(first, *later)
+
+    assert asyncio.run(main()) == [0, 1, 2, 3]
+    assert seen == [[0], [1, 2, 3]]  # not [[0], [1], [2], [3]]: no request waits behind a queue of small batches
 
 
 def test_micro_batcher_propagates_errors_to_every_request():
@@ -42,6 +64,20 @@ def test_micro_batcher_propagates_errors_to_every_request():
         return await asyncio.gather(batcher.submit(1), batcher.submit(2), return_exceptions=True)
 
     assert all(isinstance(r, ValueError) for r in asyncio.run(main()))
+
+
+def test_a_failed_batch_does_not_stop_the_next():
+    def fail_on_negative(batch):
+        if min(batch) < 0:
+            raise ValueError("bad images")
+        return batch
+
+    async def main():
+        batcher = MicroBatcher(fail_on_negative, max_items=2, max_wait_s=0.01)
+        return await asyncio.gather(*(batcher.submit(i) for i in (-1, 1, 2, 3)), return_exceptions=True)
+
+    first, second, *rest = asyncio.run(main())
+    assert isinstance(first, ValueError) and isinstance(second, ValueError) and rest == [2, 3]
 
 
 def test_staleness_gate():
