@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import torch
 
 from safediff.common.config import Config, load_config
 from safediff.common.process import free_port
@@ -32,6 +34,24 @@ def learner_phases(record: dict) -> dict[str, float]:
     """The learner's seconds per phase in a step record or update's metrics (`learner_<phase>_s`), by phase name."""
     return {key.removeprefix("learner_").removesuffix("_s"): value for key, value in record.items()
             if key.startswith("learner_") and key.endswith("_s")}
+
+
+def saved_activation_bytes(module: torch.nn.Module, work: Callable[[], object]) -> int:
+    """Bytes of the tensors autograd keeps for backward while `work()` runs (each storage once; `module`'s
+    parameters excluded): the activation memory of a forward, counted the same way on any device. Tensors kept
+    inside a gradient-checkpointed region are not kept, and not counted."""
+    parameters = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        work()
+    return sum(kept.values())
 
 
 def tiny_models() -> Path:

@@ -58,17 +58,19 @@ def matmul_peak(dtype: torch.dtype = torch.float32, device: str | torch.device =
     return best
 
 
-def alternating_best(repeats: int, first, second) -> tuple[float, float]:
-    """The best time of each of two calls, timed in turns after one warm-up each, so that a slower spell of the
-    machine (other processes, clock changes) falls on both alike."""
-    first(), second()
-    times: tuple[list[float], list[float]] = ([], [])
+def best_in_turns(repeats: int, *works, warm_up: bool = True) -> list[float]:
+    """The best time of each call, timed in turns (after one warm-up each unless `warm_up` is false), so that a
+    slower spell of the machine (other processes, clock changes) falls on all alike."""
+    if warm_up:
+        for work in works:
+            work()
+    times: list[list[float]] = [[] for _ in works]
     for _ in range(repeats):
-        for work, out in ((first, times[0]), (second, times[1])):
+        for work, out in zip(works, times):
             start = time.perf_counter()
             work()
             out.append(time.perf_counter() - start)
-    return min(times[0]), min(times[1])
+    return [min(t) for t in times]
 
 
 def counted(work) -> int:
@@ -140,8 +142,8 @@ def main() -> int:
                   guidance_scale=s.guidance_scale, eta=s.eta, height=s.height, width=s.width,
                   num_images_per_prompt=g.group_size, generator=torch.Generator().manual_seed(0), output_type="pt")
 
-    ours, theirs = (seconds / images for seconds in alternating_best(args.repeats, lambda: rollout.generate(groups),
-                                                                     stock_call))
+    ours, theirs = (seconds / images for seconds in best_in_turns(args.repeats, lambda: rollout.generate(groups),
+                                                                  stock_call))
     print(f"rollout, {images} images in one call: ours {ours:.3f} s per image (log-probs recorded), stock "
           f"StableDiffusionPipeline {theirs:.3f} s ({ours / theirs:.2f}x); utilisation "
           f"{per_image / ours / peak:.1%} of the matmul peak (stock {per_image / theirs / peak:.1%})")

@@ -233,6 +233,14 @@ class GRPOConfig(_Strict):
                                     "where per-call overhead dominates (small models, CPU), at that much more "
                                     "activation memory.")
     inner_epochs: int = Field(1, ge=1, description="Passes over one step's samples.")
+    gradient_checkpointing: bool = Field(False, description="The learner's denoiser recomputes its blocks' "
+                                         "activations in the backward pass instead of keeping them (diffusers' "
+                                         "gradient checkpointing): the same gradient in much less activation memory "
+                                         "for one more forward of time (`python -m bench.learner_options`).")
+    compile: bool = Field(False, description="The learner's denoiser runs under torch.compile (inductor): the "
+                          "same update up to float rounding; the first updates pay the compilation (minutes on a "
+                          "CPU), and a new pass shape compiles again (`python -m bench.learner_options`). In the "
+                          "single-process loop the rollout shares the compiled denoiser. ZeRO-1/2 only.")
 
     @property
     def trained_per_sample(self) -> int:
@@ -688,6 +696,9 @@ class Config(_Strict):
                 raise ValueError(f"grpo.train_timesteps ({g.train_timesteps}) must be below sampler.num_steps "
                                  f"({self.sampler.num_steps}) with sampler.sde_kind=cps: its last step has no "
                                  "log-probability")
+        if g.compile and self.cluster.zero_stage == 3:
+            raise ValueError("grpo.compile needs cluster.zero_stage 0-2: ZeRO-3 gathers each parameter in module "
+                             "hooks as the forward reaches it, which torch.compile would trace (not supported here)")
         if self.model.finetune == "full" and self.grpo.kl_beta > 0:
             raise ValueError("grpo.kl_beta > 0 needs model.finetune=lora: the KL reference is the UNet with its "
                              "adapter disabled, and a full fine-tune keeps no second copy")

@@ -24,7 +24,7 @@ from safediff.common.process import configure_threads, free_port, on_assigned_de
 from safediff.common.trainable import state_checksum
 from safediff.common.types import Trajectory
 from safediff.common.weight_sync import publish
-from safediff.learner.update import GRPOUpdate, TrainBatch, adamw
+from safediff.learner.update import GRPOUpdate, TrainBatch, adamw, prepare_denoiser
 
 
 def deepspeed_config(cfg: Config) -> dict:
@@ -96,6 +96,7 @@ class LearnerWorker:
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         deepspeed = init_process_group(gpu=self.cfg.cluster.gpus_per_learner_worker > 0)
         self.policy = Policy.from_config(self.cfg)
+        prepare_denoiser(self.policy, self.cfg.grpo)
         params = self.policy.trainable_parameters()
         self.engine, *_ = deepspeed.initialize(model=self.policy.denoiser, optimizer=adamw(params, self.cfg.optim),
                                                model_parameters=params,

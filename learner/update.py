@@ -42,6 +42,17 @@ def adamw(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Ada
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
+def prepare_denoiser(policy: Policy, grpo: GRPOConfig) -> None:
+    """The learner's execution options, applied once to the policy's denoiser in place: gradient checkpointing
+    (diffusers' `enable_gradient_checkpointing`; its blocks check for grad mode, so no-grad rollouts and reference
+    passes run as before) and torch.compile (`nn.Module.compile`, in place: the adapter's state keys stay those of
+    the module, which a wrapping `torch.compile(module)` would prefix)."""
+    if grpo.gradient_checkpointing:
+        policy.denoiser.enable_gradient_checkpointing()
+    if grpo.compile:
+        policy.denoiser.compile()
+
+
 class TorchOptimizer:
     """AdamW with grad-norm clipping and no schedule (the reference's optimiser)."""
 

@@ -21,7 +21,7 @@ from safediff.common.errors import UserInputError
 from safediff.common.metrics import PhaseTimer
 from safediff.common.policy import Policy
 from safediff.common.prompts import PromptStream
-from safediff.learner.update import GRPOUpdate, TorchOptimizer, TrainBatch
+from safediff.learner.update import GRPOUpdate, TorchOptimizer, TrainBatch, prepare_denoiser
 from safediff.reward_server.steering import DIAGNOSTICS, RewardOutput, SteeringReward
 from safediff.runtime.progress import StepProgress
 from safediff.runtime.recipe import StepRecipe
@@ -50,6 +50,7 @@ def train(cfg: Config, reward_fn: RewardFn | None = None, progress: bool = True,
 
 def _train(cfg: Config, run: RunContext, reward_fn: RewardFn | None, progress: bool, stop: list[int]) -> TrainResult:
     policy = Policy.from_config(cfg)
+    prepare_denoiser(policy, cfg.grpo)  # the rollout shares the denoiser (and its compiled form)
     rollout = Rollout(policy, cfg.sampler, cfg.grpo.group_size, cfg.run.seed)
     reward_fn = reward_fn or SteeringReward.from_config(cfg.reward, policy.device)
     optimizer = TorchOptimizer(policy.trainable_parameters(), cfg.optim)

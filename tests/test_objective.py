@@ -1,14 +1,17 @@
 """The decoupled objective against the standard one: on-policy they give the same update; on stale data the
 decoupled ratio is taken against the learner's own policy, and the behaviour weights carry the staleness. And
 grpo.timesteps_per_pass: several trained timesteps in one pass give the same update as one at a time; and
-grpo.timesteps_per_sample: a random subset of each sample's trained timesteps, weighted as the mean over it."""
+grpo.timesteps_per_sample: a random subset of each sample's trained timesteps, weighted as the mean over it; and
+the learner's execution options (grpo.gradient_checkpointing, grpo.compile): the same update, computed otherwise."""
 
+import pytest
 import torch
 
+from bench.fixtures import saved_activation_bytes
 from safediff.actors.rollout import Rollout
 from safediff.common.policy import Policy
 from safediff.common.prompts import PromptStream
-from safediff.learner.update import GRPOUpdate, TorchOptimizer, TrainBatch
+from safediff.learner.update import GRPOUpdate, TorchOptimizer, TrainBatch, prepare_denoiser
 
 
 class GradientRecorder:
@@ -150,3 +153,44 @@ def test_a_subset_of_timesteps_per_sample_gives_the_mean_gradient_over_the_pairs
         assert float(want.abs().max()) > 0
         # float32 rounding of another batching (measured 1.7e-5); weighting by K instead of S would be 50% off
         assert float(torch.linalg.norm(got[k] - want) / torch.linalg.norm(want)) < 1e-4
+
+
+def _with_option(cfg, **option) -> tuple[torch.Tensor, dict, int]:
+    """Each minibatch's gradient and the update's metrics under a learner option, and the activation bytes the
+    update kept for backward (each storage once; counted in eager mode only)."""
+    policy, updater = _setup(cfg, "standard", record=True, **option)
+    prepare_denoiser(policy, updater.cfg)
+    batch, metrics = _batch(cfg, policy), {}
+
+    def update():
+        metrics.update(updater.update(batch, step=0))
+
+    kept = 0 if updater.cfg.compile else saved_activation_bytes(policy.denoiser, update)
+    if updater.cfg.compile:
+        update()
+    return torch.stack(updater.optimizer.grads), metrics, kept
+
+
+def test_gradient_checkpointing_gives_the_same_update_keeping_less_for_backward(tiny_dir, tmp_path, prompt_file,
+                                                                               tiny_config):
+    cfg = tiny_config(tiny_dir, tmp_path, prompt_file, "grpo.group_size=4", "grpo.prompts_per_step=2",
+                      "grpo.updates_per_step=2", "grpo.micro_batch_size=2", "grpo.timesteps_per_pass=2")
+    grads, metrics, kept = _with_option(cfg)
+    checkpointed, checkpointed_metrics, checkpointed_kept = _with_option(cfg, gradient_checkpointing=True)
+    assert float(grads.abs().max()) > 0
+    assert torch.allclose(checkpointed, grads, rtol=1e-6, atol=0)  # the blocks' forward again, in backward
+    assert checkpointed_metrics["loss"] == metrics["loss"]
+    assert checkpointed_kept < 0.5 * kept, (checkpointed_kept, kept)
+
+
+@pytest.mark.slow
+def test_a_compiled_denoiser_gives_the_same_update(tiny_dir, tmp_path, prompt_file, tiny_config):
+    cfg = tiny_config(tiny_dir, tmp_path, prompt_file, "grpo.group_size=4", "grpo.prompts_per_step=2",
+                      "grpo.updates_per_step=2", "grpo.micro_batch_size=2", "grpo.timesteps_per_pass=2")
+    grads, metrics, _ = _with_option(cfg)
+    torch._dynamo.reset()
+    compiled, compiled_metrics, _ = _with_option(cfg, compile=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # inductor did compile the denoiser
+    # inductor fuses and reorders the float32 arithmetic: rounding apart, not bit for bit
+    assert float(torch.linalg.norm(compiled - grads) / torch.linalg.norm(grads)) < 1e-4
+    assert abs(compiled_metrics["loss"] - metrics["loss"]) < 1e-6
