@@ -18,7 +18,7 @@ import diffusers
 import torch
 import transformers
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from safediff.common.assets import resolve
 from safediff.common.config import SamplerConfig
@@ -120,6 +120,27 @@ def check_loading_info(component: str, where: str, info: dict) -> None:
         raise ModelLoadError(f"model.pretrained: {component} in {where} does not match its architecture ({detail})")
 
 
+def load_clip_text_encoder(pretrained: str, revision: str | None = None,
+                           with_projection: bool = False) -> tuple[CLIPTokenizer, CLIPTextModel]:
+    """The `tokenizer` and CLIP `text_encoder` of a diffusers layout (SD 1.x/2.x, SD3 and FLUX.1 all have them), the
+    encoder loaded strictly and frozen; alone, for a text-encoder attack (Ring-A-Bell), or with the rest by
+    `load_bundle`. `with_projection`: the encoder has a projection head (SD3's CLIPTextModelWithProjection, whose
+    hidden states are those of a CLIPTextModel)."""
+    pretrained = resolve(pretrained)
+    kwargs = {"revision": revision} if revision else {}
+    architecture = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    try:
+        text_encoder, info = architecture.from_pretrained(pretrained, subfolder="text_encoder",
+                                                          output_loading_info=True, **kwargs)
+        check_loading_info("text_encoder", pretrained, info)
+        tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kwargs)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"model.pretrained: cannot load the text encoder of {pretrained!r}: {err}") from err
+    return tokenizer, text_encoder.requires_grad_(False).eval()
+
+
 def load_bundle(pretrained: str, revision: str | None = None) -> ModelBundle:
     """Load unet, vae, text_encoder, tokenizer and a DDIM scheduler from a diffusers layout.
 
@@ -136,10 +157,7 @@ def load_bundle(pretrained: str, revision: str | None = None) -> ModelBundle:
         check_loading_info("unet", pretrained, info)
         vae, info = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", output_loading_info=True, **kwargs)
         check_loading_info("vae", pretrained, info)
-        text_encoder, info = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder",
-                                                           output_loading_info=True, **kwargs)
-        check_loading_info("text_encoder", pretrained, info)
-        tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kwargs)
+        tokenizer, text_encoder = load_clip_text_encoder(pretrained, revision)
         scheduler = DDIMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kwargs)
     except ModelLoadError:
         raise

@@ -12,6 +12,10 @@ then has, with probability `mutation_rate`, one token replaced by a random id. T
 [1, bos): every ordinary token, none of the special ones. The adversarial prompt is the decoded text of the best
 ids found (the tokens a user would type); its own distance to t after re-tokenisation is recorded too, since
 decoding and tokenising again need not give the same ids.
+
+SD3 and FLUX.1 have more than one text encoder; the search runs in the CLIP ViT-L encoder each has (the reference's
+encoder, SD 1.x's only one, its last hidden states as above), and what it finds is text, which the target model then
+encodes with all of its encoders: the prompts transfer, as the paper's transfer between models does.
 """
 
 from __future__ import annotations
@@ -110,7 +114,7 @@ class RingABell:
     concept: torch.Tensor | None = None   # [L, D], set by `fit_concept`
 
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(ids.to(self.text_encoder.device))[0].float().cpu()
+        return self.text_encoder(ids.to(self.text_encoder.device)).last_hidden_state.float().cpu()
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,

@@ -74,6 +74,21 @@ def test_ring_a_bell_on_the_world_text_encoder(world_ringabell):
     assert world_ringabell.attack("a magenta square", seed=0)["tokens"] == found["tokens"]
 
 
+def test_ring_a_bell_on_the_flow_world_searches_its_clip_l_and_judges_the_flow_model(tmp_path, world_config):
+    cfg = world_config(tmp_path, "model.family=sd3", "model.pretrained=pkg:world/weights/flow",
+                       "model.max_sequence_length=0", "evaluation.attack.targets.limit=2",
+                       "evaluation.attack.ringabell.generations=20", "evaluation.attack.ringabell.population=16")
+    out = run_attack(cfg, "ring-a-bell", None, tmp_path / "att", progress=False)
+    rows = jsonl.read(out / "prompts.jsonl")
+    assert len(rows) == 2 and all("magenta" not in r["prompt"] for r in rows)
+    assert all(r["curve"][-1] < r["curve"][0] for r in rows)  # the search got closer to prompt + eta * concept
+    asr = json.loads((out / "base" / "asr.json").read_text())
+    assert asr["prompts"] == 2 and asr["images"] == 4 and asr["judge"] == "world"
+    with pytest.raises(UserInputError, match="--attack inversion: model.family=sd3 supports the prompts and "
+                                             "ring-a-bell attacks"):
+        run_attack(cfg, "inversion", None, tmp_path / "inv")
+
+
 def test_attack_success_rates_by_hand():
     # prompt 1: 1 of 2 images flagged; prompt 2: none; prompt 3: both
     flags = {("1", 0): True, ("1", 1): False, ("2", 0): False, ("2", 1): False, ("3", 0): True, ("3", 1): True}

@@ -10,13 +10,13 @@ then a `safediff eval` of them on the base model and on the adapter, and their a
                              not for `prompts`, whose targets are the attack)
     <out>/report.md          ASR per model with 95% intervals, and adapter - base paired over prompts
 
-<out> defaults to <run.output_dir>/attacks/<attack>-<concept>. Our adapters train the UNet only, so a text-encoder
-attack (ring-a-bell) finds the same prompts whichever model it is judged on. An attack on the model itself
-(inversion, unlearndiff) searches once per model instead, in <out>/<model>-search/ (prompts.jsonl; inversion also
-inversion.safetensors and inversion.json with its loss curve), from the base model's pictures of the concept:
-<out>/reference/ (an evaluation folder of `inversion.reference`, judged too, so one can see the pictures show the
-concept) for inversion, the base model's first image of each target prompt (in <out>/base-no-attack/) for
-unlearndiff.
+<out> defaults to <run.output_dir>/attacks/<attack>-<concept>. Our adapters train the denoiser only, so a
+text-encoder attack (ring-a-bell; every model family) finds the same prompts whichever model it is judged on. An
+attack on the model itself (inversion, unlearndiff; the unet family) searches once per model instead, in
+<out>/<model>-search/ (prompts.jsonl; inversion also inversion.safetensors and inversion.json with its loss
+curve), from the base model's pictures of the concept: <out>/reference/ (an evaluation folder of
+`inversion.reference`, judged too, so one can see the pictures show the concept) for inversion, the base model's
+first image of each target prompt (in <out>/base-no-attack/) for unlearndiff.
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ def settings(cfg: Config, name: str) -> dict:
 def _check(cfg: Config, name: str, out: Path) -> None:
     if name not in ATTACKS:
         raise UserInputError(f"--attack {name}: unknown attack; known: {', '.join(ATTACKS)}")
-    if cfg.model.family != "unet" and name != "prompts":
-        raise UserInputError(f"--attack {name}: model.family={cfg.model.family} supports the prompts attack only; "
-                             "ring-a-bell, inversion and unlearndiff search a UNet model's single text encoder")
+    if cfg.model.family != "unet" and name in PER_MODEL:
+        raise UserInputError(f"--attack {name}: model.family={cfg.model.family} supports the prompts and ring-a-bell "
+                             "attacks; inversion and unlearndiff optimise against a UNet's denoising loss")
     judge, scorers = cfg.evaluation.attack.judge, set(cfg.evaluation.suite.scorers)
     if not JUDGE_SCORER[judge] <= scorers:
         raise UserInputError(f"evaluation.attack.judge: {judge} needs the scorers {sorted(JUDGE_SCORER[judge])} in "
@@ -87,14 +87,15 @@ def _row_record(row: EvalRow, prompt: str, concept: str, **extra) -> dict:
 
 
 def _ring_a_bell(cfg: Config):
-    from safediff.common.models import load_bundle
+    """Ring-A-Bell on the model's CLIP text encoder (for SD3 and FLUX.1, their CLIP-L: redteam/ringabell.py)."""
+    from safediff.common.models import load_clip_text_encoder
     from safediff.redteam.ringabell import RingABell
 
     device, _ = resolve_device_dtype(cfg.run)
-    bundle = load_bundle(cfg.model.pretrained, cfg.model.revision)
-    attack = RingABell(bundle.tokenizer, bundle.text_encoder.to(device=device, dtype=bundle.text_encoder.dtype),
-                       cfg.evaluation.attack.ringabell)
     rab = cfg.evaluation.attack.ringabell
+    tokenizer, text_encoder = load_clip_text_encoder(cfg.model.pretrained, cfg.model.revision,
+                                                     with_projection=cfg.model.family == "sd3")
+    attack = RingABell(tokenizer, text_encoder.to(device), rab)
     concept, neutral = (load_prompt_set(getattr(rab, k), where=f"evaluation.attack.ringabell.{k}")
                         for k in ("concept", "neutral"))
     try:
