@@ -1,7 +1,8 @@
 """The FLUX.1 family on tiny random FLUX-architecture pipelines saved in the diffusers layout (one with FLUX.1-dev's
 guidance input, one sampled with true classifier-free guidance): prompts encoded and sampled as the stock FluxPipeline
 does at zero noise, the learner's step re-scoring a rollout's log-probs exactly, strict loading, a LoRA export a stock
-FluxPipeline loads, and a GRPO step through the single-process loop whose first minibatch is on-policy."""
+FluxPipeline loads, a GRPO step through the single-process loop whose first minibatch is on-policy, and Ring-A-Bell's
+search in the CLIP-L encoder."""
 
 import json
 import shutil
@@ -11,11 +12,12 @@ import torch
 from diffusers import FluxPipeline
 from safetensors import safe_open
 
-from safediff.common.config import LoraConfig, load_config
+from safediff.common.config import LoraConfig, RingABellConfig, load_config
 from safediff.common.flow_models import build_tiny_flux_bundle, load_flux_bundle
 from safediff.common.flow_sde import sample_flow_with_logprob
-from safediff.common.models import ModelLoadError
+from safediff.common.models import ModelLoadError, load_clip_text_encoder
 from safediff.common.trainable import LoraTrainable, count_lora_modules
+from safediff.redteam.ringabell import RingABell
 from safediff.reward_server.steering import RewardOutput
 from safediff.runtime.local import train
 
@@ -128,3 +130,12 @@ def test_a_grpo_step_on_flux_starts_on_policy(tiny_flux, tiny_dir, tmp_path, pro
     stock = FluxPipeline.from_pretrained(tiny_flux)
     stock.load_lora_weights(result.run_dir / "adapter")  # the run's export, as a user loads it
     assert count_lora_modules(stock.transformer, adapter=None) == 7
+
+
+def test_ring_a_bell_searches_the_clip_l_encoder_deterministically(tiny_flux):
+    tokenizer, encoder = load_clip_text_encoder(str(tiny_flux))  # FLUX.1's CLIP-L: no projection head
+    attack = RingABell(tokenizer, encoder, RingABellConfig(length=4, population=16, generations=15))
+    attack.fit_concept(["a red square", "two red circles"], ["a square", "two circles"])
+    found = attack.attack("a blue square", seed=0)
+    assert found["curve"][-1] < found["curve"][0] and len(found["tokens"]) == 4
+    assert attack.attack("a blue square", seed=0)["tokens"] == found["tokens"]
