@@ -42,3 +42,19 @@ def test_the_roofline_counts_matmuls_and_attention_by_hand_formulas():
     q, k, v = (torch.randn(2, 3, 10, 8) for _ in range(3))  # [B, H, L, D]
     # Q K^T and (softmax) V: 2 B H L L D each; the fused CPU kernel alone would not be counted
     assert counted(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)) == 2 * (2 * 2 * 3 * 10 * 10 * 8)
+
+
+def test_the_bytes_kept_for_backward_are_counted_by_hand():
+    import torch
+
+    from bench.fixtures import saved_activation_bytes
+
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(16, 8)
+    # the weight's gradient needs the input: 16 x 8 float32 kept; the layer's own parameters are not counted
+    assert saved_activation_bytes(layer, lambda: layer(x).sum()) == 16 * 8 * 4
+    # each tanh keeps its output (16 x 4 float32); the input, kept by both layer calls, counts once
+    twice = saved_activation_bytes(layer, lambda: torch.tanh(layer(x)) + torch.tanh(layer(x)))
+    assert twice == 16 * 8 * 4 + 2 * 16 * 4 * 4
+    with torch.no_grad():
+        assert saved_activation_bytes(layer, lambda: layer(x)) == 0
