@@ -45,26 +45,21 @@ class Learner:
         self.policy = Policy.from_config(cfg)
         prepare_denoiser(self.policy, grpo)
         self.start, self.metrics = self.policy.state(), {}
+        self.updater: GRPOUpdate | None = None
 
     def update(self) -> None:
         self.policy.load_state(self.start, 0)
         optimizer = TorchOptimizer(self.policy.trainable_parameters(), self.cfg.optim)
-        self.metrics = GRPOUpdate(self.policy, self.grpo, self.cfg.sampler, self.cfg.run.seed,
-                                  optimizer).update(self.batch, step=0)
+        self.updater = GRPOUpdate(self.policy, self.grpo, self.cfg.sampler, self.cfg.run.seed, optimizer)
+        self.metrics = self.updater.update(self.batch, step=0)
 
     def pass_activation_bytes(self) -> int:
-        """Activation memory of the update's first pass: its micro-batch's samples at their first trained steps."""
+        """Activation memory of one pass of the last update: micro_batch_size samples at timesteps_per_pass steps."""
         rows = torch.arange(self.grpo.micro_batch_size).repeat(self.grpo.timesteps_per_pass)
         steps = torch.arange(self.grpo.timesteps_per_pass).repeat_interleave(self.grpo.micro_batch_size)
-        b = self.batch.to(self.policy.device)
+        batch = self.batch.to(self.policy.device)
         self.policy.denoiser.train()
-
-        def forward():
-            with self.policy.autocast():
-                return self.policy.bundle.step(b.latents[rows, steps], steps, b.cond.map(lambda x: x[rows]),
-                                               b.uncond, self.cfg.sampler, prev_sample=b.latents[rows, steps + 1])
-
-        kept = saved_activation_bytes(self.policy.denoiser, forward)
+        kept = saved_activation_bytes(self.policy.denoiser, lambda: self.updater.policy_step(batch, rows, steps))
         self.policy.denoiser.eval()
         return kept
 

@@ -240,7 +240,7 @@ class GRPOConfig(_Strict):
     compile: bool = Field(False, description="The learner's denoiser runs under torch.compile (inductor): the "
                           "same update up to float rounding; the first updates pay the compilation (minutes on a "
                           "CPU), and a new pass shape compiles again (`python -m bench.learner_options`). In the "
-                          "single-process loop the rollout shares the compiled denoiser. ZeRO-1/2 only.")
+                          "single-process loop the rollout shares the compiled denoiser. ZeRO stages 0-2 only.")
 
     @property
     def trained_per_sample(self) -> int:

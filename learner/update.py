@@ -115,7 +115,7 @@ class GRPOUpdate:
     def _zero_backward(self) -> None:
         self.optimizer.backward(sum(p.sum() * 0.0 for p in self.policy.trainable_parameters()))
 
-    def _step(self, batch: TrainBatch, rows: torch.Tensor, t_idx: torch.Tensor) -> GaussianStep:
+    def policy_step(self, batch: TrainBatch, rows: torch.Tensor, t_idx: torch.Tensor) -> GaussianStep:
         """The policy's sampler step (mean, std, log-prob of the recorded next latent) for samples `rows`, each at
         its own trajectory step `t_idx` (`batch` on the policy's device)."""
         x_t, x_prev = batch.latents[rows, t_idx], batch.latents[rows, t_idx + 1]
@@ -129,7 +129,7 @@ class GRPOUpdate:
         first update, in passes of micro_batch_size x timesteps_per_pass pairs."""
         out = torch.full(needed.shape, float("nan"), device=batch.log_probs.device)
         for pairs in torch.split(needed.nonzero(), self.cfg.micro_batch_size * self.cfg.timesteps_per_pass):
-            step = self._step(batch, pairs[:, 0], pairs[:, 1])
+            step = self.policy_step(batch, pairs[:, 0], pairs[:, 1])
             out[pairs[:, 0], pairs[:, 1]] = step.log_prob.float()
         return out
 
@@ -137,7 +137,7 @@ class GRPOUpdate:
               prox: torch.Tensor | None) -> torch.Tensor:
         """PPO-clip (+ KL) loss of samples `rows`, each at its own trajectory step `t_idx`; `prox` [N, K] the
         proximal log-probs (decoupled objective) or None (standard)."""
-        step = self._step(batch, rows, t_idx)
+        step = self.policy_step(batch, rows, t_idx)
         behav, weights = batch.log_probs[rows, t_idx], None
         old = behav
         if prox is not None:
@@ -149,7 +149,7 @@ class GRPOUpdate:
         loss = terms.loss
         if self.cfg.kl_beta > 0:
             with torch.no_grad(), self.policy.reference():
-                ref_mean = self._step(batch, rows, t_idx).mean
+                ref_mean = self.policy_step(batch, rows, t_idx).mean
             kl = kl_to_reference(step.mean, ref_mean, step.std).mean()
             loss = loss + self.cfg.kl_beta * kl
             stats["kl_ref"].append(float(kl.detach()))
