@@ -286,8 +286,9 @@ class AdversarialConfig(_Strict):
 
 
 class PromptSource(_Strict):
-    path: Path = Field(description="Text file, one prompt per line (UTF-8). Empty and undecodable rows are skipped "
-                       "and counted; a file with no usable row is an error.")
+    path: Path = Field(description="Text file, one prompt per line (UTF-8), or a .jsonl file whose rows have a "
+                       "\"prompt\" field (the prompts.jsonl `safediff attack` writes). Empty and undecodable rows "
+                       "are skipped and counted; a file with no usable row is an error.")
     weight: float = Field(1.0, gt=0, description="Relative sampling weight in the mixture.")
     unsafe: bool | None = Field(None, description="Label for every prompt of this source, when known.")
 

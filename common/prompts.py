@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,21 +31,25 @@ class PromptFile:
 
 
 def read_prompt_file(path: str | Path) -> PromptFile:
-    """One prompt per line. Empty rows (blank, or only control or zero-width characters) and rows that are not
-    valid UTF-8 are skipped and counted (a warning names the file and the counts); a file with no usable row is an
-    error. A UTF-8 byte-order mark at the start (Windows editors write one) is not part of the first row."""
+    """One prompt per line; or, for a `.jsonl` file (the prompts.jsonl `safediff attack` writes, a prompt set in
+    JSONL), the "prompt" field of each row. Empty rows (blank, or only control or zero-width characters) and rows
+    that are not valid UTF-8 are skipped and counted (a warning names the file and the counts); a file with no
+    usable row, or a JSONL row that is not an object with a string "prompt", is an error. A UTF-8 byte-order mark
+    at the start (Windows editors write one) is not part of the first row."""
     path = Path(resolve(path))
     try:
         raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
     except OSError as err:
         raise PromptFileError(f"prompt file {path}: cannot read ({err.strerror or err})") from err
     prompts, empty, undecodable = [], 0, 0
-    for line in raw.splitlines():
+    for number, line in enumerate(raw.splitlines(), 1):
         try:
             text = line.decode("utf-8").strip()
         except UnicodeDecodeError:
             undecodable += 1
             continue
+        if path.suffix == ".jsonl" and text:
+            text = _jsonl_prompt(path, number, text)
         if any(c.isprintable() and not c.isspace() for c in text):  # not only control or zero-width characters
             prompts.append(text)
         else:
@@ -55,6 +60,17 @@ def read_prompt_file(path: str | Path) -> PromptFile:
         log.warning("prompt file %s: skipped %d empty and %d non-UTF-8 rows; %d prompts kept",
                     path, empty, undecodable, len(prompts))
     return PromptFile(path, tuple(prompts), empty, undecodable)
+
+
+def _jsonl_prompt(path: Path, number: int, line: str) -> str:
+    """The "prompt" of row `number` of a JSONL prompt file."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise PromptFileError(f"prompt file {path}: line {number} is not JSON ({err.msg})") from None
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+        raise PromptFileError(f"prompt file {path}: line {number} has no string field \"prompt\"")
+    return row["prompt"].strip()
 
 
 @dataclass(frozen=True)

@@ -354,6 +354,22 @@ def test_a_missing_or_unreadable_prompt_file_is_one_line_naming_it(prompt_dir):
         assert one_line(str(err.value)).startswith(f"prompt file {path}: cannot read")
 
 
+def test_a_jsonl_prompt_file_reads_the_prompt_of_each_row_and_names_a_bad_line(prompt_dir):
+    """The prompts.jsonl an attack writes trains as a prompt source: each row's "prompt" (other fields ignored,
+    blank rows counted); a row that is not JSON, or has no string prompt, is one line naming the file and line."""
+    path = prompt_dir / "prompts.jsonl"
+    rows = [{"case_number": "0", "prompt": " tok\nens a square ", "seed": 3}, {"prompt": "a cat"}]
+    path.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")
+    loaded = read_prompt_file(path)
+    assert list(loaded.prompts) == ["tok\nens a square", "a cat"] and loaded.skipped_empty == 1
+    for bad, why in (('{"prompt": 3}', 'has no string field "prompt"'), ("[1]", 'has no string field "prompt"'),
+                     ('{"prompt": "x"', "is not JSON")):
+        path.write_text(json.dumps(rows[1]) + "\n" + bad + "\n")
+        with pytest.raises(PromptFileError) as err:
+            read_prompt_file(path)
+        assert one_line(str(err.value)).startswith(f"prompt file {path}: line 2 {why}")
+
+
 def test_prompts_far_longer_than_77_tokens_load_whole_and_are_truncated_by_both_text_encoders(prompt_dir):
     from transformers import CLIPTextModel, CLIPTokenizer
 
