@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -184,6 +185,63 @@ def _when(condition, action) -> threading.Thread:
 def when():
     """`when(condition, action)`: a thread that calls `action()` once `condition()` holds; join it after the run."""
     return _when
+
+
+def _before_step(monkeypatch: pytest.MonkeyPatch):
+    from safediff.runtime.pipeline import RolloutPipeline
+
+    def install(step: int, action) -> None:
+        launch, fired = RolloutPipeline._launch, []
+
+        def launch_after(self, s):
+            if s == step and not fired:
+                fired.append(s)
+                action(self)
+            return launch(self, s)
+        monkeypatch.setattr(RolloutPipeline, "_launch", launch_after)
+    return install
+
+
+@pytest.fixture
+def before_step(monkeypatch):
+    """`before_step(step, action)`: call `action(pipeline)` in the driver just before step `step`'s groups are drawn
+    and sent (`RolloutPipeline._launch`), so a fault lands at the same point of the run however slow the machine.
+    Once: a run resumed in the same test launches that step again without it. May be called for several steps."""
+    return _before_step(monkeypatch)
+
+
+@contextlib.contextmanager
+def _steps_hooked():
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield _before_step(monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def steps_hooked():
+    """`with steps_hooked() as before_step:` the `before_step` of a fixture of wider scope, undone at the block's
+    end (a module fixture's run must not leave its faults to the module's other runs)."""
+    return _steps_hooked
+
+
+def _kill_for_good(actor, timeout_s: float = 300.0) -> None:
+    """ray.kill(actor) (no restart), returning once a call to it fails: the kill has landed."""
+    import ray
+
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=timeout_s)
+        except ray.exceptions.RayActorError:
+            return
+        assert time.monotonic() < deadline, f"{actor} still answers {timeout_s:.0f} s after ray.kill"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def kill_for_good():
+    """`kill_for_good(actor)`: ray.kill it (no restart) and wait until it is dead."""
+    return _kill_for_good
 
 
 def _steps_recorded(run_dir: Path, steps: int):

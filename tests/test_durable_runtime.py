@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -44,9 +45,9 @@ def _has_checkpoint(run_dir, step):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_dir, tmp_path_factory, prompts, tiny_config, when):
-    """The reference run, against an external redis-server that is restarted once the first checkpoint
-    is written (same port, password and data directory)."""
+def uninterrupted(tiny_dir, tmp_path_factory, prompts, tiny_config, steps_hooked):
+    """The reference run, against an external redis-server that is restarted (same port, password and data
+    directory) while step 2 runs, just after the first checkpoint (step 2's launch) and done before step 3's."""
     tmp = tmp_path_factory.mktemp("straight")
     server = EmbeddedRedis(tmp / "redis").start()
     cfg = tiny_config(tiny_dir, tmp, prompts, *SHAPE, "run.name=straight", f"store.url={server.url}")
@@ -56,9 +57,11 @@ def uninterrupted(tiny_dir, tmp_path_factory, prompts, tiny_config, when):
         time.sleep(0.5)  # the run goes on, writing into its buffer
         server.start()
 
-    restarter = when(_has_checkpoint(tmp / "runs" / "straight", 2), restart)
-    result = run(cfg, progress=False)
-    restarter.join()
+    restarter = threading.Thread(target=restart)
+    with steps_hooked() as before_step:
+        before_step(2, lambda _: restarter.start())
+        before_step(3, lambda _: restarter.join())
+        result = run(cfg, progress=False)
     store = RunStore(server.url, "straight")
     yield result, store
     server.stop()
@@ -74,15 +77,14 @@ def test_a_redis_restart_mid_run_loses_no_manifest_entry_or_event(uninterrupted)
 
 
 def test_a_dead_learner_rank_stops_the_job_and_resubmitting_continues_it_exactly(tiny_dir, tmp_path, prompts,
-                                                                                 uninterrupted, tiny_config, when):
+                                                                                 uninterrupted, tiny_config,
+                                                                                 before_step, kill_for_good):
     reference, _ = uninterrupted
     cfg = tiny_config(tiny_dir, tmp_path, prompts, *SHAPE, "run.name=learner-dies")
-    run_dir = tmp_path / "runs" / "learner-dies"
     actors = start_actors(cfg)
-    killer = when(_has_checkpoint(run_dir, 2), lambda: ray.kill(actors.learners[1]))
+    before_step(2, lambda _: kill_for_good(actors.learners[1]))  # just after the first checkpoint
     with pytest.raises(LearnerFailed, match=r"a learner rank died in '\w+' \(\w+\); the job stops here"):
         run(cfg, progress=False, actors=actors)
-    killer.join()
     resumed = run(cfg, progress=False)  # same command again: the store says the last job failed
     assert resumed.checksum == reference.checksum
     assert [m["step"] for m in resumed.metrics] == [0, 1, 2, 3]

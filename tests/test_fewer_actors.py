@@ -26,19 +26,17 @@ ACTORS = 3
 @ray.remote(num_cpus=0, max_restarts=-1)
 class FaultyRollout(Rollout):
     """A stand-in that dies (the whole process) while rendering a group whose fault file in `faults` still counts
-    faults; on a restart it takes `restart_s` seconds to answer, then writes `back-<slot>`, and writes
-    `resynced-<slot>` when the driver sends it the adapter again. With `hold_from` it renders nothing of that step or
-    later before actor 0 has come back, and takes 0.3 s a call from there until the driver has re-synced actor 0 (so
-    the run cannot end before the driver has seen it back, however slow the machine). It records the step of each
-    generate call."""
+    faults. Each start of slot s counts in `starts-<s>`; with `released`, a restart waits for the file
+    `release-<s>` before it answers, then writes `back-<s>`. It records the step of each generate call."""
 
-    def __init__(self, faults: str, slot: int, restart_s: float = 0.0, hold_from: int | None = None):
+    def __init__(self, faults: str, slot: int, released: bool = False):
         super().__init__()
-        self.faults, self.slot, self.hold_from = Path(faults), slot, hold_from
+        self.faults, self.slot = Path(faults), slot
         starts = self.faults / f"starts-{slot}"
         starts.write_text(str(int(starts.read_text()) + 1 if starts.exists() else 1))
-        if int(starts.read_text()) > 1:
-            time.sleep(restart_s)
+        if int(starts.read_text()) > 1 and released:
+            while not (self.faults / f"release-{slot}").exists():
+                time.sleep(0.1)
             (self.faults / f"back-{slot}").touch()
 
     def generate(self, groups, min_version=0):
@@ -47,18 +45,9 @@ class FaultyRollout(Rollout):
             if fault.exists() and int(fault.read_text()) > 0:
                 fault.write_text(str(int(fault.read_text()) - 1))
                 os._exit(1)
-        if self.hold_from is not None and groups[0].step >= self.hold_from:
-            while not (self.faults / "back-0").exists():
-                time.sleep(0.1)
-            if not (self.faults / "resynced-0").exists():
-                time.sleep(0.3)
         calls = self.faults / f"calls-{self.slot}"
         calls.write_text(calls.read_text() + f"{groups[0].step} " if calls.exists() else f"{groups[0].step} ")
         return super().generate(groups, min_version)
-
-    def resync(self, update):
-        (self.faults / f"resynced-{self.slot}").touch()
-        return super().resync(update)
 
 
 def _config(tmp_path: Path, *overrides: str):
@@ -68,12 +57,18 @@ def _config(tmp_path: Path, *overrides: str):
                        "cluster.max_staleness=0", "cluster.hang_min_s=20", "tracking.every=1000000", *overrides)
 
 
-def _actors(faults: Path, restart_s: float = 0.0, hold_from: int | None = None):
+def _actors(faults: Path, released: bool = False):
     actors = noop_actors(ACTORS, rewards=1)
     actors.rollouts.kill()
-    actors.rollouts = RolloutGroup([FaultyRollout.remote(str(faults), slot, restart_s, hold_from)
-                                    for slot in range(ACTORS)])
+    actors.rollouts = RolloutGroup([FaultyRollout.remote(str(faults), slot, released) for slot in range(ACTORS)])
     return actors
+
+
+def _wait_for(condition, what: str, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout_s:.0f} s"
+        time.sleep(0.05)
 
 
 def _events(result) -> list[dict]:
@@ -100,37 +95,42 @@ def test_a_group_lost_again_on_its_retries_is_retried_until_the_limit(tmp_path):
         run(_config(tmp_path / "again"), progress=False, actors=_actors(tmp_path / "again"), resume=False)
 
 
-def test_the_run_goes_on_without_an_actor_that_does_not_come_back(tmp_path, when, steps_recorded):
-    """After step 3 actor 1 dies for good (no restart, as when its node is gone and none takes it): its groups are
-    generated again on the others, and the steps after it are launched on the two that answer."""
+def test_the_run_goes_on_without_an_actor_that_does_not_come_back(tmp_path, before_step, kill_for_good):
+    """Before step 4 actor 1 dies for good (no restart, as when its node is gone and none takes it): its group of
+    step 4 is generated again on another, and the steps after it are launched on the two that answer."""
     actors = _actors(tmp_path)
     victim = actors.rollouts[1]
-    watcher = when(steps_recorded(tmp_path / "runs" / "fewer", 3), lambda: ray.kill(victim, no_restart=True))
+    before_step(4, lambda _: kill_for_good(victim))
     result = run(_config(tmp_path), progress=False, actors=actors, resume=False)
-    watcher.join()
     assert [m["dropped_groups"] for m in result.metrics] == [0] * 12
     up = [m["rollout_actors_up"] for m in result.metrics]
-    assert up[:3] == [3] * 3 and up[-1] == 2
+    assert up[:4] == [3] * 4 and up[4:] == [2] * 8  # counted after each step: step 4 lost actor 1
     assert result.actor_status == [(12, ""), None, (12, "")]
-    calls = (tmp_path / "calls-1").read_text().split()
-    assert max(int(s) for s in calls) <= 5  # nothing sent to it after the step its loss was seen in (or the next)
+    assert (tmp_path / "calls-1").read_text().split() == ["0", "1", "2", "3"]  # nothing rendered once dead
+    retried = [(e["step"], e["group"]) for e in _events(result) if e["kind"] == "group_retried"]
+    assert retried == [(4, 1)]
 
 
-def test_an_actor_that_comes_back_late_takes_groups_again(tmp_path, when, steps_recorded):
-    """After step 3 actor 0 is killed and restarts slowly (2 s, after its imports): the run goes on with the others
-    meanwhile, and once it answers it is re-synced and gets groups again. (The others hold step 8 until it is back
-    and take 0.3 s a step from there until the driver has re-synced it, so that the run is not over before the
-    driver has seen it back: 16 slow steps, where a loaded CI machine has needed 7.)"""
-    actors = _actors(tmp_path, restart_s=2.0, hold_from=8)
+def test_an_actor_that_comes_back_late_takes_groups_again(tmp_path, before_step):
+    """Before step 4 actor 0 is killed and restarts, but answers only once released before step 7: the run goes on
+    with the others meanwhile, and once it answers it is re-synced and gets groups again. (The driver waits for it
+    before step 8, so that it is seen back at step 7 or 8 however slow the machine.)"""
+    actors = _actors(tmp_path, released=True)
     victim = actors.rollouts[0]
-    watcher = when(steps_recorded(tmp_path / "runs" / "fewer", 3), lambda: ray.kill(victim, no_restart=False))
-    result = run(_config(tmp_path, "run.steps=24"), progress=False, actors=actors, resume=False)
-    watcher.join()
+
+    def kill(_):
+        ray.kill(victim, no_restart=False)
+        _wait_for(lambda: (tmp_path / "starts-0").read_text() == "2", "actor 0's restart")
+    before_step(4, kill)
+    before_step(7, lambda _: (tmp_path / "release-0").touch())
+    before_step(8, lambda pipeline: pipeline.actors.rollouts.wait_back(300))
+    result = run(_config(tmp_path, "run.steps=16"), progress=False, actors=actors, resume=False)
     events = _events(result)
-    assert [e["slot"] for e in events if e["kind"] == "rollout_actor_set_aside"] == [0]
+    assert [e["step"] for e in events if e["kind"] == "rollout_actor_set_aside" and e["slot"] == 0] == [4]
     back = [e["step"] for e in events if e["kind"] == "rollout_actor_back" and e["slot"] == 0]
-    assert len(back) == 1 and 4 <= back[0] <= 23 and (tmp_path / "resynced-0").exists()
+    assert len(back) == 1 and back[0] in (7, 8)
     up = [m["rollout_actors_up"] for m in result.metrics]
-    assert 2 in up and up[-1] == 3
-    assert result.actor_status == [(24, "")] * ACTORS
-    assert max(int(s) for s in (tmp_path / "calls-0").read_text().split()) == 23  # rendering again to the end
+    assert up[4:7] == [2, 2, 2] and up[8:] == [3] * 8  # counted after each step
+    assert result.actor_status == [(16, "")] * ACTORS
+    calls = [int(s) for s in (tmp_path / "calls-0").read_text().split()]
+    assert calls[:4] == [0, 1, 2, 3] and calls[-8:] == list(range(8, 16))  # rendering again to the end

@@ -2,6 +2,8 @@
 raylets (Ray's own harness, `ray.cluster_utils.Cluster`, set up in bench/fixtures.py), the roles placed on them by
 custom resources."""
 
+import threading
+
 import pytest
 
 from bench.fixtures import node_of, one_machine_cluster
@@ -52,7 +54,7 @@ def whole(cluster, tiny_dir, tmp_path_factory, prompts, tiny_config):
 
 
 def test_a_lost_rollout_node_costs_its_groups_once_the_run_goes_on_and_a_new_node_takes_its_actor(
-        cluster, whole, tiny_dir, tmp_path, prompts, tiny_config, when, steps_recorded):
+        cluster, whole, tiny_dir, tmp_path, prompts, tiny_config, before_step):
     """After step 0 the worker node of rollout actor 0 dies with the actor and the objects it held (`remove_node`,
     no graceful shutdown) and no node has room for it: its groups are generated again once on actor 1, which takes
     every group until, after step 1, a new node joins; Ray restarts the actor there and it is re-synced. The run ends
@@ -62,12 +64,9 @@ def test_a_lost_rollout_node_costs_its_groups_once_the_run_goes_on_and_a_new_nod
     actors = start_actors(cfg)
     victim = next(n for n in cluster.worker_nodes if n.node_id == node_of(actors.rollouts[0]))
     joined = []
-    run_dir = tmp_path / "runs" / "preempted"
-    watchers = [when(steps_recorded(run_dir, 1), lambda: cluster.remove_node(victim)),
-                when(steps_recorded(run_dir, 2), lambda: joined.append(cluster.add_node(1, "rollout_node").node_id))]
+    before_step(1, lambda _: cluster.remove_node(victim))
+    before_step(2, lambda _: joined.append(cluster.add_node(1, "rollout_node").node_id))
     result = run(cfg, progress=False, actors=actors)
-    for watcher in watchers:
-        watcher.join()
     assert victim not in cluster.worker_nodes and len(joined) == 1
     assert [m["rollout_actors_up"] for m in result.metrics][:2] == [2, 1]  # step 1 went on with one actor
     P, G = cfg.grpo.prompts_per_step, cfg.grpo.group_size
@@ -84,18 +83,17 @@ def test_a_lost_rollout_node_costs_its_groups_once_the_run_goes_on_and_a_new_nod
 
 
 def test_a_lost_learner_node_stops_the_job_and_resubmitting_on_a_new_node_ends_as_the_uninterrupted_run(
-        cluster, whole, tiny_dir, tmp_path, prompts, tiny_config, when):
+        cluster, whole, tiny_dir, tmp_path, prompts, tiny_config, before_step):
     """After the checkpoint of step 1 the node of the learner rank dies, taking its optimiser state: the job stops
     with a one-line error and the checkpoint behind it; a new learner node joins, and the same command again
     continues the run to the uninterrupted run's adapter."""
     cfg = _placed(tiny_config, tiny_dir, tmp_path, prompts, "learner-node")
     actors = start_actors(cfg)
     victim = next(n for n in cluster.worker_nodes if n.node_id == node_of(actors.learners[0]))
-    watcher = when(lambda: (tmp_path / "runs" / "learner-node" / "checkpoints" / "step_1").is_dir(),
-                   lambda: cluster.remove_node(victim))
+    before_step(2, lambda _: cluster.remove_node(victim))
     with pytest.raises(LearnerFailed, match=r"a learner rank died in '\w+' \(\w+\); the job stops here"):
         run(cfg, progress=False, actors=actors)
-    watcher.join()
+    assert (tmp_path / "runs" / "learner-node" / "checkpoints" / "step_1").is_dir()
     assert victim not in cluster.worker_nodes
     cluster.add_node(1, "learner_node")
     resumed = run(cfg, progress=False)
@@ -104,11 +102,10 @@ def test_a_lost_learner_node_stops_the_job_and_resubmitting_on_a_new_node_ends_a
     assert resumed.actor_status == [(3, whole.checksum)] * 2
 
 
-def test_a_gcs_restart_mid_run_loses_nothing(cluster, whole, tiny_dir, tmp_path, prompts, tiny_config, when,
-                                             steps_recorded):
-    """With GCS fault tolerance the GCS server is killed after step 1 and started again 5 s later: the actors, their
-    objects and the driver survive it (Ray's documented behaviour, here measured), no group is retried, and the run
-    ends on the undisturbed run's adapter."""
+def test_a_gcs_restart_mid_run_loses_nothing(cluster, whole, tiny_dir, tmp_path, prompts, tiny_config, before_step):
+    """With GCS fault tolerance the GCS server is killed as step 1 is sent out and started again 5 s later, while
+    the step runs: the actors, their objects and the driver survive it (Ray's documented behaviour, here measured),
+    no group is retried, and the run ends on the undisturbed run's adapter. (Step 2 waits for the restart.)"""
     cfg = _placed(tiny_config, tiny_dir, tmp_path, prompts, "gcs-restart")
     actors = start_actors(cfg)
     pids, after = _pids(actors), []
@@ -117,9 +114,10 @@ def test_a_gcs_restart_mid_run_loses_nothing(cluster, whole, tiny_dir, tmp_path,
         cluster.restart_gcs(down_s=5)
         after.append(_pids(actors))  # the actors answer the driver again
 
-    watcher = when(steps_recorded(tmp_path / "runs" / "gcs-restart", 1), restart_gcs)
+    restarter = threading.Thread(target=restart_gcs)
+    before_step(1, lambda _: restarter.start())
+    before_step(2, lambda _: restarter.join())
     result = run(cfg, progress=False, actors=actors)
-    watcher.join()
     assert after == [pids]  # the GCS was restarted during the run, and every actor is the same process
     assert result.checksum == whole.checksum
     assert result.actor_status == [(3, result.checksum)] * 2

@@ -5,6 +5,7 @@ import json
 import socket
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -99,15 +100,22 @@ def test_writes_during_a_redis_restart_are_buffered_and_nothing_is_lost(tmp_path
     restarted.stop()
 
 
-def test_after_a_failed_write_redis_is_retried_with_backoff_not_on_every_write(tmp_path):
+def test_after_a_failed_write_redis_is_retried_with_backoff_not_on_every_write(tmp_path, monkeypatch):
+    """On the store's own clock (moved by hand here, so a slow Redis start cannot use up the backoff)."""
+    from safediff.runtime import run_store
+
+    now = [100.0]
+    monkeypatch.setattr(run_store, "time", SimpleNamespace(monotonic=lambda: now[0], sleep=time.sleep,
+                                                           time=time.time))
     srv = EmbeddedRedis(tmp_path / "redis").start()
     store = RunStore(srv.url, "run-b")
     srv.stop()
     store.event("a")  # fails: retry not before 0.5 s
     restarted = EmbeddedRedis(tmp_path / "redis", port=srv.port, password=srv.password).start()
+    now[0] += 0.4
     store.event("b")
     assert store.pending_writes == 2  # Redis is back, but this write did not try it: still backing off
-    time.sleep(0.6)
+    now[0] += 0.2
     store.event("c")
     assert store.pending_writes == 0 and [e["kind"] for e in store.events()] == ["a", "b", "c"]
     restarted.stop()

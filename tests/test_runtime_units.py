@@ -1,7 +1,7 @@
 """Pieces of the distributed runtime that need no Ray cluster: micro-batching, sync checks, staleness, resources."""
 
 import asyncio
-import time
+import threading
 
 import pytest
 import torch
@@ -35,11 +35,11 @@ def test_micro_batcher_merges_concurrent_requests_and_routes_results():
 
 
 def test_requests_that_arrive_while_a_batch_runs_form_one_batch_when_it_ends():
-    seen = []
+    seen, release = [], threading.Event()
 
     def slow(batch):
         seen.append(list(batch))
-        time.sleep(0.2)
+        release.wait(60)  # the first batch runs until every later request has arrived
         return batch
 
     async def main():
@@ -49,6 +49,8 @@ def test_requests_that_arrive_while_a_batch_runs_form_one_batch_when_it_ends():
         for i in range(1, 4):  # 30 ms apart, all while the first batch runs, each longer apart than max_wait
             await asyncio.sleep(0.03)
             later.append(asyncio.ensure_future(batcher.submit(i)))
+        await asyncio.sleep(0.03)
+        release.set()
         return await asyncio.gather(first, *later)
 
     assert asyncio.run(main()) == [0, 1, 2, 3]
