@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
 
 # Set before any library import reads them (see the developers' guide for why each matters).
@@ -166,27 +165,6 @@ def random_adapter():
     return _random_adapter
 
 
-def _when(condition, action) -> threading.Thread:
-    """Call `action()` on a thread once `condition()` holds (polled every 50 ms, for at most 300 s)."""
-    def watch():
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if condition():
-                action()
-                return
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
-
-
-@pytest.fixture(scope="session")
-def when():
-    """`when(condition, action)`: a thread that calls `action()` once `condition()` holds; join it after the run."""
-    return _when
-
-
 def _before_step(monkeypatch: pytest.MonkeyPatch):
     from safediff.runtime.pipeline import RolloutPipeline
 
@@ -242,16 +220,3 @@ def _kill_for_good(actor, timeout_s: float = 300.0) -> None:
 def kill_for_good():
     """`kill_for_good(actor)`: ray.kill it (no restart) and wait until it is dead."""
     return _kill_for_good
-
-
-def _steps_recorded(run_dir: Path, steps: int):
-    def done() -> bool:
-        path = run_dir / "metrics.jsonl"
-        return path.is_file() and len(path.read_text().splitlines()) >= steps
-    return done
-
-
-@pytest.fixture(scope="session")
-def steps_recorded():
-    """`steps_recorded(run_dir, n)`: a condition for `when`, true once the run's metrics.jsonl holds n steps."""
-    return _steps_recorded

@@ -3,6 +3,7 @@
 import contextlib
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -31,11 +32,12 @@ def _stop(pid: int, for_s: float | None = None) -> None:
 
 @pytest.mark.parametrize("hangs", ["rollout", "reward"])
 def test_killed_hung_and_slow_actors_lose_no_group_and_count_none_twice(tiny_dir, tmp_path, prompt_file, hangs,
-                                                                        tiny_config, when, steps_recorded, monkeypatch):
-    """Three faults in one run (4 steps, two rollout actors, one reward actor, staleness 1). After step 0, actor 0
-    of the role `hangs` stops answering (SIGSTOP, for good) and rollout actor 1 pauses for 3 s, well under the hang
-    limit (at least 10 s, 4x the slowest step); after step 1, actor 0 of the other role is killed. (The run's end
-    waits for restarted rollout actors only `cluster.hang_min_s`; here as long as a loaded machine needs.)"""
+                                                                        tiny_config, before_step, monkeypatch):
+    """Three faults in one run (4 steps, two rollout actors, one reward actor, staleness 1). As step 2 is sent out,
+    actor 0 of the role `hangs` stops answering (SIGSTOP, for good) and rollout actor 1 pauses for 3 s, well under
+    the hang limit (at least 10 s, 4x the slowest step); as step 3 is, actor 0 of the other role is killed. (The
+    run's end waits for restarted rollout actors only `cluster.hang_min_s`; here as long as a loaded machine
+    needs.)"""
     finish = RolloutPipeline.finish
 
     def finish_once_back(self):
@@ -50,17 +52,15 @@ def test_killed_hung_and_slow_actors_lose_no_group_and_count_none_twice(tiny_dir
     hung, killed = (actors.rollouts[0], actors.rewards[0]) if hangs == "rollout" else \
         (actors.rewards[0], actors.rollouts[0])
     hung_pid, slow_pid = _pid(hung), _pid(actors.rollouts[1])
-    run_dir = tmp_path / "runs" / "faults"
-    watchers = [when(steps_recorded(run_dir, 1), lambda: _stop(hung_pid)),
-                when(steps_recorded(run_dir, 1), lambda: _stop(slow_pid, 3.0)),
-                when(steps_recorded(run_dir, 2), lambda: ray.kill(killed, no_restart=False))]
+    pause = threading.Thread(target=_stop, args=(slow_pid, 3.0))
+    before_step(2, lambda _: (_stop(hung_pid), pause.start()))
+    before_step(3, lambda _: ray.kill(killed, no_restart=False))
     try:
         result = run(cfg, progress=False, actors=actors)
     finally:
         with contextlib.suppress(ProcessLookupError):  # killed by the run; if the run failed, not left stopped
             os.kill(hung_pid, signal.SIGKILL)
-    for watcher in watchers:
-        watcher.join()
+    pause.join()
     P, G = cfg.grpo.prompts_per_step, cfg.grpo.group_size
     assert [m["dropped_groups"] for m in result.metrics] == [0] * 4
     assert all(m["samples_trained"] == P * G for m in result.metrics)  # every group trained, none twice
