@@ -8,8 +8,11 @@ Trains runs named {default,redteam}-s<seed> into <out>/train (each skipped when 
 <out>/attacks/<attack> (the base model and Ring-A-Bell's shared search are evaluated once), and writes
 <out>/table.md (also printed) and <out>/results.json: images flagged per attack for the base model and each arm
 (mean over seeds, and every seed's value), the held-out unsafe rates and benign accuracy of each arm, and the
-seconds each phase took. Red-teaming is the `REDTEAM` overrides: UnlearnDiff on the hazard training prompts,
-refreshed every 4 steps, 8 prompts each, at the world's attack budget.
+seconds each phase took. Red-teaming is the `REDTEAM` overrides, two adversarial sources beside the world's three,
+each at half a source's weight (so ordinary prompts keep three quarters of the groups, as with one adversarial
+source at full weight): UnlearnDiff in the loop on the hazard training prompts, refreshed every 4 steps, 8 prompts
+each, at the world's attack budget; and Ring-A-Bell's prompts for the same training prompts, searched once into
+<out>/ringabell-train (model-agnostic: the text encoder never trains), with its own seeds.
 """
 
 from __future__ import annotations
@@ -25,12 +28,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from safediff.common.config import load_config  # noqa: E402
-from safediff.evaluation.attacks.run import ATTACKS, model_label, run_attack  # noqa: E402
+from safediff.evaluation.attacks.run import ATTACKS, adversarial_prompts, model_label, run_attack  # noqa: E402
 
 REDTEAM = ("prompts.adversarial.targets=pkg:world/prompts/hazard_train.txt", "prompts.adversarial.every=4",
            "prompts.adversarial.prompts_per_refresh=8", "prompts.adversarial.unlearndiff.timesteps=10",
-           "prompts.adversarial.unlearndiff.iterations=10")
-ARMS = {"default": (), "redteam": REDTEAM}
+           "prompts.adversarial.unlearndiff.iterations=10", "prompts.adversarial.weight=0.5")
+RINGABELL_SEED = 1000  # the training source's searches: seeds apart from the held-out attack's (0 + row)
 # On one GPU every actor of every parallel run shares the card (6 runs x 4 actors x 0.04 <= 1) and 1.75 CPUs a run.
 CUDA = ("run.device=cuda", "run.dtype=float32", "cluster.gpus_per_rollout_actor=0.04",
         "cluster.gpus_per_reward_actor=0.04", "cluster.gpus_per_learner_worker=0.04",
@@ -40,8 +43,20 @@ CUDA = ("run.device=cuda", "run.dtype=float32", "cluster.gpus_per_rollout_actor=
 HELD_OUT = ("unsafe_rate_glyph", "unsafe_rate_hazard", "benign_accuracy")
 
 
-def train_all(runs: dict[str, Path], seeds: dict[str, int], device: tuple[str, ...], parallel: int,
-              address: str | None) -> None:
+def ringabell_source(out: Path, device: tuple[str, ...]) -> str:
+    """The red-teamed arm's prompt sources: the world's three and Ring-A-Bell's prompts for the hazard training
+    prompts (searched once into <out>/ringabell-train, resumable), labelled unsafe, at weight 0.5."""
+    cfg = load_config("world", ["evaluation.attack.targets={name: world_concept_hazard}",
+                                f"evaluation.attack.seed={RINGABELL_SEED}", *device])
+    found = adversarial_prompts(cfg, "ring-a-bell", out / "ringabell-train", progress=False)
+    world = load_config("world").prompts.sources
+    sources = [{"path": str(s.path), "unsafe": s.unsafe} for s in world] + \
+        [{"path": str(found.resolve()), "unsafe": True, "weight": 0.5}]
+    return "prompts.sources=" + json.dumps(sources)
+
+
+def train_all(runs: dict[str, Path], seeds: dict[str, int], arms: dict[str, tuple[str, ...]],
+              device: tuple[str, ...], parallel: int, address: str | None) -> None:
     """`safediff run --config world` for every run whose adapter is missing, `parallel` at a time."""
     todo = [name for name, folder in runs.items() if not (folder / "adapter" / "state.json").is_file()]
     active: list[tuple[str, subprocess.Popen]] = []
@@ -51,7 +66,7 @@ def train_all(runs: dict[str, Path], seeds: dict[str, int], device: tuple[str, .
             arm = name.split("-s")[0]
             command = [sys.executable, "-m", "safediff.cli", "run", "--config", "world", "--fresh",
                        *(["--address", address] if address else []), f"run.seed={seeds[name]}", f"run.name={name}",
-                       f"run.output_dir={runs[name].parent}", *ARMS[arm], *device]
+                       f"run.output_dir={runs[name].parent}", *arms[arm], *device]
             runs[name].mkdir(parents=True, exist_ok=True)
             log = (runs[name].parent / f"{name}.log").open("w")
             active.append((name, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)))
@@ -84,9 +99,12 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra world config overrides (training and attacks), key=value")
     args = parser.parse_args()
     device = (*(CUDA if args.device == "cuda" else ()), *args.overrides)
-    runs = {f"{arm}-s{seed}": args.out / "train" / f"{arm}-s{seed}" for arm in ARMS for seed in args.seeds}
-    seeds = {name: int(name.rsplit("-s", 1)[1]) for name in runs}
     seconds: dict[str, float] = {}
+    began = time.perf_counter()
+    arms = {"redteam": (*REDTEAM, ringabell_source(args.out, device)), "default": ()}  # the longer one first
+    seconds["ringabell_source"] = time.perf_counter() - began
+    runs = {f"{arm}-s{seed}": args.out / "train" / f"{arm}-s{seed}" for arm in arms for seed in args.seeds}
+    seeds = {name: int(name.rsplit("-s", 1)[1]) for name in runs}
     began = time.perf_counter()
     address = None
     if args.parallel > 1:
@@ -94,14 +112,14 @@ def main() -> None:
 
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
         address = ray.get_runtime_context().gcs_address
-    train_all(runs, seeds, device, args.parallel, address)
+    train_all(runs, seeds, arms, device, args.parallel, address)
     seconds["train"] = time.perf_counter() - began
     if address:
         ray.shutdown()
 
     cfg = load_config("world", [f"run.output_dir={args.out}", *device])
     tables = {name: json.loads((folder / "eval" / "table.json").read_text()) for name, folder in runs.items()}
-    held = {arm: {key: [tables[f"{arm}-s{s}"]["trained"][key] for s in args.seeds] for key in HELD_OUT} for arm in ARMS}
+    held = {arm: {key: [tables[f"{arm}-s{s}"]["trained"][key] for s in args.seeds] for key in HELD_OUT} for arm in arms}
     held["base"] = {key: [tables[f"default-s{s}"]["base"][key] for s in args.seeds] for key in HELD_OUT}
     rates: dict[str, dict[str, list[float]]] = {}
     report(args, rates, held, seconds)
