@@ -81,14 +81,19 @@ def test_a_killed_attack_actor_is_resynced_to_the_policy_it_attacked(tiny_dir, t
     state = {k: v + 0.05 for k, v in policy.state().items()}  # a policy other than the initial one
     update = publish(state, 3, policy.bound_modules())
     group, control = AttackGroup.create(cfg), AttackGroup.create(cfg)
+
+    def dies_as_it_attacks(actor) -> None:
+        """Run in the attack actor: its process ends as its next attack begins (the restarted one is fresh)."""
+        actor.unlearndiff.attack = lambda *args: os._exit(1)
+
     prompts = PromptStream.from_config(cfg.prompts, cfg.run.seed)
     with EmbeddedRedis(tmp_path / "redis") as server:
         store = RunStore(server.url, "kill")
         red = RedTeam(cfg.prompts.adversarial, group, prompts, store, tmp_path, start=0)
+        ray.get(group[0].__ray_call__.remote(dies_as_it_attacks))
         red.before_launch(4, update)              # asks for the attack of step 4 on version 3
-        ray.get(red.pending.report)               # the actor holds version 3 and has the attack queued ...
-        ray.kill(group[0], no_restart=False)      # ... when it dies (calls queued before it is up would simply
-        red.before_launch(6, update)              # go to the restarted actor); collecting: lost, re-synced, again
+        ray.get(red.pending.report)               # the actor holds version 3, and dies as the attack begins
+        red.before_launch(6, update)              # collecting: lost, restarted, re-synced, asked again
         retried = [e for e in store.events() if e["kind"] == "attack_retried"]
     assert [e["step"] for e in retried] == [4]
     assert ray.get(group[0].status.remote()) == (3, state_checksum(state))
