@@ -201,6 +201,20 @@ def steps_hooked():
     return _steps_hooked
 
 
+@pytest.fixture
+def restarts_awaited(monkeypatch):
+    """The run's end waits for restarted rollout actors as long as a loaded machine needs, not `cluster.hang_min_s`
+    (for tests whose actors all come back)."""
+    from safediff.runtime.pipeline import RolloutPipeline
+
+    finish = RolloutPipeline.finish
+
+    def finish_once_back(self):
+        self.actors.rollouts.wait_back(300, every=True)
+        return finish(self)
+    monkeypatch.setattr(RolloutPipeline, "finish", finish_once_back)
+
+
 def _kill_for_good(actor, timeout_s: float = 300.0) -> None:
     """ray.kill(actor) (no restart), returning once a call to it fails: the kill has landed."""
     import ray

@@ -76,7 +76,7 @@ def _events(result) -> list[dict]:
         return RunStore(srv.url, "fewer").events()
 
 
-def test_a_group_lost_again_on_its_retries_is_retried_until_the_limit(tmp_path):
+def test_a_group_lost_again_on_its_retries_is_retried_until_the_limit(tmp_path, restarts_awaited):
     """Step 2's group 0 kills every actor that renders it, twice in a row: it is generated again on the next actor
     each time and trained once; lost four times with group_retries 3, the job stops with a one-line error."""
     (tmp_path / "fault-2-0").write_text("2")
