@@ -215,19 +215,33 @@ def restarts_awaited(monkeypatch):
     monkeypatch.setattr(RolloutPipeline, "finish", finish_once_back)
 
 
-def _kill_for_good(actor, timeout_s: float = 300.0) -> None:
+def _wait_for(condition, what: str, timeout_s: float = 300.0) -> None:
+    """Poll `condition()` every 50 ms until it holds; an assertion naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout_s:.0f} s"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def wait_for():
+    """`wait_for(condition, what, timeout_s=300)`: wait until `condition()` holds, or fail naming `what`."""
+    return _wait_for
+
+
+def _kill_for_good(actor) -> None:
     """ray.kill(actor) (no restart), returning once a call to it fails: the kill has landed."""
     import ray
 
-    ray.kill(actor, no_restart=True)
-    deadline = time.monotonic() + timeout_s
-    while True:
+    def dead() -> bool:
         try:
-            ray.get(actor.__ray_ready__.remote(), timeout=timeout_s)
+            ray.get(actor.__ray_ready__.remote(), timeout=300)
+            return False
         except ray.exceptions.RayActorError:
-            return
-        assert time.monotonic() < deadline, f"{actor} still answers {timeout_s:.0f} s after ray.kill"
-        time.sleep(0.05)
+            return True
+
+    ray.kill(actor, no_restart=True)
+    _wait_for(dead, f"the death of {actor} after ray.kill")
 
 
 @pytest.fixture(scope="session")

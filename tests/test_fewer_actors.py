@@ -64,13 +64,6 @@ def _actors(faults: Path, released: bool = False):
     return actors
 
 
-def _wait_for(condition, what: str, timeout_s: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout_s:.0f} s"
-        time.sleep(0.05)
-
-
 def _events(result) -> list[dict]:
     with EmbeddedRedis(result.run_dir / "redis") as srv:
         return RunStore(srv.url, "fewer").events()
@@ -111,7 +104,7 @@ def test_the_run_goes_on_without_an_actor_that_does_not_come_back(tmp_path, befo
     assert retried == [(4, 1)]
 
 
-def test_an_actor_that_comes_back_late_takes_groups_again(tmp_path, before_step):
+def test_an_actor_that_comes_back_late_takes_groups_again(tmp_path, before_step, wait_for):
     """Before step 4 actor 0 is killed and restarts, but answers only once released before step 7: the run goes on
     with the others meanwhile, and once it answers it is re-synced and gets groups again. (The driver waits for it
     before step 8, so that it is seen back at step 7 or 8 however slow the machine.)"""
@@ -120,7 +113,7 @@ def test_an_actor_that_comes_back_late_takes_groups_again(tmp_path, before_step)
 
     def kill(_):
         ray.kill(victim, no_restart=False)
-        _wait_for(lambda: (tmp_path / "starts-0").read_text() == "2", "actor 0's restart")
+        wait_for(lambda: (tmp_path / "starts-0").read_text() == "2", "actor 0's restart")
     before_step(4, kill)
     before_step(7, lambda _: (tmp_path / "release-0").touch())
     before_step(8, lambda pipeline: pipeline.actors.rollouts.wait_back(300))
