@@ -539,10 +539,11 @@ class SuiteConfig(_Strict):
                                description="CLIP for the CLIP-T score (on the scale clip_t_scale names).")
     geneval: GenEvalConfig = Field(default_factory=GenEvalConfig, description="GenEval scoring.")
     fid: FIDConfig = Field(default_factory=FIDConfig, description="FID and KID against real images (clean-fid).")
-    textual_inversion: Path | None = Field(None, description="A textual-inversion embedding file ({token: vector}, "
-                                           "diffusers' format) loaded into the pipeline before rendering, as a "
-                                           "stock pipeline's load_textual_inversion would (concept-inversion "
-                                           "attacks); rendered in-process.")
+    textual_inversion: Path | None = Field(None, description="A textual-inversion embedding file loaded into the "
+                                           "pipeline's text encoders before rendering (concept-inversion attacks): "
+                                           "{token: vector}, diffusers' format, for one encoder; one vector per "
+                                           "encoder under clip_l / clip_g / t5 with the token in the metadata for "
+                                           "SD3 and FLUX.1. Rendered in-process.")
     bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples (over prompts) for 95% intervals.")
     grid_images: int = Field(16, ge=1, description="Images per category in the report's grids.")
 

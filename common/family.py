@@ -34,7 +34,7 @@ class ModelFamily(Protocol):
 
     def to(self, device: str | torch.device, dtype: torch.dtype) -> ModelFamily: ...
 
-    def encode_prompts(self, prompts: list[str]) -> TextEmbeds: ...
+    def encode_prompts(self, prompts: list[str], grad: bool = False) -> TextEmbeds: ...
 
     def decode_images(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [N, C, h, w] -> uint8 images [N, 3, H, W]."""
@@ -43,6 +43,11 @@ class ModelFamily(Protocol):
                sampler: SamplerConfig) -> SampledTrajectory:
         """Denoise noise[:, 0] with classifier-free guidance, step k drawing its noise from noise[:, k + 1]
         ([B, T+1, C, h, w]: the noise fully determines the result), recording every step's log-prob."""
+
+    def denoising_loss(self, latents: torch.Tensor, cond: TextEmbeds, gen: torch.Generator,
+                       guidance_scale: float = 1.0) -> torch.Tensor:
+        """The family's training loss (epsilon / velocity / rectified-flow regression) of latents [B, C, h, w]
+        under cond (B rows), noise and noise levels from gen: what textual inversion minimises."""
 
     def step(self, x_t: torch.Tensor, k: torch.Tensor, cond: TextEmbeds, uncond: TextEmbeds, sampler: SamplerConfig,
              prev_sample: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> GaussianStep:

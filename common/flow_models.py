@@ -40,7 +40,14 @@ from transformers import (
 
 from safediff.common.assets import resolve
 from safediff.common.config import SamplerConfig
-from safediff.common.flow_sde import Velocity, flow_step_with_logprob, guided_velocity, sample_flow_with_logprob
+from safediff.common.flow_sde import (
+    Predict,
+    Velocity,
+    flow_matching_loss,
+    flow_step_with_logprob,
+    guided_velocity,
+    sample_flow_with_logprob,
+)
 from safediff.common.models import (
     ModelLoadError,
     check_loading_info,
@@ -56,7 +63,8 @@ from safediff.common.types import TextEmbeds
 class FlowBundle(ABC):
     """What the flow families share: a stock diffusers pipeline that holds every component (and encodes prompts as
     the stock pipeline does), its scheduler's schedule, and the stochastic flow sampler of common/flow_sde.py. A
-    family adds `encode_prompts`, `latent_shape` and its guided `velocity`, and may change `schedule`."""
+    family adds `latent_shape`, its prompt encoding (`_encode`) and its transformer call (`predictor`), and may
+    change `schedule`."""
 
     pipeline: DiffusionPipeline
     max_sequence_length: int = 256  # T5 tokens per prompt
@@ -101,12 +109,39 @@ class FlowBundle(ABC):
         """(C, h, w) of the latents of a height x width image."""
 
     @abstractmethod
-    def encode_prompts(self, prompts: list[str]) -> TextEmbeds:
+    def _encode(self, prompts: list[str]) -> TextEmbeds:
         """Text states [N, L, D] and pooled embeddings [N, P] of `prompts`, as the stock pipeline encodes them."""
 
     @abstractmethod
+    def predictor(self, guidance_scale: float) -> Predict:
+        """The transformer's unguided velocity `(x, t, states, pooled) -> v` for latents x [B, C, h, w] at timesteps
+        t [B] (sigma * 1000); a transformer with a guidance input (FLUX.1-dev) gets `guidance_scale` there."""
+
+    @property
+    def guidance_embedded(self) -> bool:
+        """Whether guidance is an input of the transformer (one forward) rather than true classifier-free guidance."""
+        return False
+
+    def encode_prompts(self, prompts: list[str], grad: bool = False) -> TextEmbeds:
+        """Text states [N, L, D] and pooled embeddings [N, P] of `prompts`, as the stock pipeline encodes them.
+        grad: keep the graph to the text encoders' weights that require it (the inversion attack's new token)."""
+        with torch.set_grad_enabled(grad):
+            return self._encode(prompts)
+
     def velocity(self, cond: TextEmbeds, uncond: TextEmbeds, guidance_scale: float) -> Velocity:
         """The guided velocity prediction `(x, t) -> v` for the prompts `cond` (uncond: the unconditional row)."""
+        predict = self.predictor(guidance_scale)
+        if self.guidance_embedded:
+            return lambda x, t: predict(x, t, cond.states, cond.pooled)
+        return lambda x, t: guided_velocity(predict, x, t, cond.states, cond.pooled, uncond.states, uncond.pooled,
+                                            guidance_scale)
+
+    def denoising_loss(self, latents: torch.Tensor, cond: TextEmbeds, gen: torch.Generator,
+                       guidance_scale: float = 1.0) -> torch.Tensor:
+        """The model's training loss on `latents` [B, C, h, w] under `cond` (B rows): rectified flow
+        (common/flow_sde.py `flow_matching_loss`) on the conditional prediction, in fp32."""
+        predict = self.predictor(guidance_scale)
+        return flow_matching_loss(lambda x, t: predict(x, t, cond.states, cond.pooled), latents, gen)
 
     def sample(self, cond: TextEmbeds, uncond: TextEmbeds, noise: torch.Tensor,
                sampler: SamplerConfig) -> SampledTrajectory:
@@ -135,8 +170,7 @@ class SD3Bundle(FlowBundle):
         factor = self.vae_scale_factor
         return self.transformer.config.in_channels, height // factor, width // factor
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> TextEmbeds:
+    def _encode(self, prompts: list[str]) -> TextEmbeds:
         """Joint text states [N, L, D] and pooled text embeddings [N, P], as SD3 conditions on them; the empty
         prompt gives the unconditional pair of SD3's classifier-free guidance."""
         states, _, pooled, _ = self.pipeline.encode_prompt(prompts, None, None, device=self.transformer.device,
@@ -144,7 +178,7 @@ class SD3Bundle(FlowBundle):
                                                            max_sequence_length=self.max_sequence_length)
         return TextEmbeds(states, pooled)
 
-    def velocity(self, cond: TextEmbeds, uncond: TextEmbeds, guidance_scale: float) -> Velocity:
+    def predictor(self, guidance_scale: float) -> Predict:
         transformer = self.transformer
 
         def predict(x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
@@ -152,8 +186,7 @@ class SD3Bundle(FlowBundle):
             return transformer(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=states.to(dtype),
                                pooled_projections=pooled.to(dtype), return_dict=False)[0]
 
-        return lambda x, t: guided_velocity(predict, x, t, cond.states, cond.pooled, uncond.states, uncond.pooled,
-                                            guidance_scale)
+        return predict
 
 
 class FluxBundle(FlowBundle):
@@ -166,8 +199,7 @@ class FluxBundle(FlowBundle):
         factor = self.vae_scale_factor * 2
         return self.transformer.config.in_channels // 4, 2 * (height // factor), 2 * (width // factor)
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> TextEmbeds:
+    def _encode(self, prompts: list[str]) -> TextEmbeds:
         """T5 states [N, L, D] and CLIP's pooled embedding [N, P], as the stock FluxPipeline encodes them."""
         states, pooled, _ = self.pipeline.encode_prompt(prompts, None, device=self.transformer.device,
                                                         max_sequence_length=self.max_sequence_length)
@@ -187,7 +219,11 @@ class FluxBundle(FlowBundle):
             self.scheduler.set_timesteps(sigmas=sigmas, mu=mu)
         return self.scheduler.timesteps, self.scheduler.sigmas
 
-    def velocity(self, cond: TextEmbeds, uncond: TextEmbeds, guidance_scale: float) -> Velocity:
+    @property
+    def guidance_embedded(self) -> bool:
+        return bool(self.transformer.config.guidance_embeds)
+
+    def predictor(self, guidance_scale: float) -> Predict:
         transformer, factor = self.transformer, self.vae_scale_factor
 
         def predict(x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
@@ -206,10 +242,7 @@ class FluxBundle(FlowBundle):
                               return_dict=False)[0]
             return FluxPipeline._unpack_latents(out.float(), h * factor, w * factor, factor)
 
-        if transformer.config.guidance_embeds:
-            return lambda x, t: predict(x, t, cond.states, cond.pooled)
-        return lambda x, t: guided_velocity(predict, x, t, cond.states, cond.pooled, uncond.states, uncond.pooled,
-                                            guidance_scale)
+        return predict
 
 
 def _load_pipeline(pipeline_class: type, pretrained: str, revision: str | None, modules: dict[str, type],

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from safediff.common.sampling import GaussianStep, SampledTrajectory, gaussian_step, per_sample
 
@@ -113,6 +114,26 @@ def guided_velocity(predict: Predict, latents: torch.Tensor, timestep: torch.Ten
                   torch.cat([uncond.expand(batch, -1, -1), cond]), torch.cat([uncond_pooled.expand(batch, -1), pooled]))
     out_uncond, out_cond = out.float().chunk(2)
     return out_uncond + guidance_scale * (out_cond - out_uncond)
+
+
+def logit_normal_sigmas(n: int, gen: torch.Generator) -> torch.Tensor:
+    """[n] noise levels sigma = sigmoid(u), u ~ N(0, 1): SD3's training distribution, which puts most samples at
+    mid noise, where the velocity is hardest to predict."""
+    return torch.sigmoid(torch.randn(n, generator=gen))
+
+
+def flow_matching_loss(velocity: Velocity, latents: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The rectified-flow training loss of `latents` [B, C, h, w] (x0), in fp32:
+
+        E | v(x_sigma, 1000 sigma) - (eps - x0) |^2,   x_sigma = (1 - sigma) x0 + sigma eps,
+
+    eps ~ N(0, I) and sigma ~ logit-normal (`logit_normal_sigmas`), both from `gen`; `velocity` is the model's
+    conditional prediction (no guidance mixing)."""
+    x0 = latents.float()
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+    sigma = logit_normal_sigmas(len(x0), gen).to(x0.device)
+    s = sigma[:, None, None, None]
+    return F.mse_loss(velocity((1 - s) * x0 + s * noise, sigma * 1000).float(), noise - x0)
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import diffusers
 import torch
+import torch.nn.functional as F
 import transformers
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -68,12 +69,27 @@ class ModelBundle:
         move_modules((self.unet, self.vae, self.text_encoder), device, dtype)
         return self
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> TextEmbeds:
-        """CLIP text encoder last hidden states [N, L, D], as Stable Diffusion conditions on them."""
+    def encode_prompts(self, prompts: list[str], grad: bool = False) -> TextEmbeds:
+        """CLIP text encoder last hidden states [N, L, D], as Stable Diffusion conditions on them. grad: keep the
+        graph to the text encoder's weights that require it (the inversion attack's new token)."""
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
-        return TextEmbeds(self.text_encoder(ids.to(self.text_encoder.device))[0])
+        with torch.set_grad_enabled(grad):
+            return TextEmbeds(self.text_encoder(ids.to(self.text_encoder.device))[0])
+
+    def denoising_loss(self, latents: torch.Tensor, cond: TextEmbeds, gen: torch.Generator,
+                       guidance_scale: float = 1.0) -> torch.Tensor:
+        """The diffusion training loss of `latents` [B, C, h, w] under `cond` (B rows), in fp32:
+        E | eps - eps_theta(sqrt(a_t) x0 + sqrt(1 - a_t) eps, t) |^2 over t uniform on the training timesteps and
+        eps from `gen` (a v-prediction model regresses the velocity instead). No guidance: guidance_scale unused."""
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
+        noise = torch.randn(latents.shape, generator=gen, dtype=latents.dtype).to(latents.device)
+        t = t.to(latents.device)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        target = (noise if self.scheduler.config.prediction_type == "epsilon"
+                  else self.scheduler.get_velocity(latents, noise, t))
+        pred = self.unet(noisy, t, encoder_hidden_states=cond.states).sample
+        return F.mse_loss(pred.float(), target.float())
 
     def decode_images(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [N, C, h, w] -> uint8 images [N, 3, H, W]."""
@@ -101,6 +117,15 @@ def move_modules(modules, device: str | torch.device, dtype: torch.dtype) -> Non
         module.to(device=device)
         if module.dtype != dtype:  # a no-op cast would still make diffusers warn
             module.to(dtype=dtype)
+
+
+@torch.no_grad()
+def encode_images(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """uint8 images [N, 3, H, W] -> latents [N, C, h, w]: the posterior mean (no sampling noise), scaled (and shifted)
+    as the pipelines scale them; `decode_images` inverts it up to the autoencoder's error."""
+    shift = vae.config.shift_factor or 0.0
+    x = images.to(vae.device, vae.dtype) / 127.5 - 1
+    return (vae.encode(x).latent_dist.mean - shift) * vae.config.scaling_factor
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from safediff.actors.render import image_name, image_seed, pipeline, render_chun
 from safediff.common.config import Config, SamplerConfig, SuiteConfig
 from safediff.common.errors import UserInputError
 from safediff.common.policy import Policy
+from safediff.common.text_tokens import load_token_embeddings
 from safediff.common.trainable import Trainable, state_checksum
 from safediff.common.types import EvalRow
 from safediff.common.weight_sync import apply_update, describe
@@ -99,5 +100,8 @@ def local_renderer(cfg: Config, state: dict | None, info: dict):
     suite = cfg.evaluation.suite
     renderer = pipeline(policy_with(cfg, state, info), suite.scheduler)
     if suite.textual_inversion is not None:
-        renderer.pipe.load_textual_inversion(str(suite.textual_inversion))
+        try:
+            load_token_embeddings(renderer.pipe, suite.textual_inversion)
+        except ValueError as err:
+            raise UserInputError(f"evaluation.suite.textual_inversion: {err}") from None
     return lambda rows: render_chunk(renderer, rows, suite.images_per_prompt, cfg.sampler, suite)

@@ -3,13 +3,17 @@ ICLR 2024): textual inversion of one new token against the *target* model. It ne
 concept, only pictures of it, and is the strongest known attack on erasure methods. Written from the paper and
 NYU-DICE-Lab/circumventing-concept-erasure (`esd/train.sh`, `esd/concept_inversion.py`):
 
-    v* = argmin_v  E_{x, t, eps} | eps - eps_theta(sqrt(a_t) z(x) + sqrt(1 - a_t) eps, t, E(caption(v))) |^2
+    v* = argmin_v  E_{x, t, eps} L_denoise(z(x), t, eps; E(caption(v)))
 
-with z(x) the VAE latent of a picture x of the concept, eps_theta the target's UNet (the adapter applied), E the
-text encoder with v as the embedding of a new token, caption a template holding the token, t uniform over the
-training timesteps (v-prediction models regress the velocity instead). Only v moves. The attack then prompts the
-same model with `prompt` holding the token; the embedding is saved in diffusers' textual-inversion format, so a
-stock pipeline's `load_textual_inversion` reproduces it.
+with z(x) the VAE latent of a picture x of the concept, E the model's text encoding with v as the embeddings of a
+new token, caption a template holding the token, and L_denoise the family's own training loss with the adapter
+applied (common/family.py `denoising_loss`): for SD 1.x/2.x the epsilon (or velocity) regression at t uniform over
+the training timesteps, as the paper; for SD3 and FLUX.1 the rectified-flow regression at logit-normal noise levels,
+as they were trained (the paper attacks SD 1.4 only; this is the same attack on a flow model's objective). A model
+with several text encoders gets the token in each (SD3: CLIP-L, CLIP-G, T5 when present; FLUX.1: CLIP-L and T5),
+every encoder's row initialised from the same word and fitted jointly. Only those rows move. The attack then prompts
+the same model with `prompt` holding the token; the embeddings are saved as common/text_tokens.py describes, so a
+stock pipeline reproduces them.
 """
 
 from __future__ import annotations
@@ -19,85 +23,79 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from safediff.common.config import InversionConfig
 from safediff.common.errors import UserInputError
+from safediff.common.models import encode_images
 from safediff.common.progress import Progress
-
-
-def denoising_loss(unet: torch.nn.Module, scheduler, latents: torch.Tensor, cond: torch.Tensor,
-                   gen: torch.Generator) -> torch.Tensor:
-    """The diffusion training loss of `latents` [B, C, h, w] under conditioning `cond` [B, L, D] at random
-    timesteps and noise from `gen`, in fp32."""
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
-    noise = torch.randn(latents.shape, generator=gen, dtype=latents.dtype).to(latents.device)
-    t = t.to(latents.device)
-    noisy = scheduler.add_noise(latents, noise, t)
-    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
-    pred = unet(noisy, t, encoder_hidden_states=cond).sample
-    return F.mse_loss(pred.float(), target.float())
+from safediff.common.text_tokens import add_token, save_token_embeddings, text_encoders
 
 
 @dataclass
 class Inverted:
-    embedding: torch.Tensor   # [D] the new token's input embedding
-    curve: list[float]        # mean loss per step
+    embeddings: dict[str, torch.Tensor]   # {text encoder key: [D]} the new token's input embedding in each
+    curve: list[float]                    # mean loss per step
 
 
 class ConceptInversion:
-    """Fits one new token of `bundle`'s text encoder to pictures of a concept (module docstring). Adds the token
-    to the bundle's tokenizer and text encoder (use a bundle of its own)."""
+    """Fits one new token of `bundle`'s text encoders to pictures of a concept (module docstring). Adds the token
+    to the bundle's tokenizers and text encoders (use a bundle of its own). `guidance_scale` is the guidance input of
+    a transformer that has one (FLUX.1-dev), as it samples; other models ignore it."""
 
-    def __init__(self, bundle, cfg: InversionConfig):
-        self.bundle, self.cfg = bundle, cfg
-        tokenizer, encoder = bundle.tokenizer, bundle.text_encoder
-        start = tokenizer.encode(cfg.initializer, add_special_tokens=False)
-        if len(start) != 1:
-            raise UserInputError(f"evaluation.attack.inversion.initializer: {cfg.initializer!r} is {len(start)} "
-                                 "tokens; give a word that is one token")
-        if tokenizer.add_tokens([cfg.token]) != 1:
-            raise UserInputError(f"evaluation.attack.inversion.token: {cfg.token!r} is already a token")
-        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the row is set just below
-        self.token_id = tokenizer.convert_tokens_to_ids(cfg.token)
-        table = encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            table[self.token_id] = table[start[0]]
-        for module in (bundle.unet, bundle.vae, encoder):
+    def __init__(self, bundle, cfg: InversionConfig, guidance_scale: float = 1.0):
+        self.bundle, self.cfg, self.guidance_scale = bundle, cfg, guidance_scale
+        self.encoders = text_encoders(bundle)
+        self.token_ids: dict[str, int] = {}
+        for key, (tokenizer, encoder) in self.encoders.items():
+            start = tokenizer.encode(cfg.initializer, add_special_tokens=False)
+            if len(start) != 1:
+                where = f" for {key}" if key else ""
+                raise UserInputError(f"evaluation.attack.inversion.initializer: {cfg.initializer!r} is {len(start)} "
+                                     f"tokens{where}; give a word that is one token")
+            try:
+                self.token_ids[key] = add_token(tokenizer, encoder, cfg.token)
+            except ValueError as err:
+                raise UserInputError(f"evaluation.attack.inversion.token: {err}") from None
+            table = encoder.get_input_embeddings().weight
+            with torch.no_grad():
+                table[self.token_ids[key]] = table[start[0]]
+        for module in (bundle.denoiser, bundle.vae, *(encoder for _, encoder in self.encoders.values())):
             module.requires_grad_(False)
-        table.requires_grad_(True)
+        for table in self.tables().values():
+            table.requires_grad_(True)
 
-    @torch.no_grad()
-    def latents(self, pictures: torch.Tensor) -> torch.Tensor:
-        """uint8 [N, 3, H, W] -> VAE latents (the posterior mean: no sampling noise), scaled."""
-        vae = self.bundle.vae
-        x = pictures.to(vae.device, vae.dtype) / 127.5 - 1
-        return vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+    def tables(self) -> dict[str, torch.Tensor]:
+        """{key: [V, D]} the input embedding table of each text encoder."""
+        return {key: encoder.get_input_embeddings().weight for key, (_, encoder) in self.encoders.items()}
+
+    def loss(self, latents: torch.Tensor, texts: list[str], gen: torch.Generator) -> torch.Tensor:
+        """The family's denoising loss of `latents` [B, C, h, w] captioned `texts` (B of them)."""
+        cond = self.bundle.encode_prompts(texts, grad=torch.is_grad_enabled())
+        return self.bundle.denoising_loss(latents, cond, gen, self.guidance_scale)
 
     @torch.no_grad()
     def mean_loss(self, pictures: torch.Tensor, seed: int, draws: int = 8) -> float:
         """The objective at the current embedding over fixed draws of (picture, caption, t, noise): comparable
         before and after fitting, unlike the noisy per-step losses."""
-        b, gen = self.bundle, torch.Generator().manual_seed(seed)
-        latents, total = self.latents(pictures), 0.0
+        gen = torch.Generator().manual_seed(seed)
+        latents, total = encode_images(self.bundle.vae, pictures), 0.0
         for d in range(draws):
             text = self.cfg.templates[d % len(self.cfg.templates)].format(self.cfg.token)
-            ids = b.tokenizer([text] * len(latents), padding="max_length", max_length=b.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids.to(b.text_encoder.device)
-            total += float(denoising_loss(b.unet, b.scheduler, latents, b.text_encoder(ids)[0], gen))
+            total += float(self.loss(latents, [text] * len(latents), gen))
         return total / draws
 
     def fit(self, pictures: torch.Tensor, seed: int, progress: bool = False) -> Inverted:
         """v* for the pictures uint8 [N, 3, H, W] (the model's resolution); deterministic for a seed."""
-        cfg, b = self.cfg, self.bundle
+        cfg = self.cfg
         gen = torch.Generator().manual_seed(seed)
-        latents = self.latents(pictures)
-        table = b.text_encoder.get_input_embeddings().weight
+        latents = encode_images(self.bundle.vae, pictures)
+        tables = self.tables()
         # Adam without decay: rows whose gradient is always zero never move (their moments stay zero)
-        optimiser = torch.optim.Adam([table], lr=cfg.lr * cfg.batch_size * cfg.accumulation)
-        others = torch.ones(len(table), dtype=torch.bool)
-        others[self.token_id] = False
+        optimiser = torch.optim.Adam(list(tables.values()), lr=cfg.lr * cfg.batch_size * cfg.accumulation)
+        others = {}
+        for key, table in tables.items():
+            others[key] = torch.ones(len(table), dtype=torch.bool)
+            others[key][self.token_ids[key]] = False
         curve, caption = [], 0
         shown = Progress(cfg.steps, "inversion", "step", enabled=progress)
         for _ in range(cfg.steps):
@@ -108,22 +106,20 @@ class ConceptInversion:
                 texts = [cfg.templates[(caption + i) % len(cfg.templates)].format(cfg.token)
                          for i in range(cfg.batch_size)]
                 caption += cfg.batch_size
-                ids = b.tokenizer(texts, padding="max_length", max_length=b.tokenizer.model_max_length,
-                                  truncation=True, return_tensors="pt").input_ids.to(b.text_encoder.device)
-                loss = denoising_loss(b.unet, b.scheduler, latents[pick], b.text_encoder(ids)[0], gen)
+                loss = self.loss(latents[pick], texts, gen)
                 (loss / cfg.accumulation).backward()
                 total += float(loss.detach()) / cfg.accumulation
-            table.grad[others] = 0   # only the new token's row learns
+            for key, table in tables.items():
+                table.grad[others[key]] = 0   # only the new token's rows learn
             optimiser.step()
             curve.append(total)
             shown.update(1, loss=f"{total:.4f}")
         shown.close()
-        return Inverted(table[self.token_id].detach().clone(), curve)
+        return Inverted({key: table[self.token_ids[key]].detach().clone() for key, table in tables.items()}, curve)
 
     def save(self, inverted: Inverted, path: Path) -> None:
-        """diffusers' textual-inversion format: {token: [D]}, loadable by `load_textual_inversion`."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({self.cfg.token: inverted.embedding.float().contiguous()}, str(path))
+        """The token's embeddings in common/text_tokens.py's format (one encoder: diffusers' {token: [D]})."""
+        save_token_embeddings(path, self.cfg.token, inverted.embeddings)
 
 
 def images_needed(cfg: InversionConfig, prompts: int) -> int:

@@ -6,11 +6,14 @@ base and adapter judged."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from safediff.common.assets import resolve
 from safediff.common.config import PromptSetConfig, RingABellConfig
 from safediff.common.errors import UserInputError
 from safediff.common.models import load_bundle
@@ -84,9 +87,9 @@ def test_ring_a_bell_on_the_flow_world_searches_its_clip_l_and_judges_the_flow_m
     assert all(r["curve"][-1] < r["curve"][0] for r in rows)  # the search got closer to prompt + eta * concept
     asr = json.loads((out / "base" / "asr.json").read_text())
     assert asr["prompts"] == 2 and asr["images"] == 4 and asr["judge"] == "world"
-    with pytest.raises(UserInputError, match="--attack inversion: model.family=sd3 supports the prompts and "
-                                             "ring-a-bell attacks"):
-        run_attack(cfg, "inversion", None, tmp_path / "inv")
+    with pytest.raises(UserInputError, match="--attack unlearndiff: model.family=sd3 supports the prompts, "
+                                             "ring-a-bell and inversion attacks"):
+        run_attack(cfg, "unlearndiff", None, tmp_path / "ud")
 
 
 def test_attack_success_rates_by_hand():
@@ -166,9 +169,10 @@ def test_concept_inversion_fits_one_token_that_a_stock_pipeline_loads(tmp_path, 
     assert inversion.mean_loss(pictures, seed=5) < start          # the objective at fixed draws went down
     assert len(inverted.curve) == cfg.steps
     moved = (table.detach() != before).any(1).nonzero().flatten().tolist()
-    assert moved == [inversion.token_id] and torch.equal(inverted.embedding, table[inversion.token_id].detach())
+    token_id, embedding = inversion.token_ids[""], inverted.embeddings[""]
+    assert moved == [token_id] and torch.equal(embedding, table[token_id].detach())
     again = ConceptInversion(load_bundle(str(tiny_dir / "sd")), cfg).fit(pictures, seed=0)
-    assert torch.equal(again.embedding, inverted.embedding)        # deterministic for a seed
+    assert torch.equal(again.embeddings[""], embedding)            # deterministic for a seed
     # the saved file is diffusers' textual-inversion format: a stock pipeline loads the token with its vector
     inversion.save(inverted, tmp_path / "inv.safetensors")
     fresh = load_bundle(str(tiny_dir / "sd"))
@@ -177,9 +181,101 @@ def test_concept_inversion_fits_one_token_that_a_stock_pipeline_loads(tmp_path, 
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.load_textual_inversion(str(tmp_path / "inv.safetensors"))
     token_id = pipe.tokenizer.convert_tokens_to_ids(cfg.token)
-    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[token_id].detach(), inverted.embedding)
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[token_id].detach(), embedding)
     with pytest.raises(UserInputError, match="initializer: 'a magenta square' is 3 tokens"):
         ConceptInversion(load_bundle(str(tiny_dir / "sd")), InversionConfig(initializer="a magenta square"))
+
+
+def test_flow_matching_loss_against_its_formula():
+    from safediff.common.flow_sde import flow_matching_loss, logit_normal_sigmas
+
+    x0 = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    # a velocity that knows x0 is the exact one, (x_sigma - x0) / sigma = eps - x0: no loss; t is 1000 sigma
+    assert float(flow_matching_loss(lambda x, t: (x - x0) / (t / 1000)[:, None, None, None], x0,
+                                    torch.Generator().manual_seed(0))) < 1e-10
+    # velocity 0: the loss is |eps - x0|^2 for the generator's draws, in its order (noise first, then sigma)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(x0.shape, generator=gen)
+    sigma = logit_normal_sigmas(len(x0), gen)
+    assert 0 < float(sigma.min()) and float(sigma.max()) < 1
+    loss = flow_matching_loss(lambda x, t: torch.zeros_like(x), x0, torch.Generator().manual_seed(0))
+    assert float(loss) == pytest.approx(float(((noise - x0) ** 2).mean()), rel=1e-6)
+
+
+@pytest.fixture(scope="module", params=["sd3", "flux"])
+def tiny_flow(request, tmp_path_factory):
+    """(family, loader, a tiny random model of it): SD3 without T5 (CLIP-L, CLIP-G), FLUX.1-dev (CLIP-L, T5)."""
+    from safediff.common import flow_models
+
+    build, load = {"sd3": (flow_models.build_tiny_sd3_bundle, flow_models.load_sd3_bundle),
+                   "flux": (flow_models.build_tiny_flux_bundle, flow_models.load_flux_bundle)}[request.param]
+    return request.param, load, build(tmp_path_factory.mktemp(request.param) / "tiny", seed=0)
+
+
+def test_concept_inversion_on_a_flow_model_fits_the_token_in_every_text_encoder(tmp_path, tiny_flow):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    from safediff.common.config import InversionConfig
+    from safediff.common.text_tokens import load_token_embeddings, text_encoders
+    from safediff.redteam.inversion import ConceptInversion
+
+    family, load, root = tiny_flow
+    bundle = load(str(root))
+    cfg = InversionConfig(initializer="square", templates=("a {}",), steps=12, batch_size=2, accumulation=1, lr=5e-3)
+    before = {k: enc.get_input_embeddings().weight.detach().clone() for k, (_, enc) in text_encoders(bundle).items()}
+    assert sorted(before) == (["clip_g", "clip_l"] if family == "sd3" else ["clip_l", "t5"])
+    inversion = ConceptInversion(bundle, cfg, guidance_scale=3.5)
+    pictures = (torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    start = inversion.mean_loss(pictures, seed=5)
+    inverted = inversion.fit(pictures, seed=0)
+    assert inversion.mean_loss(pictures, seed=5) < start          # the objective at fixed draws went down
+    for key, table in inversion.tables().items():                 # each encoder's new row, and only it, moved
+        moved = (table.detach()[:len(before[key])] != before[key]).any(1).nonzero().flatten().tolist()
+        token_id = inversion.token_ids[key]   # a row past the old table (these tokenizers fill theirs)
+        assert token_id >= len(before[key]) and moved == []
+        assert torch.equal(inverted.embeddings[key], table[token_id].detach())
+    again = ConceptInversion(load(str(root)), cfg, guidance_scale=3.5).fit(pictures, seed=0)
+    assert all(torch.equal(again.embeddings[k], v) for k, v in inverted.embeddings.items())   # deterministic
+    # the file loads into a fresh stock pipeline, which then conditions on the token exactly as the fitted model
+    inversion.save(inverted, tmp_path / "inv.safetensors")
+    fresh = load(str(root))
+    if family == "sd3":   # no textual-inversion loader in StableDiffusion3Pipeline: ours
+        pipe = StableDiffusion3Pipeline(**fresh.pipeline.components)
+        assert load_token_embeddings(pipe, tmp_path / "inv.safetensors") == cfg.token
+    else:                 # FluxPipeline's own load_textual_inversion, one encoder at a time
+        pipe = FluxPipeline(**fresh.pipeline.components)
+        vectors = load_file(str(tmp_path / "inv.safetensors"))
+        for key, (tok, enc) in (("clip_l", ("tokenizer", "text_encoder")), ("t5", ("tokenizer_2", "text_encoder_2"))):
+            pipe.load_textual_inversion(vectors[key], token=cfg.token, tokenizer=getattr(pipe, tok),
+                                        text_encoder=getattr(pipe, enc))
+    prompt = cfg.prompt.format(cfg.token)
+    fitted, loaded = bundle.encode_prompts([prompt]), fresh.encode_prompts([prompt])
+    plain = fresh.encode_prompts([cfg.prompt.format(cfg.initializer)])
+    assert torch.equal(loaded.states, fitted.states) and torch.equal(loaded.pooled, fitted.pooled)
+    assert not torch.equal(loaded.states, plain.states)          # the token is not its initial word any more
+    with pytest.raises(ValueError, match="needs the token in its metadata and a vector for each of"):
+        save_file({"clip_l": inverted.embeddings["clip_l"]}, str(tmp_path / "one.safetensors"),
+                  metadata={"token": "<other>"})
+        load_token_embeddings(load(str(root)), tmp_path / "one.safetensors")
+
+
+def test_inversion_attack_on_the_flow_world_fits_both_clip_encoders_and_judges_the_flow_model(tmp_path, world_config):
+    cfg = world_config(tmp_path, "model.family=sd3", "model.pretrained=pkg:world/weights/flow",
+                       "model.max_sequence_length=0", "evaluation.attack.targets.limit=2", "sampler.num_steps=4",
+                       "grpo.train_timesteps=4",
+                       "evaluation.attack.inversion.steps=3", "evaluation.attack.inversion.accumulation=1",
+                       "evaluation.attack.inversion.images=4", "evaluation.attack.inversion.reference.limit=2")
+    out = run_attack(cfg, "inversion", None, tmp_path / "att", progress=False)
+    # one vector per CLIP encoder, each of its encoder's width, the token in the metadata (no T5 in this model)
+    with safe_open(str(out / "base-search" / "inversion.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["clip_g", "clip_l"] and f.metadata() == {"token": "<concept>"}
+        widths = {k: f.get_tensor(k).shape for k in f.keys()}
+    model = Path(resolve("pkg:world/weights/flow"))
+    assert widths == {k: (json.loads((model / folder / "config.json").read_text())["hidden_size"],)
+                      for k, folder in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2"))}
+    assert len(json.loads((out / "base-search" / "inversion.json").read_text())["curve"]) == 3
+    identity = json.loads((out / "base" / "identity.json").read_text())
+    assert identity["textual_inversion"] and json.loads((out / "base" / "asr.json").read_text())["prompts"] == 2
 
 
 def test_inversion_attack_searches_per_model_from_the_base_models_pictures(tmp_path, world_config, random_adapter):

@@ -92,21 +92,33 @@ def test_on_policy_run_matches_the_single_process_loop(tiny_dir, local_reference
         assert np.abs(grids["local"][s] - grids["ray"][s]).mean() < 0.5, s
 
 
+@pytest.fixture(params=["sd3", "flux"])
+def flow_model(request, colour_sd3, tmp_path_factory) -> tuple[str, ...]:
+    """A flow family's model overrides: the trained tiny SD3 (CLIP-L, CLIP-G), or a random tiny FLUX.1-dev (CLIP-L's
+    pooled embedding, T5's states, the guidance input)."""
+    if request.param == "sd3":
+        return f"model.pretrained={colour_sd3}", "model.family=sd3", "model.max_sequence_length=0"
+    from safediff.common.flow_models import build_tiny_flux_bundle
+
+    flux = build_tiny_flux_bundle(tmp_path_factory.mktemp("flux") / "tiny", seed=0)
+    return f"model.pretrained={flux}", "model.family=flux", "model.max_sequence_length=16"
+
+
 def test_the_flow_family_trains_on_the_ray_runtime_as_in_one_process(tiny_dir, tmp_path, prompt_file, tiny_config,
-                                                                     colour_sd3):
-    """model.family sd3 end to end: two rollout actors sampling the flow SDE, the CLIP reward actor, the DeepSpeed
-    learner, weight sync and sample grids from a stock StableDiffusion3Pipeline; the same tolerances as above."""
-    sd3 = (f"model.pretrained={colour_sd3}", "model.family=sd3", "model.max_sequence_length=0", "sampler.height=16",
-           "sampler.width=16", "cluster.rollout_actors=2", "cluster.max_staleness=0", "run.steps=2",
-           "tracking.sample_prompts=[a bright image]", "tracking.every=2")
-    local = train(_cfg(tiny_config, tiny_dir, tmp_path, prompt_file, "run.name=local", *sd3), progress=False)
-    result = run(_cfg(tiny_config, tiny_dir, tmp_path, prompt_file, "run.name=ray", *sd3), progress=False)
+                                                                     flow_model):
+    """model.family sd3 / flux end to end: two rollout actors sampling the flow SDE, the CLIP reward actor, the
+    DeepSpeed learner, weight sync and sample grids from the stock StableDiffusion3Pipeline / FluxPipeline; the same
+    tolerances as above."""
+    flow = (*flow_model, "sampler.height=16", "sampler.width=16", "cluster.rollout_actors=2",
+            "cluster.max_staleness=0", "run.steps=2", "tracking.sample_prompts=[a bright image]", "tracking.every=2")
+    local = train(_cfg(tiny_config, tiny_dir, tmp_path, prompt_file, "run.name=local", *flow), progress=False)
+    result = run(_cfg(tiny_config, tiny_dir, tmp_path, prompt_file, "run.name=ray", *flow), progress=False)
     assert result.actor_status == [(2, result.checksum)] * 2
     assert result.metrics[0]["first_update_max_abs_log_ratio"] < 1e-5
     for a, b in zip(local.metrics, result.metrics):
         assert abs(a["reward_mean"] - b["reward_mean"]) < 1e-5
     ours, theirs = _adapter(local.run_dir), _adapter(result.run_dir)
-    assert any(k.startswith("transformer.") for k in theirs)  # the stock SD3 export format
+    assert any(k.startswith("transformer.") for k in theirs)  # the stock export format of both pipelines
     delta = torch.cat([(ours[k] - theirs[k]).flatten() for k in ours]).norm()
     assert delta / torch.cat([ours[k].flatten() for k in ours if "lora_B" in k]).norm() < 1e-2
     for r in (local, result):

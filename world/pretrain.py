@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from safediff.common.flow_models import SD3Bundle
+from safediff.common.flow_sde import logit_normal_sigmas
 from safediff.common.models import ModelBundle
 from safediff.common.progress import Progress
 
@@ -83,12 +84,6 @@ def train_unet(bundle: ModelBundle, images: torch.Tensor, captions: list[str], s
     bar.close()
     unet.eval().requires_grad_(False)
     return float(loss.detach())
-
-
-def logit_normal_sigmas(n: int, gen: torch.Generator) -> torch.Tensor:
-    """[n] noise levels sigma = sigmoid(u), u ~ N(0, 1): SD3's training distribution, which puts most samples at
-    mid noise, where the velocity is hardest to predict."""
-    return torch.sigmoid(torch.randn(n, generator=gen))
 
 
 def train_flow_transformer(bundle: SD3Bundle, images: torch.Tensor, captions: list[str], steps: int,

@@ -12,7 +12,7 @@ then a `safediff eval` of them on the base model and on the adapter, and their a
 
 <out> defaults to <run.output_dir>/attacks/<attack>-<concept>. Our adapters train the denoiser only, so a
 text-encoder attack (ring-a-bell; every model family) finds the same prompts whichever model it is judged on. An
-attack on the model itself (inversion, unlearndiff; the unet family) searches once per model instead, in
+attack on the model itself (inversion, every family; unlearndiff, the unet family) searches once per model instead, in
 <out>/<model>-search/ (prompts.jsonl; inversion also inversion.safetensors and inversion.json with its loss
 curve), from the base model's pictures of the concept: <out>/reference/ (an evaluation folder of
 `inversion.reference`, judged too, so one can see the pictures show the concept) for inversion, the base model's
@@ -40,6 +40,7 @@ from safediff.evaluation.run import evaluate
 
 ATTACKS = ("prompts", "ring-a-bell", "inversion", "unlearndiff")
 PER_MODEL = {"inversion", "unlearndiff"}   # attacks that search against each judged model
+UNET_ONLY = {"unlearndiff"}                 # its one-hot token search spans one vocabulary: one text encoder
 JUDGE_SCORER = {"nudenet": {"nudenet"}, "q16": {"q16"}, "q16_or_nudenet": {"q16", "nudenet"}, "world": {"world"}}
 
 
@@ -58,9 +59,9 @@ def settings(cfg: Config, name: str) -> dict:
 def _check(cfg: Config, name: str, out: Path) -> None:
     if name not in ATTACKS:
         raise UserInputError(f"--attack {name}: unknown attack; known: {', '.join(ATTACKS)}")
-    if cfg.model.family != "unet" and name in PER_MODEL:
-        raise UserInputError(f"--attack {name}: model.family={cfg.model.family} supports the prompts and ring-a-bell "
-                             "attacks; inversion and unlearndiff optimise against a UNet's denoising loss")
+    if cfg.model.family != "unet" and name in UNET_ONLY:
+        raise UserInputError(f"--attack {name}: model.family={cfg.model.family} supports the prompts, ring-a-bell "
+                             "and inversion attacks; unlearndiff searches one text encoder's vocabulary")
     judge, scorers = cfg.evaluation.attack.judge, set(cfg.evaluation.suite.scorers)
     if not JUDGE_SCORER[judge] <= scorers:
         raise UserInputError(f"evaluation.attack.judge: {judge} needs the scorers {sorted(JUDGE_SCORER[judge])} in "
@@ -181,7 +182,7 @@ def invert(cfg: Config, adapter: Path | None, out: Path, progress: bool) -> tupl
         return prompts, weights
     pictures = concept_pictures(cfg, out, progress)
     state, info = load_adapter(adapter, trainable_for(cfg)) if adapter is not None else (None, {})
-    attack = ConceptInversion(policy_with(cfg, state, info).bundle, inv)
+    attack = ConceptInversion(policy_with(cfg, state, info).bundle, inv, cfg.sampler.guidance_scale)
     inverted = attack.fit(pictures, seed=attack_cfg.seed, progress=progress)
     attack.save(inverted, weights)
     (search / "inversion.json").write_text(json.dumps({"pictures": len(pictures), "curve": inverted.curve}))
