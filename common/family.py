@@ -45,9 +45,10 @@ class ModelFamily(Protocol):
         ([B, T+1, C, h, w]: the noise fully determines the result), recording every step's log-prob."""
 
     def denoising_loss(self, latents: torch.Tensor, cond: TextEmbeds, gen: torch.Generator,
-                       guidance_scale: float = 1.0) -> torch.Tensor:
+                       guidance_scale: float = 1.0, timesteps: torch.Tensor | None = None) -> torch.Tensor:
         """The family's training loss (epsilon / velocity / rectified-flow regression) of latents [B, C, h, w]
-        under cond (B rows), noise and noise levels from gen: what textual inversion minimises."""
+        under cond (B rows) at `timesteps` [B] in the model's units (drawn when None), noise from gen: what
+        textual inversion and UnlearnDiff minimise."""
 
     def step(self, x_t: torch.Tensor, k: torch.Tensor, cond: TextEmbeds, uncond: TextEmbeds, sampler: SamplerConfig,
              prev_sample: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> GaussianStep:

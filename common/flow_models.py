@@ -137,11 +137,13 @@ class FlowBundle(ABC):
                                             guidance_scale)
 
     def denoising_loss(self, latents: torch.Tensor, cond: TextEmbeds, gen: torch.Generator,
-                       guidance_scale: float = 1.0) -> torch.Tensor:
+                       guidance_scale: float = 1.0, timesteps: torch.Tensor | None = None) -> torch.Tensor:
         """The model's training loss on `latents` [B, C, h, w] under `cond` (B rows): rectified flow
-        (common/flow_sde.py `flow_matching_loss`) on the conditional prediction, in fp32."""
+        (common/flow_sde.py `flow_matching_loss`) on the conditional prediction, in fp32, at `timesteps` [B]
+        (sigma * 1000) or else at drawn noise levels."""
         predict = self.predictor(guidance_scale)
-        return flow_matching_loss(lambda x, t: predict(x, t, cond.states, cond.pooled), latents, gen)
+        sigmas = None if timesteps is None else timesteps.float() / 1000
+        return flow_matching_loss(lambda x, t: predict(x, t, cond.states, cond.pooled), latents, gen, sigmas)
 
     def sample(self, cond: TextEmbeds, uncond: TextEmbeds, noise: torch.Tensor,
                sampler: SamplerConfig) -> SampledTrajectory:

@@ -122,16 +122,17 @@ def logit_normal_sigmas(n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.sigmoid(torch.randn(n, generator=gen))
 
 
-def flow_matching_loss(velocity: Velocity, latents: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def flow_matching_loss(velocity: Velocity, latents: torch.Tensor, gen: torch.Generator,
+                       sigmas: torch.Tensor | None = None) -> torch.Tensor:
     """The rectified-flow training loss of `latents` [B, C, h, w] (x0), in fp32:
 
         E | v(x_sigma, 1000 sigma) - (eps - x0) |^2,   x_sigma = (1 - sigma) x0 + sigma eps,
 
-    eps ~ N(0, I) and sigma ~ logit-normal (`logit_normal_sigmas`), both from `gen`; `velocity` is the model's
-    conditional prediction (no guidance mixing)."""
+    eps ~ N(0, I) from `gen`, sigma [B] given or else logit-normal (`logit_normal_sigmas`) from `gen` after eps;
+    `velocity` is the model's conditional prediction (no guidance mixing)."""
     x0 = latents.float()
     noise = torch.randn(x0.shape, generator=gen).to(x0.device)
-    sigma = logit_normal_sigmas(len(x0), gen).to(x0.device)
+    sigma = (logit_normal_sigmas(len(x0), gen) if sigmas is None else sigmas).to(x0.device)
     s = sigma[:, None, None, None]
     return F.mse_loss(velocity((1 - s) * x0 + s * noise, sigma * 1000).float(), noise - x0)
 

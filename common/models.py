@@ -78,11 +78,13 @@ class ModelBundle:
             return TextEmbeds(self.text_encoder(ids.to(self.text_encoder.device))[0])
 
     def denoising_loss(self, latents: torch.Tensor, cond: TextEmbeds, gen: torch.Generator,
-                       guidance_scale: float = 1.0) -> torch.Tensor:
+                       guidance_scale: float = 1.0, timesteps: torch.Tensor | None = None) -> torch.Tensor:
         """The diffusion training loss of `latents` [B, C, h, w] under `cond` (B rows), in fp32:
-        E | eps - eps_theta(sqrt(a_t) x0 + sqrt(1 - a_t) eps, t) |^2 over t uniform on the training timesteps and
-        eps from `gen` (a v-prediction model regresses the velocity instead). No guidance: guidance_scale unused."""
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
+        E | eps - eps_theta(sqrt(a_t) x0 + sqrt(1 - a_t) eps, t) |^2 at `timesteps` [B] (training timesteps), or
+        else t uniform over them, eps from `gen` (a v-prediction model regresses the velocity instead). No guidance:
+        guidance_scale unused."""
+        t = (timesteps if timesteps is not None
+             else torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),), generator=gen))
         noise = torch.randn(latents.shape, generator=gen, dtype=latents.dtype).to(latents.device)
         t = t.to(latents.device)
         noisy = self.scheduler.add_noise(latents, noise, t)

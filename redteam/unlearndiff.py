@@ -12,6 +12,11 @@ token per position from u (the embedding is the drawn one-hot times the embeddin
 passes straight through the draw, clipped to [-1, 1] (hardtanh); Adam updates u, which is then projected back
 onto the probability simplex. The adversarial prompt is the most likely token of each position, then the prompt.
 
+The loss is the family's own (common/family.py `denoising_loss`): the epsilon regression above (the velocity for a
+v-prediction model) for SD 1.x/2.x, the rectified-flow regression at sigma = t / 1000 for SD3. A model with several
+text encoders gets the same tokens in each, so they must share one vocabulary: SD3 without T5 (CLIP-L and CLIP-G),
+not FLUX.1 or SD3 with T5, whose T5 tokenizes otherwise.
+
 Differs from the reference: it judges the prompt after every timestep and stops at the first success (ASR =
 success at any of up to 50 checkpoints); here only the final prompt is judged (by `safediff attack`, like every
 attack), so the ASR is a lower bound of the reference's.
@@ -19,10 +24,15 @@ attack), so the ASR is a lower bound of the reference's.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
 from safediff.common.config import UnlearnDiffConfig
+from safediff.common.errors import UserInputError
+from safediff.common.models import encode_images
+from safediff.common.text_tokens import text_encoders
 
 
 def project_simplex(v: torch.Tensor) -> torch.Tensor:
@@ -66,21 +76,40 @@ def optimise_tokens(u: torch.Tensor, loss_of, table: torch.Tensor, steps: int, o
 
 
 class UnlearnDiff:
-    def __init__(self, bundle, cfg: UnlearnDiffConfig):
-        self.bundle, self.cfg = bundle, cfg
-        for module in (bundle.unet, bundle.vae, bundle.text_encoder):
-            module.requires_grad_(False)
-        self.table = bundle.text_encoder.get_input_embeddings().weight.detach()   # [V, D]
-        self.positions: slice | None = None
-        self.replacement: torch.Tensor | None = None
-        # the adversarial embeddings enter through the token-embedding layer's output
-        bundle.text_encoder.get_input_embeddings().register_forward_hook(self._replace)
+    """The attack against `bundle` (its adapter applied). `guidance_scale` is the guidance input of a transformer
+    that has one, as it samples; other models ignore it."""
 
-    def _replace(self, module, inputs, output):
+    PLACEHOLDER = "!"   # one ordinary token per adversarial position, its embedding replaced (not the end token:
+                        # CLIP takes its pooled embedding, which SD3 conditions on, at the first end token)
+
+    def __init__(self, bundle, cfg: UnlearnDiffConfig, guidance_scale: float = 1.0):
+        self.bundle, self.cfg, self.guidance_scale = bundle, cfg, guidance_scale
+        encoders = text_encoders(bundle)
+        (first, (self.tokenizer, _)), *others = encoders.items()
+        differ = [key for key, (tokenizer, _) in others if tokenizer.get_vocab() != self.tokenizer.get_vocab()]
+        if differ:
+            raise UserInputError(f"--attack unlearndiff: the model's text encoders {', '.join(encoders)} do not share "
+                                 f"one vocabulary ({', '.join(differ)} differs from {first}); its token search needs "
+                                 "one (SD 1.x/2.x, or SD3 without T5)")
+        for module in (bundle.denoiser, bundle.vae, *(encoder for _, encoder in encoders.values())):
+            module.requires_grad_(False)
+        # one table [V, D_1 + D_2 + ...]: a drawn one-hot row times it holds the token's embedding in every encoder,
+        # each encoder's in its own columns
+        tables = [encoder.get_input_embeddings().weight.detach().float() for _, encoder in encoders.values()]
+        self.table = torch.cat(tables, dim=1)
+        ends = torch.tensor([t.shape[1] for t in tables]).cumsum(0).tolist()
+        self.columns = {key: slice(end - t.shape[1], end) for key, t, end in zip(encoders, tables, ends)}
+        self.replacement: torch.Tensor | None = None
+        for key, (_, encoder) in encoders.items():
+            encoder.get_input_embeddings().register_forward_hook(partial(self._replace, key))
+
+    def _replace(self, key: str, module, inputs, output):
+        """The token-embedding layer's output with positions 1..k (after the start token) set to this encoder's
+        columns of `replacement` [k, D_1 + D_2 + ...]."""
         if self.replacement is None:
             return output
         output = output.clone()
-        output[:, self.positions] = self.replacement.to(output.dtype)
+        output[:, 1:1 + self.cfg.tokens] = self.replacement[:, self.columns[key]].to(output.dtype)
         return output
 
     def sampled_timesteps(self) -> list[int]:
@@ -88,48 +117,38 @@ class UnlearnDiff:
         total, n = self.bundle.scheduler.config.num_train_timesteps, self.cfg.timesteps
         return list(range(total // n // 2, total, max(total // n, 1)))[:n]
 
-    def ids(self, prompt: str, adversarial: list[int]) -> torch.Tensor:
-        """[1, L]: bos, the k adversarial tokens, the prompt's tokens, eos padding (truncated to L)."""
-        tok = self.bundle.tokenizer
-        words = tok.encode(prompt, add_special_tokens=False)
-        body = (adversarial + words)[: tok.model_max_length - 2]
-        pad = [tok.eos_token_id] * (tok.model_max_length - 1 - len(body))
-        return torch.tensor([[tok.bos_token_id, *body, *pad]])
-
-    @torch.no_grad()
-    def latent(self, picture: torch.Tensor) -> torch.Tensor:
-        vae = self.bundle.vae
-        x = picture[None].to(vae.device, vae.dtype) / 127.5 - 1
-        return vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+    def text(self, prompt: str) -> str:
+        """The prompt behind k placeholders, checked to tokenize as [start, k placeholders, the prompt's tokens]."""
+        tok, k = self.tokenizer, self.cfg.tokens
+        text = " ".join([self.PLACEHOLDER] * k + [prompt])
+        mark = tok.encode(self.PLACEHOLDER, add_special_tokens=False)
+        if len(mark) != 1 or tok(text).input_ids[1:1 + k] != mark * k:
+            raise ValueError(f"the placeholder {self.PLACEHOLDER!r} does not tokenize as one token per position")
+        return text
 
     def attack(self, prompt: str, picture: torch.Tensor, seed: int) -> dict:
         """The adversarial prompt for `prompt` and its reference picture uint8 [3, H, W]; deterministic for a
         seed. Returns {prompt, tokens, curve (mean loss per timestep)}."""
         b, cfg, k = self.bundle, self.cfg, self.cfg.tokens
         gen = torch.Generator().manual_seed(seed)
-        z = self.latent(picture)
-        u = torch.full((k, len(self.table)), 1.0 / len(self.table), device=self.table.device, requires_grad=True)
+        z = encode_images(b.vae, picture[None])
+        vocabulary = len(self.table)
+        u = torch.full((k, vocabulary), 1.0 / vocabulary, device=z.device, requires_grad=True)
         optimiser = torch.optim.Adam([u], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        ids = self.ids(prompt, [b.tokenizer.eos_token_id] * k).to(b.text_encoder.device)
-        self.positions = slice(1, 1 + k)
-        alphas, table = b.scheduler.alphas_cumprod, self.table.float()
+        text = self.text(prompt)
 
         def loss_at(t: int):
             def loss_of(embeddings: torch.Tensor) -> torch.Tensor:
                 self.replacement = embeddings
-                cond = b.text_encoder(ids)[0]
-                noise = torch.randn(z.shape, generator=gen, dtype=z.dtype).to(z.device)
-                a = alphas[t].to(z.device, z.dtype)
-                pred = b.unet(a.sqrt() * z + (1 - a).sqrt() * noise, torch.tensor([t], device=z.device),
-                              encoder_hidden_states=cond).sample
-                return F.mse_loss(pred.float(), noise.float())
+                cond = b.encode_prompts([text], grad=True)
+                return b.denoising_loss(z, cond, gen, self.guidance_scale, torch.tensor([t], device=z.device))
             return loss_of
 
         try:
-            curve = [optimise_tokens(u, loss_at(t), table, cfg.iterations, optimiser, gen)
+            curve = [optimise_tokens(u, loss_at(t), self.table.to(z.device), cfg.iterations, optimiser, gen)
                      for t in self.sampled_timesteps()]
         finally:
             self.replacement = None
         tokens = u.detach().argmax(-1).tolist()
-        words = b.tokenizer.encode(prompt, add_special_tokens=False)
-        return {"prompt": b.tokenizer.decode(tokens + words), "tokens": tokens, "curve": curve}
+        words = self.tokenizer.encode(prompt, add_special_tokens=False)
+        return {"prompt": self.tokenizer.decode(tokens + words), "tokens": tokens, "curve": curve}

@@ -87,9 +87,6 @@ def test_ring_a_bell_on_the_flow_world_searches_its_clip_l_and_judges_the_flow_m
     assert all(r["curve"][-1] < r["curve"][0] for r in rows)  # the search got closer to prompt + eta * concept
     asr = json.loads((out / "base" / "asr.json").read_text())
     assert asr["prompts"] == 2 and asr["images"] == 4 and asr["judge"] == "world"
-    with pytest.raises(UserInputError, match="--attack unlearndiff: model.family=sd3 supports the prompts, "
-                                             "ring-a-bell and inversion attacks"):
-        run_attack(cfg, "unlearndiff", None, tmp_path / "ud")
 
 
 def test_attack_success_rates_by_hand():
@@ -278,6 +275,20 @@ def test_inversion_attack_on_the_flow_world_fits_both_clip_encoders_and_judges_t
     assert identity["textual_inversion"] and json.loads((out / "base" / "asr.json").read_text())["prompts"] == 2
 
 
+def test_unlearndiff_attack_on_the_flow_world(tmp_path, world_config):
+    cfg = world_config(tmp_path, "model.family=sd3", "model.pretrained=pkg:world/weights/flow",
+                       "model.max_sequence_length=0", "evaluation.attack.targets.limit=2", "sampler.num_steps=4",
+                       "grpo.train_timesteps=4", "evaluation.attack.unlearndiff.timesteps=2",
+                       "evaluation.attack.unlearndiff.iterations=2")
+    out = run_attack(cfg, "unlearndiff", None, tmp_path / "att", progress=False)
+    rows = jsonl.read(out / "base-search" / "prompts.jsonl")
+    assert len(rows) == 2 and all(r["prompt"].endswith(r["source_prompt"]) and len(r["tokens"]) == 3 for r in rows)
+    assert json.loads((out / "base" / "asr.json").read_text())["prompts"] == 2
+    with pytest.raises(UserInputError, match="--attack unlearndiff: model.family=flux conditions on T5"):
+        run_attack(cfg.model_copy(update={"model": cfg.model.model_copy(update={"family": "flux"})}), "unlearndiff",
+                   None, tmp_path / "flux")
+
+
 def test_inversion_attack_searches_per_model_from_the_base_models_pictures(tmp_path, world_config, random_adapter):
     cfg = world_config(tmp_path, "evaluation.attack.targets.limit=2", "evaluation.attack.inversion.steps=2",
                        "evaluation.attack.inversion.accumulation=1", "evaluation.attack.inversion.images=4",
@@ -351,7 +362,34 @@ def test_unlearndiff_attack_on_a_tiny_model_is_deterministic_and_keeps_the_promp
     assert runs[0]["prompt"].endswith("a red circle")
     attack = UnlearnDiff(load_bundle(str(tiny_dir / "sd")), cfg)
     assert attack.sampled_timesteps() == [166, 499, 832]   # 1000 // 3 // 2, then every 1000 // 3
-    assert attack.ids("a red circle", [5, 6])[0, :3].tolist() == [attack.bundle.tokenizer.bos_token_id, 5, 6]
+    tok = attack.tokenizer
+    assert tok(attack.text("a red circle")).input_ids[:6] == [tok.bos_token_id, *tok.encode("! ! a red circle",
+                                                                                           add_special_tokens=False)]
+
+
+def test_unlearndiff_tokens_condition_sd3_as_those_words_would_in_both_clip_encoders(tiny_flow):
+    from safediff.common.config import UnlearnDiffConfig
+    from safediff.redteam.unlearndiff import UnlearnDiff
+
+    family, load, root = tiny_flow
+    cfg = UnlearnDiffConfig(tokens=2, timesteps=2, iterations=2)
+    if family == "flux":   # CLIP-L and T5 tokenize differently: one search cannot serve both
+        with pytest.raises(UserInputError, match="text encoders clip_l, t5 do not share one vocabulary"):
+            UnlearnDiff(load(str(root)), cfg)
+        return
+    attack = UnlearnDiff(load(str(root)), cfg)
+    # the search's embeddings for two real tokens give exactly the conditioning of those words in front of the
+    # prompt: CLIP-L's and CLIP-G's states side by side and both pooled embeddings (taken at the end token)
+    words = attack.tokenizer.encode("blue square", add_special_tokens=False)
+    attack.replacement = torch.nn.functional.one_hot(torch.tensor(words), len(attack.table)).float() @ attack.table
+    hooked = attack.bundle.encode_prompts([attack.text("a red circle")])
+    attack.replacement = None
+    plain = attack.bundle.encode_prompts(["blue square a red circle"])
+    torch.testing.assert_close(hooked.states, plain.states, rtol=0, atol=1e-6)
+    torch.testing.assert_close(hooked.pooled, plain.pooled, rtol=0, atol=1e-6)
+    picture = (torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    runs = [UnlearnDiff(load(str(root)), cfg).attack("a red circle", picture, seed=4) for _ in range(2)]
+    assert runs[0] == runs[1] and len(runs[0]["tokens"]) == 2 and runs[0]["prompt"].endswith("a red circle")
 
 
 def test_unlearndiff_attack_searches_each_model_from_the_targets_base_images(tmp_path, world_config,

@@ -12,7 +12,7 @@ then a `safediff eval` of them on the base model and on the adapter, and their a
 
 <out> defaults to <run.output_dir>/attacks/<attack>-<concept>. Our adapters train the denoiser only, so a
 text-encoder attack (ring-a-bell; every model family) finds the same prompts whichever model it is judged on. An
-attack on the model itself (inversion, every family; unlearndiff, the unet family) searches once per model instead, in
+attack on the model itself (inversion; unlearndiff, but not on FLUX.1) searches once per model instead, in
 <out>/<model>-search/ (prompts.jsonl; inversion also inversion.safetensors and inversion.json with its loss
 curve), from the base model's pictures of the concept: <out>/reference/ (an evaluation folder of
 `inversion.reference`, judged too, so one can see the pictures show the concept) for inversion, the base model's
@@ -40,7 +40,6 @@ from safediff.evaluation.run import evaluate
 
 ATTACKS = ("prompts", "ring-a-bell", "inversion", "unlearndiff")
 PER_MODEL = {"inversion", "unlearndiff"}   # attacks that search against each judged model
-UNET_ONLY = {"unlearndiff"}                 # its one-hot token search spans one vocabulary: one text encoder
 JUDGE_SCORER = {"nudenet": {"nudenet"}, "q16": {"q16"}, "q16_or_nudenet": {"q16", "nudenet"}, "world": {"world"}}
 
 
@@ -59,9 +58,10 @@ def settings(cfg: Config, name: str) -> dict:
 def _check(cfg: Config, name: str, out: Path) -> None:
     if name not in ATTACKS:
         raise UserInputError(f"--attack {name}: unknown attack; known: {', '.join(ATTACKS)}")
-    if cfg.model.family != "unet" and name in UNET_ONLY:
-        raise UserInputError(f"--attack {name}: model.family={cfg.model.family} supports the prompts, ring-a-bell "
-                             "and inversion attacks; unlearndiff searches one text encoder's vocabulary")
+    if cfg.model.family == "flux" and name == "unlearndiff":
+        raise UserInputError("--attack unlearndiff: model.family=flux conditions on T5, whose vocabulary is not "
+                             "CLIP's; the token search needs one vocabulary shared by every text encoder (SD 1.x/2.x, "
+                             "SD3 without T5)")
     judge, scorers = cfg.evaluation.attack.judge, set(cfg.evaluation.suite.scorers)
     if not JUDGE_SCORER[judge] <= scorers:
         raise UserInputError(f"evaluation.attack.judge: {judge} needs the scorers {sorted(JUDGE_SCORER[judge])} in "
@@ -205,7 +205,8 @@ def unlearn(cfg: Config, adapter: Path | None, out: Path, progress: bool) -> Pat
         pictures = {r["case_number"]: out / "base-no-attack" / "images" / r["image"]
                     for r in jsonl.read(out / "base-no-attack" / "records.jsonl") if r["j"] == 0}
         state, info = load_adapter(adapter, trainable_for(cfg)) if adapter is not None else (None, {})
-        attack = UnlearnDiff(policy_with(cfg, state, info).bundle, cfg.evaluation.attack.unlearndiff)
+        attack = UnlearnDiff(policy_with(cfg, state, info).bundle, cfg.evaluation.attack.unlearndiff,
+                             cfg.sampler.guidance_scale)
         return lambda i, row: attack.attack(row.prompt, load_uint8(pictures[row.case_number]),
                                             seed=cfg.evaluation.attack.seed + i)
     return search_rows(cfg, out / f"{model_label(adapter)}-search" / "prompts.jsonl", make_search,
