@@ -691,9 +691,10 @@ class Config(_Strict):
             if self.model.finetune == "full":
                 raise ValueError(f"model.finetune=full supports model.family=unet only; use lora for "
                                  f"{self.model.family}")
-            if self.prompts.adversarial is not None:
-                raise ValueError("prompts.adversarial supports model.family=unet only: its UnlearnDiff attack "
-                                 "optimises tokens against a UNet's denoising loss")
+            if self.prompts.adversarial is not None and self.model.family == "flux":
+                raise ValueError("prompts.adversarial: model.family=flux conditions on T5, whose vocabulary is not "
+                                 "CLIP's; its UnlearnDiff search needs one vocabulary shared by every text encoder "
+                                 "(unet, sd3 without T5)")
             if self.sampler.sde_kind == "cps" and g.train_timesteps >= self.sampler.num_steps:
                 raise ValueError(f"grpo.train_timesteps ({g.train_timesteps}) must be below sampler.num_steps "
                                  f"({self.sampler.num_steps}) with sampler.sde_kind=cps: its last step has no "

@@ -52,7 +52,7 @@ class AttackActor(PolicyHolder):
         self.cfg, self.adversarial = cfg, cfg.prompts.adversarial
         self.policy = Policy.from_config(cfg)
         self.targets = read_prompt_file(self.adversarial.targets).prompts
-        self.unlearndiff = UnlearnDiff(self.policy.bundle, self.adversarial.unlearndiff)
+        self.unlearndiff = UnlearnDiff(self.policy.bundle, self.adversarial.unlearndiff, cfg.sampler.guidance_scale)
         self.pictures: dict[int, torch.Tensor] = {}
 
     def picture(self, row: int) -> torch.Tensor:

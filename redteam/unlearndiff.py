@@ -88,7 +88,7 @@ class UnlearnDiff:
         (first, (self.tokenizer, _)), *others = encoders.items()
         differ = [key for key, (tokenizer, _) in others if tokenizer.get_vocab() != self.tokenizer.get_vocab()]
         if differ:
-            raise UserInputError(f"--attack unlearndiff: the model's text encoders {', '.join(encoders)} do not share "
+            raise UserInputError(f"unlearndiff: the model's text encoders {', '.join(encoders)} do not share "
                                  f"one vocabulary ({', '.join(differ)} differs from {first}); its token search needs "
                                  "one (SD 1.x/2.x, or SD3 without T5)")
         for module in (bundle.denoiser, bundle.vae, *(encoder for _, encoder in encoders.values())):

@@ -69,6 +69,18 @@ def test_the_source_is_refreshed_on_schedule_with_prompts_made_against_the_askin
     assert result.metrics[2]["time_wait_attack"] >= 0 and result.metrics[0]["time_wait_attack"] == 0
 
 
+def test_red_teaming_in_the_loop_on_the_sd3_family(tiny_dir, tmp_path, files, tiny_config, colour_sd3):
+    """The attack actor searches the flow model's two CLIP encoders at once against its rectified-flow loss; the
+    pool made against the step-0 policy is trained on from step 2."""
+    cfg = _config(tiny_config, tiny_dir, tmp_path, files, "run.steps=3", f"model.pretrained={colour_sd3}",
+                  "model.family=sd3", "model.max_sequence_length=0", "sampler.height=16", "sampler.width=16")
+    result = run(cfg, progress=False)
+    records = _adversarial(result.run_dir)
+    assert [(r["step"], r["requested_at"], r["policy_version"]) for r in records] == [(2, 0, 0)] * 2
+    assert all(r["prompt"].endswith(r["target"]) and len(r["tokens"]) == 2 for r in records)
+    assert result.metrics[2]["adversarial_groups"] > 0
+
+
 def test_a_missing_targets_file_is_named_before_any_actor_starts(tiny_dir, tmp_path, files, tiny_config):
     cfg = _config(tiny_config, tiny_dir, tmp_path, files, f"prompts.adversarial.targets={tmp_path / 'nope.txt'}")
     with pytest.raises(PromptFileError, match="nope.txt: cannot read"):
