@@ -71,12 +71,14 @@ def load_token_embeddings(model, path: Path) -> str:
             raise ValueError(f"{path}: needs the token in its metadata and a vector for each of {sorted(encoders)} "
                              f"(missing: {missing or 'the token'})")
         vectors = tensors
-    for key, (tokenizer, encoder) in encoders.items():
-        table = encoder.get_input_embeddings().weight
-        if vectors[key].shape != table.shape[1:]:
+    for key, (_, encoder) in encoders.items():   # every vector checked before any encoder changes
+        rows = encoder.get_input_embeddings().weight.shape[1:]
+        if vectors[key].shape != rows:
             raise ValueError(f"{path}: the {key or 'token'} vector has shape {tuple(vectors[key].shape)}, the text "
-                             f"encoder's rows {tuple(table.shape[1:])}")
+                             f"encoder's rows {tuple(rows)}")
+    for key, (tokenizer, encoder) in encoders.items():
         token_id = add_token(tokenizer, encoder, token)
+        table = encoder.get_input_embeddings().weight
         with torch.no_grad():
-            encoder.get_input_embeddings().weight[token_id] = vectors[key].to(table.dtype)
+            table[token_id] = vectors[key].to(table.dtype)
     return token

@@ -254,6 +254,12 @@ def test_concept_inversion_on_a_flow_model_fits_the_token_in_every_text_encoder(
         save_file({"clip_l": inverted.embeddings["clip_l"]}, str(tmp_path / "one.safetensors"),
                   metadata={"token": "<other>"})
         load_token_embeddings(load(str(root)), tmp_path / "one.safetensors")
+    narrow = {k: v[:-1] if k == "t5" or k == "clip_g" else v for k, v in inverted.embeddings.items()}
+    save_file(narrow, str(tmp_path / "narrow.safetensors"), metadata={"token": "<narrow>"})
+    untouched = load(str(root))
+    with pytest.raises(ValueError, match="vector has shape"):
+        load_token_embeddings(untouched, tmp_path / "narrow.safetensors")
+    assert all("<narrow>" not in tok.get_vocab() for tok, _ in text_encoders(untouched).values())  # nothing added
 
 
 def test_inversion_attack_on_the_flow_world_fits_both_clip_encoders_and_judges_the_flow_model(tmp_path, world_config):
