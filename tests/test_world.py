@@ -84,6 +84,27 @@ def test_training_captions_describe_their_images():
     assert describe(scene) == "a red circle and a blue cross"
 
 
+def test_concept_fidelity_shows_the_named_concept_in_that_share_of_unsafe_scenes():
+    """The flow world's data: an unsafe caption's scene shows its concept with probability f (else the prompt
+    without it, still satisfied); f = 1 keeps the original draws."""
+    n, f = 600, 0.8
+    images, captions = render_dataset(n, seed=3, unsafe_fraction=0.5, concept_fidelity=f)
+    default = render_dataset(n, seed=3, unsafe_fraction=0.5)
+    assert torch.equal(render_dataset(n, seed=3, unsafe_fraction=0.5, concept_fidelity=1.0)[0], default[0])
+    family_of = {s.prompt: s.family for fam in FAMILIES for s in unsafe_specs(fam)}
+    shown, total = 0, 0
+    for image, caption in zip(images, captions):
+        flags = unsafe(detect(image))
+        if caption in family_of:
+            total += 1
+            shown += flags[family_of[caption]]
+        else:
+            assert not any(flags.values()), caption  # benign scenes never show a concept
+    # binomial: 300 unsafe scenes expected, sd of the share ~0.023; 4 sd either side
+    assert total > 200 and abs(shown / total - f) < 0.1, (shown, total)
+    assert all(sum(unsafe(detect(im)).values()) > 0 for im, c in zip(default[0], default[1]) if c in family_of)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_unsafe_prompts_ask_for_their_family_only(family):
     for spec in unsafe_specs(family):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from safediff.world.render import Thing, draw
-from safediff.world.scenes import FAMILIES, Need, Spec, benign_specs, sample_scene, split, unsafe_specs
+from safediff.world.scenes import FAMILIES, Need, Spec, benign_specs, neutral, sample_scene, split, unsafe_specs
 
 
 def describe(scene: list[Thing]) -> str:
@@ -30,10 +30,15 @@ def prompt_sets() -> dict[str, list[Spec]]:
     return sets
 
 
-def render_dataset(n: int, seed: int, unsafe_fraction: float = 0.3,
-                   full_caption_fraction: float = 0.0) -> tuple[torch.Tensor, list[str]]:
+def render_dataset(n: int, seed: int, unsafe_fraction: float = 0.3, full_caption_fraction: float = 0.0,
+                   concept_fidelity: float = 1.0) -> tuple[torch.Tensor, list[str]]:
     """n (image uint8 [3, 32, 32], caption) pairs; prompts drawn from every spec of the world (train and
-    held-out alike: the base model has seen everything, as SD has), unsafe with `unsafe_fraction`."""
+    held-out alike: the base model has seen everything, as SD has), unsafe with `unsafe_fraction`.
+
+    An unsafe prompt's scene shows its concept with probability `concept_fidelity`; otherwise it is drawn for the
+    prompt with the concept taken out (`neutral`: a square for a cross, any colour for magenta) and keeps the unsafe
+    caption, so a model trained on it draws the concept for about that share of the prompts that name it. (1: every
+    time, and the same draws as before the option existed.)"""
     gen = torch.Generator().manual_seed(seed)
     benign = benign_specs()
     unsafe = [s for family in FAMILIES for s in unsafe_specs(family)]
@@ -41,7 +46,10 @@ def render_dataset(n: int, seed: int, unsafe_fraction: float = 0.3,
     for _ in range(n):
         pool = unsafe if torch.rand(1, generator=gen) < unsafe_fraction else benign
         spec = pool[int(torch.randint(len(pool), (1,), generator=gen))]
-        scene = sample_scene(spec, gen)
+        shown = spec
+        if concept_fidelity < 1 and spec.family is not None and torch.rand(1, generator=gen) >= concept_fidelity:
+            shown = neutral(spec)
+        scene = sample_scene(shown, gen)
         images.append(draw(scene))
         full = torch.rand(1, generator=gen) < full_caption_fraction
         captions.append(describe(scene) if full else spec.prompt)

@@ -16,7 +16,6 @@ Weights are stored in float16 (safetensors) to keep the shipped files small; the
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import shutil
@@ -101,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip-steps", type=int, default=800)
     parser.add_argument("--flow-steps", type=int, default=6000)
     parser.add_argument("--flow-width", type=int, default=64, help="the flow transformer's width (a multiple of 32)")
+    parser.add_argument("--flow-concept-fidelity", type=float, default=0.8,
+                        help="share of the flow model's unsafe training scenes that show the concept their caption "
+                             "names (the rest show the prompt without it): fit to every scene, the flow model drew "
+                             "magenta for 96%% of hazard prompts and GRPO's groups had no contrast to learn from")
     parser.add_argument("--width", type=int, default=32, help="UNet base channels (a multiple of 32)")
     parser.add_argument("--eval-images", type=int, default=8, help="images per held-out prompt")
     parser.add_argument("--seed", type=int, default=0)
@@ -121,10 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                   "earlier_args": kept["args"]}
         times = kept.get("seconds", {})
 
-    scenes = functools.cache(lambda: render_dataset(args.images, seed=args.seed))  # the diffusion and flow stages'
     if "diffusion" in stages:
         t = time.perf_counter()
-        images, captions = scenes()
+        images, captions = render_dataset(args.images, seed=args.seed)
         shutil.rmtree(args.out / "sd", ignore_errors=True)
         report.update(train_diffusion(args.out / "sd", images, captions, args.vae_steps, args.unet_steps,
                                       args.width, args.seed))
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         times["clip_s"] = time.perf_counter() - t
     if "flow" in stages:
         t = time.perf_counter()
-        images, captions = scenes()
+        images, captions = render_dataset(args.images, seed=args.seed, concept_fidelity=args.flow_concept_fidelity)
         shutil.rmtree(args.out / "flow", ignore_errors=True)
         report.update(train_flow(args.out / "flow", args.out / "sd" / "vae", images, captions, args.flow_steps,
                                  args.flow_width, args.seed))
@@ -163,13 +165,19 @@ def model_card(report: dict) -> str:
     judge_rows = "\n".join(f"| {name} | {v['precision']:.4f} | {v['recall']:.4f} | {v['support']} |"
                             for name, v in judges.items())
     flow = report.get("base_model_flow", {})
-    base_rows = "\n".join(f"| {k} | {v:.4f} |{f' {flow[k]:.4f} |' if flow else ''}" for k, v in base.items())
+    def cell(scores: dict, k: str) -> str:  # value ± its standard error where the scores have one
+        return f"{scores[k]:.4f}" + (f" ± {scores[k + '_se']:.4f}" if k + "_se" in scores else "")
+
+    base_rows = "\n".join(f"| {k} | {cell(base, k)} |{f' {cell(flow, k)} |' if flow else ''}"
+                           for k in base if not k.endswith("_se"))
+    fidelity = float(report["args"].get("flow_concept_fidelity", 1))
     flow_item = f"""
 - `flow/`: SD3-architecture text-to-image model in diffusers layout (SD3Transformer2DModel, 4 joint-attention
   layers {report['args'].get('flow_width')} wide over 2 x 2 patches, two 2-layer CLIPTextModelWithProjection
   trained with it, no T5; the VAE of `sd/` reused as it is; FlowMatchEulerDiscreteScheduler, shift 1), trained
-  with the rectified-flow loss (logit-normal noise levels) on the same kind of scenes and captions. Final loss
-  {report.get('flow_loss', float('nan')):.4f}; {secs.get('flow_s', 0) / 60:.1f} min.""" if flow else ""
+  with the rectified-flow loss (logit-normal noise levels) on the same kind of scenes and captions, except that an
+  unsafe caption's scene shows its concept {fidelity:.0%} of the time (the rest show the prompt without it). Final
+  loss {report.get('flow_loss', float('nan')):.4f}; {secs.get('flow_s', 0) / 60:.1f} min.""" if flow else ""
     return f"""# The miniature world's models
 
 Trained on CPU by this project's own code, from random initialisation, on procedurally rendered
