@@ -5,9 +5,11 @@
 Sends `--images` single-image `score` requests concurrently (as rollout groups from many actors do)
 to a RewardActor with micro-batching (batch_max_images=64) and to one with batching off
 (batch_max_images=1); prints images/s for each and the ratio, and the rate of the same calls to an actor that
-does no work (Ray's per-request cost: the ratio no batching can pass). `--arch world` is the world's trained CLIP and
-reward settings at the world's 32 px (`deploy/configs/world.yaml`); `tiny` the CPU demo's model; `ViT-B-32` that
-open_clip architecture with random weights at 224 px (a realistic per-image cost).
+does no work (Ray's per-request cost: the ratio no batching can pass), and the same scoring in one process without
+Ray (one image per call against batches of 64, on the actor's threads): what batching saves in arithmetic alone.
+`--arch world` is the world's trained CLIP and reward settings at the world's 32 px (`deploy/configs/world.yaml`);
+`tiny` the CPU demo's model; `ViT-B-32` that open_clip architecture with random weights at 224 px (a realistic
+per-image cost).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from bench.fixtures import MODELS, demo_config  # noqa: E402
 from safediff.common.config import Config, load_config  # noqa: E402
 from safediff.reward_server.actor import RewardActor  # noqa: E402
 from safediff.reward_server.clip_model import build_tiny_clip  # noqa: E402
+from safediff.reward_server.steering import SteeringReward  # noqa: E402
 
 
 def clip_dir(arch: str) -> str:
@@ -73,6 +76,24 @@ def throughput(cfg: Config, n: int, actor_class=RewardActor) -> tuple[float, dic
     return rate, stats
 
 
+def in_process(cfg: Config, n: int, batch: int) -> float:
+    """Images/s of the steering reward in this process, `batch` images a call, on the actor's thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(cfg.cluster.cpus_per_reward_actor))
+    reward = SteeringReward.from_config(cfg.reward, "cpu")
+    size = cfg.sampler.height
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)
+    prompts, unsafe = [f"prompt {i % 16}" for i in range(n)], [i % 2 == 0 for i in range(n)]
+    reward(images[:batch], prompts[:batch], unsafe[:batch], groups=[1] * batch)  # warm-up, prompts embedded
+    start = time.perf_counter()
+    for i in range(0, n, batch):
+        k = min(batch, n - i)
+        reward(images[i:i + k], prompts[i:i + k], unsafe[i:i + k], groups=[1] * k)
+    rate = n / (time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    return rate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
@@ -86,9 +107,11 @@ def main() -> None:
     floor, _ = throughput(reward_config(args.arch, 64), args.images, CallFloor)
     print(f"| Ray's floor: the same calls with no work | {floor:.1f} images/s | |")
     ray.shutdown()
+    alone = {batch: in_process(reward_config(args.arch, 64), args.images, batch) for batch in (1, 64)}
+    print(f"| in one process, no Ray: 1 / 64 images a call | {alone[1]:.1f} / {alone[64]:.1f} images/s | |")
     values = list(rates.values())
     print(f"micro-batched / per-image ({args.arch}): {values[1] / values[0]:.2f}x (the floor allows "
-          f"{floor / values[0]:.2f}x)")
+          f"{floor / values[0]:.2f}x; batching's arithmetic alone, in one process: {alone[64] / alone[1]:.2f}x)")
 
 
 if __name__ == "__main__":
