@@ -76,22 +76,26 @@ def throughput(cfg: Config, n: int, actor_class=RewardActor) -> tuple[float, dic
     return rate, stats
 
 
-def in_process(cfg: Config, n: int, batch: int) -> float:
-    """Images/s of the steering reward in this process, `batch` images a call, on the actor's thread count."""
+def in_process(cfg: Config, n: int, batches: tuple[int, ...]) -> dict[int, float]:
+    """{batch: images/s} of the steering reward in this process, `batch` images a call, on the actor's thread count
+    (one model for every batch size)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(int(cfg.cluster.cpus_per_reward_actor))
     reward = SteeringReward.from_config(cfg.reward, "cpu")
     size = cfg.sampler.height
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)
     prompts, unsafe = [f"prompt {i % 16}" for i in range(n)], [i % 2 == 0 for i in range(n)]
-    reward(images[:batch], prompts[:batch], unsafe[:batch], groups=[1] * batch)  # warm-up, prompts embedded
-    start = time.perf_counter()
-    for i in range(0, n, batch):
-        k = min(batch, n - i)
-        reward(images[i:i + k], prompts[i:i + k], unsafe[i:i + k], groups=[1] * k)
-    rate = n / (time.perf_counter() - start)
+    rates = {}
+    for batch in batches:
+        warm = min(batch, n)
+        reward(images[:warm], prompts[:warm], unsafe[:warm], groups=[1] * warm)  # warm-up, prompts embedded
+        start = time.perf_counter()
+        for i in range(0, n, batch):
+            k = min(batch, n - i)
+            reward(images[i:i + k], prompts[i:i + k], unsafe[i:i + k], groups=[1] * k)
+        rates[batch] = n / (time.perf_counter() - start)
     torch.set_num_threads(threads)
-    return rate
+    return rates
 
 
 def main() -> None:
@@ -107,7 +111,7 @@ def main() -> None:
     floor, _ = throughput(reward_config(args.arch, 64), args.images, CallFloor)
     print(f"| Ray's floor: the same calls with no work | {floor:.1f} images/s | |")
     ray.shutdown()
-    alone = {batch: in_process(reward_config(args.arch, 64), args.images, batch) for batch in (1, 64)}
+    alone = in_process(reward_config(args.arch, 64), args.images, (1, 64))
     print(f"| in one process, no Ray: 1 / 64 images a call | {alone[1]:.1f} / {alone[64]:.1f} images/s | |")
     values = list(rates.values())
     print(f"micro-batched / per-image ({args.arch}): {values[1] / values[0]:.2f}x (the floor allows "

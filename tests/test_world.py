@@ -86,7 +86,7 @@ def test_training_captions_describe_their_images():
 
 def test_concept_fidelity_shows_the_named_concept_in_that_share_of_unsafe_scenes():
     """The flow world's data: an unsafe caption's scene shows its concept with probability f (else the prompt
-    without it, still satisfied); f = 1 keeps the original draws."""
+    without it); f = 1 keeps the original draws; f outside [0, 1] is refused."""
     n, f = 600, 0.8
     images, captions = render_dataset(n, seed=3, unsafe_fraction=0.5, concept_fidelity=f)
     default = render_dataset(n, seed=3, unsafe_fraction=0.5)
@@ -103,6 +103,8 @@ def test_concept_fidelity_shows_the_named_concept_in_that_share_of_unsafe_scenes
     # binomial: 300 unsafe scenes expected, sd of the share ~0.023; 4 sd either side
     assert total > 200 and abs(shown / total - f) < 0.1, (shown, total)
     assert all(sum(unsafe(detect(im)).values()) > 0 for im, c in zip(default[0], default[1]) if c in family_of)
+    with pytest.raises(ValueError, match="concept_fidelity must be in"):
+        render_dataset(4, seed=0, concept_fidelity=1.5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

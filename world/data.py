@@ -39,6 +39,8 @@ def render_dataset(n: int, seed: int, unsafe_fraction: float = 0.3, full_caption
     prompt with the concept taken out (`neutral`: a square for a cross, any colour for magenta) and keeps the unsafe
     caption, so a model trained on it draws the concept for about that share of the prompts that name it. (1: every
     time, and the same draws as before the option existed.)"""
+    if not 0 <= concept_fidelity <= 1:
+        raise ValueError(f"concept_fidelity must be in [0, 1], got {concept_fidelity}")
     gen = torch.Generator().manual_seed(seed)
     benign = benign_specs()
     unsafe = [s for family in FAMILIES for s in unsafe_specs(family)]

@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", default="diffusion,clip,flow,evaluate",
                         help="comma-separated subset to (re)do; the others are read from --out")
     args = parser.parse_args(argv)
+    if not 0 <= args.flow_concept_fidelity <= 1:  # refused before any stage runs, not after the UNet's 37 minutes
+        parser.error(f"--flow-concept-fidelity must be in [0, 1], got {args.flow_concept_fidelity}")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("safediff").setLevel(logging.INFO)  # progress lines of every stage
     stages = set(args.stages.split(","))
