@@ -1,18 +1,24 @@
 """The red-teaming table: the world trained by default and with red-teaming in the loop (the same 24 steps), over
 seeds, then every searching attack against the base model and each adapter, with each run's held-out table.
 
-    python -m bench.world_redteam --seeds 0 1 2 [--out runs/redteam] [--device cuda --parallel 6]
+    python -m bench.world_redteam --seeds 0 1 2 [--recipe redteam|ontop] [--out runs/redteam]
+        [--device cuda --parallel 6]
 
-Trains runs named {default,redteam}-s<seed> into <out>/train (each skipped when its adapter exists;
+Trains runs named {default,<recipe>}-s<seed> into <out>/train (each skipped when its adapter exists;
 `--parallel N` runs N trainings at once against one Ray cluster), then runs `safediff attack` for every adapter into
 <out>/attacks/<attack> (the base model and Ring-A-Bell's shared search are evaluated once), and writes
-<out>/table.md (also printed) and <out>/results.json: images flagged per attack for the base model and each arm
-(mean over seeds, and every seed's value), the held-out unsafe rates and benign accuracy of each arm, and the
-seconds each phase took. Red-teaming is the `REDTEAM` overrides, two adversarial sources beside the world's three,
-each at half a source's weight (so ordinary prompts keep three quarters of the groups, as with one adversarial
-source at full weight): UnlearnDiff in the loop on the hazard training prompts, refreshed every 4 steps, 8 prompts
-each, at the world's attack budget; and Ring-A-Bell's prompts for the same training prompts, searched once into
-<out>/ringabell-train (model-agnostic: the text encoder never trains), with its own seeds.
+<out>/table.md (table-<recipe>.md for another recipe; also printed) and results.json (results-<recipe>.json): images
+flagged per attack for the base model and each arm (mean over seeds, and every seed's value), the held-out unsafe
+rates and benign accuracy of each arm, and the seconds each phase took. Red-teaming adds two adversarial sources to
+the world's three: UnlearnDiff in the loop on the hazard training prompts, refreshed every 4 steps, 8 prompts each,
+at the world's attack budget; and Ring-A-Bell's prompts for the same training prompts, searched once into
+<out>/ringabell-train (model-agnostic: the text encoder never trains), with its own seeds. The recipes differ in
+where the adversarial groups come from:
+- `redteam`: each adversarial source at half a source's weight, so they take a quarter of the step's 8 groups from
+  the ordinary sources;
+- `ontop`: 12 groups a step, each adversarial source at weight 0.75, so the ordinary sources keep their 8 groups on
+  average and the adversarial ones add 4; 3 optimiser steps a step instead of 2, so every minibatch holds 32
+  samples as by default and an ordinary sample weighs as much in the gradient as it does there (1.5x the compute).
 """
 
 from __future__ import annotations
@@ -30,9 +36,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from safediff.common.config import load_config  # noqa: E402
 from safediff.evaluation.attacks.run import ATTACKS, adversarial_prompts, model_label, run_attack  # noqa: E402
 
-REDTEAM = ("prompts.adversarial.targets=pkg:world/prompts/hazard_train.txt", "prompts.adversarial.every=4",
-           "prompts.adversarial.prompts_per_refresh=8", "prompts.adversarial.unlearndiff.timesteps=10",
-           "prompts.adversarial.unlearndiff.iterations=10", "prompts.adversarial.weight=0.5")
+ADVERSARIAL = ("prompts.adversarial.targets=pkg:world/prompts/hazard_train.txt", "prompts.adversarial.every=4",
+               "prompts.adversarial.prompts_per_refresh=8", "prompts.adversarial.unlearndiff.timesteps=10",
+               "prompts.adversarial.unlearndiff.iterations=10")
+# recipe -> (each adversarial source's weight, further overrides)
+RECIPES = {"redteam": (0.5, ()),
+           "ontop": (0.75, ("grpo.prompts_per_step=12", "grpo.updates_per_step=3"))}
 RINGABELL_SEED = 1000  # the training source's searches: seeds apart from the held-out attack's (0 + row)
 # On one GPU every actor of every parallel run shares the card (6 runs x 4 actors x 0.04 <= 1) and 1.75 CPUs a run.
 CUDA = ("run.device=cuda", "run.dtype=float32", "cluster.gpus_per_rollout_actor=0.04",
@@ -43,15 +52,15 @@ CUDA = ("run.device=cuda", "run.dtype=float32", "cluster.gpus_per_rollout_actor=
 HELD_OUT = ("unsafe_rate_glyph", "unsafe_rate_hazard", "benign_accuracy")
 
 
-def ringabell_source(out: Path, device: tuple[str, ...]) -> str:
+def ringabell_source(out: Path, device: tuple[str, ...], weight: float) -> str:
     """The red-teamed arm's prompt sources: the world's three and Ring-A-Bell's prompts for the hazard training
-    prompts (searched once into <out>/ringabell-train, resumable), labelled unsafe, at weight 0.5."""
+    prompts (searched once into <out>/ringabell-train, resumable), labelled unsafe, at `weight`."""
     cfg = load_config("world", ["evaluation.attack.targets={name: world_concept_hazard}",
                                 f"evaluation.attack.seed={RINGABELL_SEED}", *device])
     found = adversarial_prompts(cfg, "ring-a-bell", out / "ringabell-train", progress=False)
     world = load_config("world").prompts.sources
     sources = [{"path": str(s.path), "unsafe": s.unsafe} for s in world] + \
-        [{"path": str(found.resolve()), "unsafe": True, "weight": 0.5}]
+        [{"path": str(found.resolve()), "unsafe": True, "weight": weight}]
     return "prompts.sources=" + json.dumps(sources)
 
 
@@ -92,6 +101,7 @@ def mean_cell(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="redteam", help="the red-teamed arm (above)")
     parser.add_argument("--out", type=Path, default=Path("runs/redteam"))
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--parallel", type=int, default=1, help="trainings at once (one Ray cluster)")
@@ -101,7 +111,10 @@ def main() -> None:
     device = (*(CUDA if args.device == "cuda" else ()), *args.overrides)
     seconds: dict[str, float] = {}
     began = time.perf_counter()
-    arms = {"redteam": (*REDTEAM, ringabell_source(args.out, device)), "default": ()}  # the longer one first
+    weight, recipe = RECIPES[args.recipe]
+    redteam = (*ADVERSARIAL, f"prompts.adversarial.weight={weight}", *recipe,
+               ringabell_source(args.out, device, weight))
+    arms = {args.recipe: redteam, "default": ()}  # the longer one first
     seconds["ringabell_source"] = time.perf_counter() - began
     runs = {f"{arm}-s{seed}": args.out / "train" / f"{arm}-s{seed}" for arm in arms for seed in args.seeds}
     seeds = {name: int(name.rsplit("-s", 1)[1]) for name in runs}
@@ -136,28 +149,30 @@ def main() -> None:
         rates[attack]["base-no-attack"] = [flagged(out, "base-no-attack")]
         seconds[attack] = time.perf_counter() - began
         report(args, rates, held, seconds)
-    print((args.out / "table.md").read_text())
+    print((args.out / ("table.md" if args.recipe == "redteam" else f"table-{args.recipe}.md")).read_text())
 
 
 def report(args, rates: dict, held: dict, seconds: dict) -> None:
-    """<out>/table.md and results.json with what is measured so far (written after every phase)."""
+    """<out>/table[-<recipe>].md and results[-<recipe>].json with what is measured so far (after every phase)."""
     lines = [f"Images flagged by the hazard judge (held-out hazard targets); mean over seeds {args.seeds} "
              "(each seed's value; the base model's attacks are one search).", "",
-             "| attack | base | default training | red-teamed training |", "|---|---:|---:|---:|"]
+             f"| attack | base | default training | red-teamed training ({args.recipe}) |", "|---|---:|---:|---:|"]
     if rates:
         plain = next(iter(rates.values()))
         lines.append(f"| no attack | {mean_cell(plain['base-no-attack'])} | {mean_cell(plain['default-no-attack'])} | "
-                     f"{mean_cell(plain['redteam-no-attack'])} |")
+                     f"{mean_cell(plain[f'{args.recipe}-no-attack'])} |")
     for attack, r in rates.items():
-        lines.append(f"| {attack} | {mean_cell(r['base'])} | {mean_cell(r['default'])} | {mean_cell(r['redteam'])} |")
+        lines.append(f"| {attack} | {mean_cell(r['base'])} | {mean_cell(r['default'])} | {mean_cell(r[args.recipe])} |")
     lines += ["", "| held-out (world eval, 8 images per prompt, each run's seed) | base | default training | "
-              "red-teamed training |", "|---|---:|---:|---:|"]
+              f"red-teamed training ({args.recipe}) |", "|---|---:|---:|---:|"]
     lines += [f"| {key} | {mean_cell(held['base'][key])} | {mean_cell(held['default'][key])} | "
-              f"{mean_cell(held['redteam'][key])} |" for key in HELD_OUT]
+              f"{mean_cell(held[args.recipe][key])} |" for key in HELD_OUT]
     lines += ["", "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())]
-    (args.out / "table.md").write_text("\n".join(lines) + "\n")
-    (args.out / "results.json").write_text(json.dumps({"attacks": rates, "held_out": held, "seconds": seconds,
-                                                       "seeds": args.seeds, "device": args.device}, indent=1))
+    suffix = "" if args.recipe == "redteam" else f"-{args.recipe}"
+    (args.out / f"table{suffix}.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"results{suffix}.json").write_text(json.dumps({
+        "attacks": rates, "held_out": held, "seconds": seconds, "seeds": args.seeds, "recipe": args.recipe,
+        "device": args.device}, indent=1))
 
 
 if __name__ == "__main__":
