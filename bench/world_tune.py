@@ -86,6 +86,9 @@ def main() -> int:
             results[futures[future]] = future.result()
             save()
             print(report(settings, results, args.seeds), flush=True)
+    if not jobs:  # every run already measured: the table of these settings, from results.json
+        save()
+        print(report(settings, results, args.seeds))
     return 0
 
 
