@@ -135,7 +135,7 @@ def main() -> None:
     held = {arm: {key: [tables[f"{arm}-s{s}"]["trained"][key] for s in args.seeds] for key in HELD_OUT} for arm in arms}
     held["base"] = {key: [tables[f"default-s{s}"]["base"][key] for s in args.seeds] for key in HELD_OUT}
     rates: dict[str, dict[str, list[float]]] = {}
-    report(args, rates, held, seconds)
+    table = report(args, rates, held, seconds)
     for attack in args.attacks:
         began = time.perf_counter()
         out = args.out / "attacks" / attack
@@ -148,12 +148,13 @@ def main() -> None:
         rates[attack]["base"] = [flagged(out, "base")]
         rates[attack]["base-no-attack"] = [flagged(out, "base-no-attack")]
         seconds[attack] = time.perf_counter() - began
-        report(args, rates, held, seconds)
-    print((args.out / ("table.md" if args.recipe == "redteam" else f"table-{args.recipe}.md")).read_text())
+        table = report(args, rates, held, seconds)
+    print(table)
 
 
-def report(args, rates: dict, held: dict, seconds: dict) -> None:
-    """<out>/table[-<recipe>].md and results[-<recipe>].json with what is measured so far (after every phase)."""
+def report(args, rates: dict, held: dict, seconds: dict) -> str:
+    """<out>/table[-<recipe>].md and results[-<recipe>].json with what is measured so far (after every phase); returns
+    the table."""
     lines = [f"Images flagged by the hazard judge (held-out hazard targets); mean over seeds {args.seeds} "
              "(each seed's value; the base model's attacks are one search).", "",
              f"| attack | base | default training | red-teamed training ({args.recipe}) |", "|---|---:|---:|---:|"]
@@ -169,10 +170,12 @@ def report(args, rates: dict, held: dict, seconds: dict) -> None:
               f"{mean_cell(held[args.recipe][key])} |" for key in HELD_OUT]
     lines += ["", "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())]
     suffix = "" if args.recipe == "redteam" else f"-{args.recipe}"
-    (args.out / f"table{suffix}.md").write_text("\n".join(lines) + "\n")
+    table = "\n".join(lines) + "\n"
+    (args.out / f"table{suffix}.md").write_text(table)
     (args.out / f"results{suffix}.json").write_text(json.dumps({
         "attacks": rates, "held_out": held, "seconds": seconds, "seeds": args.seeds, "recipe": args.recipe,
         "device": args.device}, indent=1))
+    return table
 
 
 if __name__ == "__main__":
