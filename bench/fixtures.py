@@ -161,3 +161,27 @@ def node_of(actor) -> str:
     import ray
 
     return ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
+
+def best_of(repeats: int, work) -> float:
+    work()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def best_in_turns(repeats: int, *works, warm_up: bool = True) -> list[float]:
+    """The best time of each call, timed in turns (after one warm-up each unless `warm_up` is false), so that a
+    slower spell of the machine (other processes, clock changes) falls on all alike."""
+    if warm_up:
+        for work in works:
+            work()
+    times: list[list[float]] = [[] for _ in works]
+    for _ in range(repeats):
+        for work, out in zip(works, times):
+            start = time.perf_counter()
+            work()
+            out.append(time.perf_counter() - start)
+    return [min(t) for t in times]

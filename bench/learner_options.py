@@ -25,8 +25,7 @@ import time
 
 import torch
 
-from bench.fixtures import cpu_name, learner_phases, saved_activation_bytes
-from bench.roofline import best_in_turns
+from bench.fixtures import best_in_turns, cpu_name, learner_phases, saved_activation_bytes
 from safediff.actors.rollout import Rollout
 from safediff.common.config import Config, GRPOConfig, load_config
 from safediff.common.policy import Policy

@@ -22,15 +22,13 @@ The unet family only (the world, SD-shaped models).
 from __future__ import annotations
 
 import argparse
-import time
 from typing import NamedTuple
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.fixtures import cpu_name, learner_phases
-from bench.world_step_parts import best_of
+from bench.fixtures import best_in_turns, best_of, cpu_name, learner_phases
 from safediff.actors.render import pipeline
 from safediff.actors.rollout import Rollout
 from safediff.common.config import load_config
@@ -58,19 +56,6 @@ def matmul_peak(dtype: torch.dtype = torch.float32, device: str | torch.device =
     return best
 
 
-def best_in_turns(repeats: int, *works, warm_up: bool = True) -> list[float]:
-    """The best time of each call, timed in turns (after one warm-up each unless `warm_up` is false), so that a
-    slower spell of the machine (other processes, clock changes) falls on all alike."""
-    if warm_up:
-        for work in works:
-            work()
-    times: list[list[float]] = [[] for _ in works]
-    for _ in range(repeats):
-        for work, out in zip(works, times):
-            start = time.perf_counter()
-            work()
-            out.append(time.perf_counter() - start)
-    return [min(t) for t in times]
 
 
 def counted(work) -> int:

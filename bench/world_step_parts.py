@@ -1,12 +1,16 @@
 """Where a world step's time goes, and what the two batching knobs buy, measured in one process and one run:
 
-    python -m bench.world_step_parts [--repeats 2] [--profile] [key.sub=value ...]
+    python -m bench.world_step_parts [--repeats 2] [--profile] [--deepspeed] [key.sub=value ...]
 
     rollout   the step's prompts_per_step groups rendered one group per call (as before) and all in one call
               (as a rollout actor now does), on the world's models and sampler
     learner   one GRPO update of a step's samples with grpo.timesteps_per_pass 1 (the reference's loop) and the
               config's value, from the same trajectories and advantages; the single-process optimiser, no Ray;
               with its time per phase (forward, backward, optimizer, to_device)
+
+    deepspeed (with `--deepspeed`) the same update at the config's timesteps_per_pass through the learner's own ZeRO
+              engine (learner/engine.py: a single rank over gloo, as `safediff run`'s learner builds it, without
+              Ray) and through the single-process optimiser, timed in turns: what DeepSpeed costs a world update
 
 Each is timed `--repeats` times after one warm-up and the best time is reported, with the ratio. Threads: the
 learner's and rollout actor's count from the config (cluster.cpus_per_*). With `--profile`, one more update at the
@@ -17,33 +21,34 @@ share (on the world's UNet, 8 heads of dimension 4 over 256 tokens, most of it i
 from __future__ import annotations
 
 import argparse
-import time
+import os
 
 import torch
 
-from bench.fixtures import cpu_name, learner_phases
+from bench.fixtures import best_in_turns, best_of, cpu_name, learner_phases
 from safediff.actors.rollout import Rollout
 from safediff.common.config import load_config
 from safediff.common.policy import Policy
-from safediff.common.process import configure_threads
+from safediff.common.process import configure_threads, free_port
 from safediff.common.prompts import PromptStream
+from safediff.learner.engine import init_process_group, zero_updater
 from safediff.learner.update import GRPOUpdate, TorchOptimizer, TrainBatch
 
 
-def best_of(repeats: int, work) -> float:
-    work()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def zero_update(cfg, batch: TrainBatch):
+    """A call running one update of `batch` through the learner's ZeRO engine on a policy of its own (1 rank, gloo)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    updater, _ = zero_updater(init_process_group(gpu=False), cfg, Policy.from_config(cfg))
+    return lambda: updater.update(batch, step=0)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="list the operators an update spends its time in")
+    parser.add_argument("--deepspeed", action="store_true", help="also time the update through the learner's ZeRO "
+                        "engine")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config("world", args.overrides)
@@ -60,7 +65,7 @@ def main() -> int:
     advantages = torch.randn(len(groups), cfg.grpo.group_size, generator=torch.Generator().manual_seed(0))
     batch = TrainBatch.from_trajectories(rollout.generate(groups), advantages)
     start_state = policy.state()
-    seconds, metrics = {}, {}
+    seconds, metrics, updates = {}, {}, {}
     for per_pass in sorted({1, cfg.grpo.timesteps_per_pass}):
         grpo = cfg.grpo.model_copy(update={"timesteps_per_pass": per_pass})
 
@@ -69,12 +74,18 @@ def main() -> int:
             optimizer = TorchOptimizer(policy.trainable_parameters(), cfg.optim)
             metrics[per_pass] = GRPOUpdate(policy, grpo, cfg.sampler, cfg.run.seed, optimizer).update(batch, step=0)
 
+        updates[per_pass] = update
         seconds[per_pass] = best_of(args.repeats, update)
         phases = ", ".join(f"{phase} {value:.1f} s" for phase, value in learner_phases(metrics[per_pass]).items())
         print(f"learner, {len(batch)} samples x {cfg.grpo.trained_per_sample} timesteps, timesteps_per_pass "
               f"{per_pass}: {seconds[per_pass]:.1f} s (last run: {phases})")
     if len(seconds) == 2:
         print(f"learner ratio: {seconds[1] / seconds[cfg.grpo.timesteps_per_pass]:.2f}x")
+    if args.deepspeed:  # timed in turns with the single-process optimiser, so a slower spell falls on both
+        plain, zero = best_in_turns(args.repeats, updates[cfg.grpo.timesteps_per_pass], zero_update(cfg, batch))
+        print(f"learner, timesteps_per_pass {cfg.grpo.timesteps_per_pass}, in turns: single-process optimiser "
+              f"{plain:.1f} s, the ZeRO-{cfg.cluster.zero_stage} engine (1 rank, gloo) {zero:.1f} s "
+              f"({zero / plain:.2f}x)")
     if args.profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             update()

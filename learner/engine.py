@@ -67,6 +67,16 @@ def init_process_group(gpu: bool):
     return deepspeed
 
 
+def zero_updater(deepspeed, cfg: Config, policy: Policy) -> tuple[GRPOUpdate, object]:
+    """The GRPO update of `policy` through a ZeRO engine over its trainable parameters (torch AdamW as the client
+    optimiser), in the process group `init_process_group` joined; and the engine."""
+    prepare_denoiser(policy, cfg.grpo)
+    params = policy.trainable_parameters()
+    engine, *_ = deepspeed.initialize(model=policy.denoiser, optimizer=adamw(params, cfg.optim),
+                                      model_parameters=params, config=deepspeed_config(cfg))
+    return GRPOUpdate(policy, cfg.grpo, cfg.sampler, cfg.run.seed, DeepSpeedStep(engine)), engine
+
+
 def gathered_state(policy: Policy, zero_stage: int) -> dict[str, torch.Tensor]:
     """The full trainable state; ZeRO-3 partitions parameters, so gather them first (collective)."""
     if zero_stage != 3:
@@ -96,14 +106,8 @@ class LearnerWorker:
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         deepspeed = init_process_group(gpu=self.cfg.cluster.gpus_per_learner_worker > 0)
         self.policy = Policy.from_config(self.cfg)
-        prepare_denoiser(self.policy, self.cfg.grpo)
-        params = self.policy.trainable_parameters()
-        self.engine, *_ = deepspeed.initialize(model=self.policy.denoiser, optimizer=adamw(params, self.cfg.optim),
-                                               model_parameters=params,
-                                               config=deepspeed_config(self.cfg))
-        self.updater = GRPOUpdate(self.policy, self.cfg.grpo, self.cfg.sampler, self.cfg.run.seed,
-                                  DeepSpeedStep(self.engine))
-        return len(params)
+        self.updater, self.engine = zero_updater(deepspeed, self.cfg, self.policy)
+        return len(self.policy.trainable_parameters())
 
     def update(self, trajectory_refs: list, advantages: torch.Tensor, step: int) -> dict[str, float]:
         """One training step on this rank's shard. `trajectory_refs` are ObjectRefs (fetched here, from the
