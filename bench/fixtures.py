@@ -162,7 +162,9 @@ def node_of(actor) -> str:
 
     return ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
 
+
 def best_of(repeats: int, work) -> float:
+    """The best time of `repeats` calls of `work()`, after one warm-up call."""
     work()  # warm-up
     times = []
     for _ in range(repeats):

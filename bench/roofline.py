@@ -56,8 +56,6 @@ def matmul_peak(dtype: torch.dtype = torch.float32, device: str | torch.device =
     return best
 
 
-
-
 def counted(work) -> int:
     """FLOPs of `work()`, attention through the math kernel so that its matmuls are counted."""
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:

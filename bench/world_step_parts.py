@@ -21,7 +21,6 @@ share (on the world's UNet, 8 heads of dimension 4 over 256 tokens, most of it i
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
@@ -37,9 +36,8 @@ from safediff.learner.update import GRPOUpdate, TorchOptimizer, TrainBatch
 
 def zero_update(cfg, batch: TrainBatch):
     """A call running one update of `batch` through the learner's ZeRO engine on a policy of its own (1 rank, gloo)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    updater, _ = zero_updater(init_process_group(gpu=False), cfg, Policy.from_config(cfg))
+    deepspeed = init_process_group(False, "127.0.0.1", free_port(), rank=0, world_size=1)
+    updater, _ = zero_updater(deepspeed, cfg, Policy.from_config(cfg))
     return lambda: updater.update(batch, step=0)
 
 

@@ -54,8 +54,11 @@ class DeepSpeedStep:
         return float(norm) if norm is not None else float("nan")
 
 
-def init_process_group(gpu: bool):
-    """torch.distributed through DeepSpeed: NCCL on GPUs, gloo on CPU. Returns the deepspeed module."""
+def init_process_group(gpu: bool, master_addr: str, master_port: int, rank: int, world_size: int):
+    """Join rank `rank` of `world_size` (one rank per process) at rank 0's address: torch.distributed through
+    DeepSpeed, NCCL on GPUs, gloo on CPU. Returns the deepspeed module."""
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     if not gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
@@ -102,9 +105,8 @@ class LearnerWorker:
     def setup(self, master_addr: str, master_port: int) -> int:
         """Join the process group and build the engine (all ranks must call this concurrently).
         Returns the number of trainable tensors."""
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        deepspeed = init_process_group(gpu=self.cfg.cluster.gpus_per_learner_worker > 0)
+        deepspeed = init_process_group(self.cfg.cluster.gpus_per_learner_worker > 0, master_addr, master_port,
+                                       self.rank, self.world_size)
         self.policy = Policy.from_config(self.cfg)
         self.updater, self.engine = zero_updater(deepspeed, self.cfg, self.policy)
         return len(self.policy.trainable_parameters())
