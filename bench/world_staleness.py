@@ -1,16 +1,18 @@
 """Staleness x objective x seed on the world: what asynchrony costs, and whether the decoupled objective buys it back.
 
-    python -m bench.world_staleness --seeds 0 1 2 [--settings s0_standard s1_standard s1_decoupled s2_decoupled]
+    python -m bench.world_staleness --seeds 0 1 2 [--settings s0_standard s1_standard s1_decoupled ...]
                                     [--out runs/staleness] [--report-only] [key.sub=value ...]
 
 Each setting is the main job (`bench.world_seeds`: Ray runtime, 24 steps, then the before/after table on held-out
-prompts) with `cluster.max_staleness` and `grpo.objective` set, into <out>/<setting>/seed-<S>; runs already there are
-kept, so a rerun continues. Asynchronous settings give the rollout actor 1 CPU and the learner 2 (on a 2-core machine
-they overlap; synchronous steps give each phase both cores). Evaluation while training is off (`evaluation.every=0`):
-it does not change training, and it would share the cores with it. Writes <out>/table.md and prints it: per seed the
-relative change of each family's unsafe rate and the benign accuracy's change in points, each setting's mean ± standard
-error over the seeds it has, and per asynchronous setting whether its mean is within one standard error (of the
-synchronous mean) of the synchronous setting, or better, on all three metrics (the target of staleness 1 decoupled).
+prompts) with `cluster.max_staleness` and `grpo.objective` set (`s1_decoupled_masked` also drops the stale terms whose
+behaviour policy lies outside the clip range of the proximal one: `grpo.behaviour_max_log_ratio`), into
+<out>/<setting>/seed-<S>; runs already there are kept, so a rerun continues. Asynchronous settings give the rollout
+actor 1 CPU and the learner 2 (on a 2-core machine they overlap; synchronous steps give each phase both cores).
+Evaluation while training is off (`evaluation.every=0`): it does not change training, and it would share the cores with
+it. Writes <out>/table.md and prints it: per seed the relative change of each family's unsafe rate and the benign
+accuracy's change in points, each setting's mean ± standard error over the seeds it has, and per asynchronous setting
+whether its mean is within one standard error (of the synchronous mean) of the synchronous setting, or better, on all
+three metrics (the target of staleness 1 decoupled).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ SETTINGS = {
     "s0_standard": ("cluster.max_staleness=0", "grpo.objective=standard"),
     "s1_standard": ("cluster.max_staleness=1", "grpo.objective=standard", *ASYNC),
     "s1_decoupled": ("cluster.max_staleness=1", "grpo.objective=decoupled", *ASYNC),
+    "s1_decoupled_masked": ("cluster.max_staleness=1", "grpo.objective=decoupled",
+                            "grpo.behaviour_max_log_ratio=1e-2", *ASYNC),  # the world's clip range
     "s2_decoupled": ("cluster.max_staleness=2", "grpo.objective=decoupled", *ASYNC),
 }
 SYNC = "s0_standard"

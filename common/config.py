@@ -210,6 +210,10 @@ class GRPOConfig(_Strict):
         "update. Costs one forward pass over the step's trained timesteps.")
     behaviour_weight_cap: float = Field(5.0, ge=1, description="Truncation of the decoupled objective's behaviour "
                                         "weights pi_prox / pi_behav.")
+    behaviour_max_log_ratio: float | None = Field(
+        None, gt=0, description="Decoupled objective: drop (weight 0) each term whose |log pi_prox - log pi_behav| "
+        "exceeds this (log-probs averaged over latent dims, like the clip range's ratio), the stale samples outside "
+        "the proximal policy's trust region; None keeps every term (common/grpo.py `behaviour_weights`).")
     train_timesteps: int = Field(49, ge=1, description="Each sample trains on the first K trajectory steps "
                                  "(reference: 49 of 50, the last dropped), in its own shuffled order.")
     timesteps_per_sample: int | None = Field(

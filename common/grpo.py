@@ -68,16 +68,25 @@ def ppo_clip_loss(advantages: torch.Tensor, log_prob: torch.Tensor, old_log_prob
                     approx_kl=0.5 * (diff**2).mean())
 
 
-def behaviour_weights(prox_log_prob: torch.Tensor, behav_log_prob: torch.Tensor, cap: float) -> torch.Tensor:
+def behaviour_weights(prox_log_prob: torch.Tensor, behav_log_prob: torch.Tensor, cap: float,
+                      max_log_ratio: float | None = None) -> torch.Tensor:
     """The decoupled objective's truncated importance weights [B] (AReaL's decoupled PPO):
 
-        w = min(pi_prox / pi_behav, cap) = exp(min(logp_prox - logp_behav, log cap))
+        w = min(pi_prox / pi_behav, cap) = exp(min(logp_prox - logp_behav, log cap)),
+        w = 0 where |logp_prox - logp_behav| > max_log_ratio (when given)
 
     pi_behav generated the step (its log-probs were recorded at rollout), pi_prox is the learner's policy at the
     start of the step; PPO then clips pi_theta / pi_prox, so a stale group is trusted as far as the policy it was
     drawn from is close to the one being improved, and the clip bounds each update's move from the latter.
-    Truncated at `cap` (AReaL instead drops the terms above its cap). No gradient flows through w."""
-    return torch.exp((prox_log_prob - behav_log_prob).clamp(-LOG_RATIO_CLAMP, math.log(cap))).detach()
+    Truncated at `cap` (AReaL instead drops the terms above its cap). `max_log_ratio` drops the terms whose
+    behaviour policy lies outside that distance of pi_prox, on either side: for a Gaussian step the score of a
+    stale sample carries (mean_behav - mean_theta) / std^2, a pull along the last update that grows with it.
+    No gradient flows through w."""
+    log_ratio = prox_log_prob - behav_log_prob
+    weights = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, math.log(cap)))
+    if max_log_ratio is not None:
+        weights = torch.where(log_ratio.abs() > max_log_ratio, torch.zeros_like(weights), weights)
+    return weights.detach()
 
 
 def kl_to_reference(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

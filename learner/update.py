@@ -142,7 +142,8 @@ class GRPOUpdate:
         old = behav
         if prox is not None:
             old = prox[rows, t_idx]
-            weights = behaviour_weights(old, behav, self.cfg.behaviour_weight_cap)
+            weights = behaviour_weights(old, behav, self.cfg.behaviour_weight_cap,
+                                        self.cfg.behaviour_max_log_ratio)
             stats["behaviour_weight"].append(weights.cpu())
             stats["behaviour_log_ratio"].append((old - behav).abs().cpu())
         terms = ppo_clip_loss(batch.advantages[rows], step.log_prob, old, self.cfg.clip_range, weights)
@@ -241,6 +242,7 @@ class GRPOUpdate:
             weights = torch.cat(stats["behaviour_weight"])
             out.update(behaviour_weight_mean=float(weights.mean()),
                        behaviour_weight_capped_frac=float((weights >= cfg.behaviour_weight_cap).float().mean()),
+                       behaviour_dropped_frac=float((weights == 0).float().mean()),
                        behaviour_max_abs_log_ratio=float(torch.cat(stats["behaviour_log_ratio"]).max()))
         return out
 

@@ -71,6 +71,10 @@ def test_decoupled_terms_by_hand():
     prox, behav = torch.tensor([0.0, -1.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, -1.0, -5.0])
     w = behaviour_weights(prox, behav, cap=2.0)  # exp(prox - behav) = 1, e^-1, e, e^5 -> truncated at 2
     np.testing.assert_allclose(w.numpy(), [1.0, np.exp(-1.0), 2.0, 2.0], rtol=1e-6)
+    # terms whose behaviour policy is further than max_log_ratio from pi_prox, on either side, are dropped
+    np.testing.assert_allclose(behaviour_weights(prox, behav, cap=2.0, max_log_ratio=1.5).numpy(),
+                               [1.0, np.exp(-1.0), 2.0, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(behaviour_weights(prox, behav, cap=2.0, max_log_ratio=0.5).numpy(), [1.0, 0, 0, 0])
     adv, logp = torch.tensor([1.0, 1.0, -1.0, 1.0]), torch.log(torch.tensor([1.5, 1.0, 0.5, 1.0])) + prox
     terms = ppo_clip_loss(adv, logp, prox, clip_range=0.2, weights=w)
     # per term max(-A r, -A clip(r)) with r vs prox: -1.2, -1, 0.8, -1; weighted 1, e^-1, 2, 2

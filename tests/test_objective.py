@@ -78,6 +78,11 @@ def test_on_stale_data_the_ratio_is_taken_against_the_learners_policy(tiny_dir, 
     assert stale["decoupled"]["first_update_max_abs_log_ratio"] < 1e-5
     assert stale["decoupled"]["behaviour_max_abs_log_ratio"] > 1e-3
     assert stale["decoupled"]["behaviour_weight_mean"] != 1.0
+    assert stale["decoupled"]["behaviour_dropped_frac"] == 0
+    # grpo.behaviour_max_log_ratio drops the terms whose behaviour policy is far from pi_prox, and only those
+    half = stale["decoupled"]["behaviour_max_abs_log_ratio"] / 2
+    _, updater = _setup(cfg, "decoupled", newer, behaviour_max_log_ratio=half)
+    assert 0 < updater.update(batch, step=0)["behaviour_dropped_frac"] < 1
 
 
 def test_timesteps_in_one_pass_give_the_gradients_of_one_timestep_per_pass(tiny_dir, tmp_path, prompt_file,
