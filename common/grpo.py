@@ -80,7 +80,8 @@ def behaviour_weights(prox_log_prob: torch.Tensor, behav_log_prob: torch.Tensor,
     drawn from is close to the one being improved, and the clip bounds each update's move from the latter.
     Truncated at `cap` (AReaL instead drops the terms above its cap). `max_log_ratio` drops the terms whose
     behaviour policy lies outside that distance of pi_prox, on either side: for a Gaussian step the score of a
-    stale sample carries (mean_behav - mean_theta) / std^2, a pull along the last update that grows with it.
+    stale sample, (x - mean_theta) / std^2, carries besides its noise (mean_behav - mean_theta) / std^2, a term the
+    size of the policy's last moves over the step's variance, which neither w nor the clip bounds.
     No gradient flows through w."""
     log_ratio = prox_log_prob - behav_log_prob
     weights = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, math.log(cap)))
