@@ -47,6 +47,9 @@ def _mean(values: torch.Tensor | None) -> float | None:
 # should be float noise (about 1e-6 in fp32 when batch shapes differ). Above this it signals rollout and training
 # computing different functions (dropout, a stale adapter, a dtype or kernel mismatch).
 LOG_RATIO_ALARM = 1e-3
+# grpo.behaviour_max_log_ratio drops the stale terms whose behaviour policy is far from the learner's: a step that
+# drops more than this share of its terms learns from little of its data.
+DROPPED_ALARM = 0.5
 # What a policy hacking the reward loses first: alignment with the prompt, and variety within a group.
 HACKING_SIGNALS = ("cos_prompt_mean", "diversity_mean")
 
@@ -90,6 +93,12 @@ class StepRecipe:
             log.warning("step %d: the first update's max |log ratio| is %.3g on on-policy data (> %g): rollout and "
                         "learner log-probs disagree", step, first, LOG_RATIO_ALARM)
             self.run.store.event("log_ratio_alarm", step=step, value=first)
+        dropped = record.get("behaviour_dropped_frac")
+        if dropped is not None and dropped > DROPPED_ALARM:
+            log.warning("step %d: the decoupled objective dropped %.0f%% of the step's terms (their behaviour policy "
+                        "is further than grpo.behaviour_max_log_ratio from the learner's): raise it, or lower optim.lr",
+                        step, 100 * dropped)
+            self.run.store.event("behaviour_dropped_alarm", step=step, value=dropped)
         self._hacking_alarms(step, record)
         self.run.metrics.write(record)
         self.run.store.record_step(step, version, cursor, record)

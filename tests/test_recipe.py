@@ -110,6 +110,19 @@ def test_an_on_policy_first_update_far_from_ratio_one_raises_an_alarm(tiny_confi
     assert "step 2: the first update's max |log ratio| is 0.005" in caplog.text
 
 
+def test_a_step_that_drops_most_of_its_stale_terms_raises_an_alarm(tiny_config, tiny_dir, tmp_path, prompt_file,
+                                                                   caplog):
+    cfg = tiny_config(tiny_dir, tmp_path, prompt_file, "run.steps=9", "run.save_every=9")
+    with tracked_run(cfg, resume=False) as run:
+        recipe = StepRecipe(cfg, run, [])
+        for step, dropped in enumerate([0.1, 0.5, 0.75, None]):
+            recipe.close(step, {"step": step, "behaviour_dropped_frac": dropped, "staleness_max": 1}, step + 1, {},
+                         lambda done: None)
+        alarms = [(e["step"], e["value"]) for e in run.store.events() if e["kind"] == "behaviour_dropped_alarm"]
+    assert alarms == [(2, 0.75)]
+    assert "step 2: the decoupled objective dropped 75% of the step's terms" in caplog.text
+
+
 def test_seeds_up_to_the_largest_accepted_give_every_sample_its_own_noise():
     from safediff.common.config import ConfigError, load_config
     from safediff.common.seeds import sample_seed
