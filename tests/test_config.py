@@ -67,6 +67,7 @@ def test_bad_values_name_each_field():
     (["model.family=sd3", "sampler.sde_kind=cps", "sampler.num_steps=10", "grpo.train_timesteps=10"],
      "grpo.train_timesteps .10. must be below sampler.num_steps"),
     (["grpo.compile=true", "cluster.zero_stage=3"], "grpo.compile needs cluster.zero_stage 0-2"),
+    (["grpo.behaviour_max_log_ratio=0.01"], "grpo.behaviour_max_log_ratio needs grpo.objective=decoupled"),
     (["model.family=flux", "prompts.adversarial.targets=t.txt"], "prompts.adversarial: model.family=flux conditions "
                                                                  "on T5"),
 ])
