@@ -160,12 +160,12 @@ def compare_runs(run_dirs: list[Path], out: Path, metrics: tuple[str, ...] = ())
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3 * rows_n), dpi=100, squeeze=False)
     lines = ["| run | metric | steps | first | last | mean of the last quarter |", "|---|---|---:|---:|---:|---:|"]
     for ax, field in zip(axes.flat, fields):
-        for name, records in runs.items():
+        for colour, (name, records) in enumerate(runs.items()):  # a run keeps its colour in every panel
             points = [(r["step"], r[field]) for r in records if isinstance(r.get(field), (int, float))]
             if not points:
                 continue
             steps, values = zip(*points)
-            ax.plot(steps, values, marker="o", ms=2, label=name)
+            ax.plot(steps, values, marker="o", ms=2, label=name, color=f"C{colour}")
             tail = values[len(values) - max(1, len(values) // 4):]
             lines.append(f"| {name} | {field} | {len(values)} | {values[0]:.4g} | {values[-1]:.4g} | "
                          f"{sum(tail) / len(tail):.4g} |")
