@@ -707,8 +707,8 @@ class Config(_Strict):
             raise ValueError("grpo.compile needs cluster.zero_stage 0-2: ZeRO-3 gathers each parameter in module "
                              "hooks as the forward reaches it, which torch.compile would trace (not supported here)")
         if g.behaviour_max_log_ratio is not None and g.objective != "decoupled":
-            raise ValueError("grpo.behaviour_max_log_ratio needs grpo.objective=decoupled: it bounds the distance of "
-                             "a term's behaviour policy from the proximal one, which only that objective computes")
+            raise ValueError("grpo.behaviour_max_log_ratio needs grpo.objective=decoupled, the one objective that "
+                             "computes the proximal policy whose distance from the behaviour policy it bounds")
         if self.model.finetune == "full" and self.grpo.kl_beta > 0:
             raise ValueError("grpo.kl_beta > 0 needs model.finetune=lora: the KL reference is the UNet with its "
                              "adapter disabled, and a full fine-tune keeps no second copy")
