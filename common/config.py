@@ -214,6 +214,12 @@ class GRPOConfig(_Strict):
         None, gt=0, description="Decoupled objective: drop (weight 0) each term whose |log pi_prox - log pi_behav| "
         "exceeds this (log-probs averaged over latent dims, like the clip range's ratio), the stale samples outside "
         "the proximal policy's trust region; None keeps every term (common/grpo.py `behaviour_weights`).")
+    target_kl: float | None = Field(
+        None, gt=0, description="Steer the learning rate by the step's approx_kl (1/2 mean (log pi_theta - log "
+        "pi_old)^2, taken before each minibatch's update): the next step's rate is lr * sqrt(target_kl / approx_kl), "
+        "at most 1.5x the last and between optim.lr / 100 and optim.lr (common/grpo.py `kl_controlled_lr`); the "
+        "rate rides in the optimiser state, so a resumed run continues with it. None keeps optim.lr constant (the "
+        "reference).")
     train_timesteps: int = Field(49, ge=1, description="Each sample trains on the first K trajectory steps "
                                  "(reference: 49 of 50, the last dropped), in its own shuffled order.")
     timesteps_per_sample: int | None = Field(
@@ -709,6 +715,10 @@ class Config(_Strict):
         if g.behaviour_max_log_ratio is not None and g.objective != "decoupled":
             raise ValueError("grpo.behaviour_max_log_ratio needs grpo.objective=decoupled, the one objective that "
                              "computes the proximal policy whose distance from the behaviour policy it bounds")
+        if g.target_kl is not None and g.updates_per_step * g.inner_epochs < 2:
+            raise ValueError("grpo.target_kl needs at least two updates per step (grpo.updates_per_step x "
+                             "grpo.inner_epochs), since the approx_kl it steers by measures how far a step's "
+                             "earlier updates moved the policy")
         if self.model.finetune == "full" and self.grpo.kl_beta > 0:
             raise ValueError("grpo.kl_beta > 0 needs model.finetune=lora: the KL reference is the UNet with its "
                              "adapter disabled, and a full fine-tune keeps no second copy")

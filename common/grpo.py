@@ -1,4 +1,5 @@
-"""GRPO pieces as pure functions: group advantages, the PPO-clip loss, the KL penalty, diagnostics."""
+"""GRPO pieces as pure functions: group advantages, the PPO-clip loss, the KL penalty, the KL-controlled learning
+rate, diagnostics."""
 
 from __future__ import annotations
 
@@ -88,6 +89,27 @@ def behaviour_weights(prox_log_prob: torch.Tensor, behav_log_prob: torch.Tensor,
     if max_log_ratio is not None:
         weights = torch.where(log_ratio.abs() > max_log_ratio, torch.zeros_like(weights), weights)
     return weights.detach()
+
+
+# the KL-controlled learning rate: how fast the rate may recover per step, and how far below its ceiling it may go
+LR_GROWTH_MAX = 1.5
+LR_FLOOR_FRACTION = 0.01
+
+
+def kl_controlled_lr(lr: float, approx_kl: float, target_kl: float, max_lr: float) -> float:
+    """The next step's learning rate from this step's approx_kl (a KL-controlled step size, after rl_games'
+    adaptive schedule, but proportional rather than by a fixed factor):
+
+        lr' = clamp(lr * min(sqrt(target_kl / approx_kl), 1.5), max_lr / 100, max_lr)    (approx_kl = 0: lr * 1.5)
+
+    For small moves KL ~ 1/2 dtheta^T F dtheta grows with lr^2, so lr * sqrt(target / kl) is the rate that would
+    have met the target on this step. Why: a step's first update is never clipped (pi_theta = pi_old there), so
+    only the rate bounds how far it moves the policy. The rate shrinks at once after a step that overshoots,
+    recovers by at most 1.5x per step, and never exceeds the configured rate (`max_lr`). It reacts one step late:
+    on the world it halved the step after a runaway began but could not stop the step that began it
+    (docs/world.md, "Five seeds at staleness 1")."""
+    factor = LR_GROWTH_MAX if approx_kl <= 0 else min(math.sqrt(target_kl / approx_kl), LR_GROWTH_MAX)
+    return min(max(lr * factor, max_lr * LR_FLOOR_FRACTION), max_lr)
 
 
 def kl_to_reference(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

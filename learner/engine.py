@@ -48,6 +48,15 @@ class DeepSpeedStep:
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
 
+    @property
+    def lr(self) -> float:
+        return self.engine.optimizer.param_groups[0]["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = value
+
     def step(self) -> float:
         self.engine.step()
         norm = self.engine.get_global_grad_norm()

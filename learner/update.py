@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 
 from safediff.common.config import GRPOConfig, OptimConfig, SamplerConfig
-from safediff.common.grpo import behaviour_weights, kl_to_reference, ppo_clip_loss
+from safediff.common.grpo import behaviour_weights, kl_controlled_lr, kl_to_reference, ppo_clip_loss
 from safediff.common.metrics import PhaseTimer
 from safediff.common.policy import Policy
 from safediff.common.sampling import GaussianStep
@@ -35,6 +35,8 @@ class StepOptimizer(Protocol):
     def backward(self, loss: torch.Tensor) -> None: ...
 
     def step(self) -> float: ...  # returns the pre-clip global grad norm
+
+    lr: float  # the learning rate of the next `step` (read and set; part of the optimiser's state_dict)
 
 
 def adamw(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
@@ -68,6 +70,15 @@ class TorchOptimizer:
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = value
 
     def step(self) -> float:
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
@@ -111,9 +122,21 @@ class GRPOUpdate:
                  optimizer: StepOptimizer):
         self.policy, self.cfg, self.sampler, self.run_seed = policy, grpo, sampler, run_seed
         self.optimizer = optimizer
+        # grpo.target_kl: the configured rate (the optimiser's, before any checkpoint is loaded) is the ceiling
+        self.max_lr = optimizer.lr if grpo.target_kl is not None else None
 
     def _zero_backward(self) -> None:
         self.optimizer.backward(sum(p.sum() * 0.0 for p in self.policy.trainable_parameters()))
+
+    def _approx_kl_over_ranks(self, values: list[float], world_size: int) -> float:
+        """The mean of every rank's per-term approx_kl `values` (an all-reduce with several ranks, called by all of
+        them, also by a rank that trained nothing); 0 when no rank trained a term."""
+        total = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=self.policy.device)
+        if world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(total)
+        return float(total[0] / total[1]) if total[1] > 0 else 0.0
 
     def policy_step(self, batch: TrainBatch, rows: torch.Tensor, t_idx: torch.Tensor) -> GaussianStep:
         """The policy's sampler step (mean, std, log-prob of the recorded next latent) for samples `rows`, each at
@@ -222,11 +245,17 @@ class GRPOUpdate:
                     grad_norms.append(self.optimizer.step())
         self.policy.denoiser.eval()
         times = {f"learner_{phase}_s": seconds for phase, seconds in clock.seconds.items()}
+        steered = {}
+        if cfg.target_kl is not None:  # the rate this step used, and the next step's, the same on every rank
+            approx_kl = self._approx_kl_over_ranks(stats["approx_kl"], world_size)
+            steered = {"lr": self.optimizer.lr}
+            self.optimizer.lr = kl_controlled_lr(steered["lr"], approx_kl, cfg.target_kl, self.max_lr)
         if not stats["loss"]:
-            return {"grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "samples_trained": 0, **times}
+            return {"grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "samples_trained": 0, **times, **steered}
         ratio = torch.cat(stats["ratio"])
         out = {
             **times,
+            **steered,
             "samples_trained": len(ratio) // S,
             "loss": sum(stats["loss"]) / len(stats["loss"]),
             "approx_kl": sum(stats["approx_kl"]) / len(stats["approx_kl"]),

@@ -68,6 +68,7 @@ def test_bad_values_name_each_field():
      "grpo.train_timesteps .10. must be below sampler.num_steps"),
     (["grpo.compile=true", "cluster.zero_stage=3"], "grpo.compile needs cluster.zero_stage 0-2"),
     (["grpo.behaviour_max_log_ratio=0.01"], "grpo.behaviour_max_log_ratio needs grpo.objective=decoupled"),
+    (["grpo.target_kl=0.001", "grpo.updates_per_step=1"], "grpo.target_kl needs at least two updates per step"),
     (["model.family=flux", "prompts.adversarial.targets=t.txt"], "prompts.adversarial: model.family=flux conditions "
                                                                  "on T5"),
 ])

@@ -8,6 +8,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from safediff.common.config import ConfigError
+from safediff.common.grpo import kl_controlled_lr
 from safediff.common.policy import Policy
 from safediff.common.trainable import LoraTrainable
 from safediff.runtime.controller import run
@@ -25,7 +26,7 @@ def _cfg(tiny_config, tiny_dir, tmp_path, prompt_file, *overrides):
 
 def test_async_run_syncs_every_actor_within_the_staleness_bound(tiny_dir, tmp_path, prompt_file, tiny_config):
     cfg = _cfg(tiny_config, tiny_dir, tmp_path, prompt_file, "cluster.rollout_actors=2", "cluster.reward_actors=1",
-               "cluster.learner_workers=2", "cluster.max_staleness=1")
+               "cluster.learner_workers=2", "cluster.max_staleness=1", "grpo.target_kl=1e-12")
     result = run(cfg, progress=False)
     assert result.final_version == 3
     assert result.actor_status == [(3, result.checksum)] * 2  # every actor holds the learner's latest
@@ -37,6 +38,13 @@ def test_async_run_syncs_every_actor_within_the_staleness_bound(tiny_dir, tmp_pa
                and m["time_generate_mean"] > 0 and m["time_reward_batch_mean"] > 0 for m in result.metrics)
     assert (result.run_dir / "adapter" / "pytorch_lora_weights.safetensors").is_file()
     assert (result.run_dir / "reward_curve.png").is_file()
+    # grpo.target_kl: each step's rate follows from the last step's approx_kl over both ranks (all-reduced, so the
+    # ranks agree; rates set per rank from each rank's own approx_kl would average to another number)
+    lrs, kls = [m["lr"] for m in result.metrics], [m["approx_kl"] for m in result.metrics]
+    assert lrs[0] == cfg.optim.lr and lrs[1] < cfg.optim.lr
+    for s in (1, 2):
+        assert lrs[s] > cfg.optim.lr / 100  # above the floor: the rate follows the measured approx_kl
+        assert lrs[s] == pytest.approx(kl_controlled_lr(lrs[s - 1], kls[s - 1], 1e-12, cfg.optim.lr), rel=1e-9)
 
 
 # sample grids after steps 0, 2 and 3: the local loop renders them itself, the Ray runtime on rollout actor 0

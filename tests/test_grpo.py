@@ -65,6 +65,20 @@ def test_pooled_advantages_pool_within_each_prompt_source():
     np.testing.assert_allclose(adv[1].numpy(), np.array([-0.5, -0.5, -0.5, 1.5]), rtol=1e-5)  # its own std: 0.1
 
 
+def test_kl_controlled_lr_by_hand():
+    from safediff.common.grpo import kl_controlled_lr
+
+    # four times the target: sqrt(1/4) = 1/2 of the rate
+    assert kl_controlled_lr(4e-3, 4e-3, 1e-3, max_lr=5e-3) == pytest.approx(2e-3, rel=1e-12)
+    # far under the target: at most 1.5x per step, never above the configured rate
+    assert kl_controlled_lr(2e-3, 1e-6, 1e-3, max_lr=5e-3) == pytest.approx(3e-3, rel=1e-12)
+    assert kl_controlled_lr(4e-3, 1e-6, 1e-3, max_lr=5e-3) == pytest.approx(5e-3, rel=1e-12)
+    assert kl_controlled_lr(4e-3, 0.0, 1e-3, max_lr=5e-3) == pytest.approx(5e-3, rel=1e-12)  # nothing measured
+    # a runaway step: 10^6 x the target would ask for 1/1000 of the rate; the floor is 1/100 of the configured one
+    assert kl_controlled_lr(5e-3, 1.0, 1e-6, max_lr=5e-3) == pytest.approx(5e-5, rel=1e-12)
+    assert kl_controlled_lr(1e-3, 1.1e-3, 1.1e-3, max_lr=5e-3) == pytest.approx(1e-3, rel=1e-12)  # on target
+
+
 def test_decoupled_terms_by_hand():
     from safediff.common.grpo import behaviour_weights
 

@@ -85,6 +85,28 @@ def test_on_stale_data_the_ratio_is_taken_against_the_learners_policy(tiny_dir, 
     assert 0 < updater.update(batch, step=0)["behaviour_dropped_frac"] < 1
 
 
+def test_target_kl_steers_the_next_steps_rate_and_a_checkpoint_keeps_it(tiny_dir, tmp_path, prompt_file,
+                                                                        tiny_config):
+    cfg = tiny_config(tiny_dir, tmp_path, prompt_file, "grpo.group_size=4", "grpo.prompts_per_step=2",
+                      "grpo.updates_per_step=2", "grpo.micro_batch_size=2", "optim.lr=0.05")
+    policy, plain = _setup(cfg, "standard")
+    batch = _batch(cfg, policy)
+    assert "lr" not in plain.update(batch, step=0) and plain.optimizer.lr == 0.05  # None: a constant rate
+    # a target far below what the step's second update measures: the rate falls as sqrt(target / approx_kl)
+    policy, updater = _setup(cfg, "standard", target_kl=1e-12)
+    metrics = updater.update(batch, step=0)
+    kl = metrics["approx_kl"]
+    assert metrics["lr"] == 0.05 and kl > 1e-12
+    assert updater.optimizer.lr == pytest.approx(max(0.05 * (1e-12 / kl) ** 0.5, 0.05 / 100), rel=1e-9)
+    assert updater.optimizer.lr < 0.05
+    # the rate rides in the optimiser state: a resumed learner continues with it, under the configured ceiling
+    resumed = TorchOptimizer(policy.trainable_parameters(), cfg.optim)
+    resumed.load_state_dict(updater.optimizer.state_dict())
+    assert resumed.lr == updater.optimizer.lr
+    assert GRPOUpdate(policy, updater.cfg, cfg.sampler, cfg.run.seed, TorchOptimizer(
+        policy.trainable_parameters(), cfg.optim)).max_lr == 0.05
+
+
 def test_timesteps_in_one_pass_give_the_gradients_of_one_timestep_per_pass(tiny_dir, tmp_path, prompt_file,
                                                                              tiny_config):
     cfg = tiny_config(tiny_dir, tmp_path, prompt_file, "grpo.group_size=4", "grpo.prompts_per_step=2",
