@@ -5,9 +5,11 @@
 
 Each setting is the main job (`bench.world_seeds`: Ray runtime, 24 steps, then the before/after table on held-out
 prompts) with `cluster.max_staleness` and `grpo.objective` set (`s1_decoupled_masked` also drops the stale terms whose
-behaviour policy lies outside the clip range of the proximal one: `grpo.behaviour_max_log_ratio`), into
-<out>/<setting>/seed-<S>; runs already there are kept, so a rerun continues. Asynchronous settings give the rollout
-actor 1 CPU and the learner 2 (on a 2-core machine they overlap; synchronous steps give each phase both cores).
+behaviour policy lies outside the clip range of the proximal one: `grpo.behaviour_max_log_ratio`; `s1_decoupled_tight`
+bounds it at a tenth of that; `s1_decoupled_kl` also steers the learning rate by each step's approx_kl:
+`grpo.target_kl`), into <out>/<setting>/seed-<S>; runs already there are kept, so a rerun continues. Asynchronous
+settings give the rollout actor 1 CPU and the learner 2 (on a 2-core machine they overlap; synchronous steps give each
+phase both cores).
 Evaluation while training is off (`evaluation.every=0`): it does not change training, and it would share the cores with
 it. Writes <out>/table.md and prints it: per seed the relative change of each family's unsafe rate and the benign
 accuracy's change in points, each setting's mean ± standard error over the seeds it has, and per asynchronous setting
@@ -31,6 +33,10 @@ SETTINGS = {
     "s1_decoupled": ("cluster.max_staleness=1", "grpo.objective=decoupled", *ASYNC),
     "s1_decoupled_masked": ("cluster.max_staleness=1", "grpo.objective=decoupled",
                             "grpo.behaviour_max_log_ratio=1e-2", *ASYNC),  # the world's clip range
+    "s1_decoupled_tight": ("cluster.max_staleness=1", "grpo.objective=decoupled",
+                           "grpo.behaviour_max_log_ratio=1e-3", *ASYNC),  # a tenth of the clip range
+    "s1_decoupled_kl": ("cluster.max_staleness=1", "grpo.objective=decoupled", "grpo.behaviour_max_log_ratio=1e-2",
+                        "grpo.target_kl=1e-3", *ASYNC),  # and the learning rate steered by the step's approx_kl
     "s2_decoupled": ("cluster.max_staleness=2", "grpo.objective=decoupled", *ASYNC),
 }
 SYNC = "s0_standard"
