@@ -24,7 +24,7 @@ from safediff.common.process import configure_threads, free_port, on_assigned_de
 from safediff.common.trainable import state_checksum
 from safediff.common.types import Trajectory
 from safediff.common.weight_sync import publish
-from safediff.learner.update import GRPOUpdate, TrainBatch, adamw, prepare_denoiser
+from safediff.learner.update import GRPOUpdate, ParamGroupsLR, TrainBatch, adamw, prepare_denoiser
 
 
 def deepspeed_config(cfg: Config) -> dict:
@@ -39,7 +39,7 @@ def deepspeed_config(cfg: Config) -> dict:
     }
 
 
-class DeepSpeedStep:
+class DeepSpeedStep(ParamGroupsLR):
     """`StepOptimizer` over a DeepSpeed engine: backward accumulates, step reduces/clips/applies."""
 
     def __init__(self, engine):
@@ -48,14 +48,8 @@ class DeepSpeedStep:
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    @property
-    def lr(self) -> float:
-        return self.engine.optimizer.param_groups[0]["lr"]
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = value
+    def _param_groups(self) -> list[dict]:  # ZeRO's optimiser passes its base torch optimiser's groups through
+        return self.engine.optimizer.param_groups
 
     def step(self) -> float:
         self.engine.step()

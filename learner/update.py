@@ -55,7 +55,25 @@ def prepare_denoiser(policy: Policy, grpo: GRPOConfig) -> None:
         policy.denoiser.compile()
 
 
-class TorchOptimizer:
+class ParamGroupsLR:
+    """`StepOptimizer.lr` over the param groups of the torch optimiser a class wraps (`_param_groups`): one rate for
+    every group, read from the first. The groups are looked up on each access, since a torch optimiser's
+    load_state_dict replaces its param_groups list."""
+
+    def _param_groups(self) -> list[dict]:
+        raise NotImplementedError
+
+    @property
+    def lr(self) -> float:
+        return self._param_groups()[0]["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        for group in self._param_groups():
+            group["lr"] = value
+
+
+class TorchOptimizer(ParamGroupsLR):
     """AdamW with grad-norm clipping and no schedule (the reference's optimiser)."""
 
     def __init__(self, params: list[torch.nn.Parameter], cfg: OptimConfig):
@@ -71,14 +89,8 @@ class TorchOptimizer:
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
 
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = value
+    def _param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
 
     def step(self) -> float:
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
