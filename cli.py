@@ -51,10 +51,20 @@ def _load(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
+def _computing(cfg: Config) -> Config:
+    """`cfg`, once this process's host memory is set up for a command that computes in it (the single-process loop,
+    the world table after a run, evaluations, attacks): run.keep_freed_memory, as in the actors."""
+    if cfg.run.keep_freed_memory:
+        from safediff.common.process import keep_freed_memory
+
+        keep_freed_memory()
+    return cfg
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from safediff.runtime.local import train
 
-    cfg = _load(args)
+    cfg = _computing(_load(args))
     result = train(cfg, resume=args.resume, progress=not args.quiet)
     last = result.metrics[-1]
     print(f"run dir: {result.run_dir}")
@@ -65,7 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from safediff.runtime.controller import run
 
-    cfg = _load(args)
+    cfg = _computing(_load(args))
     result = run(cfg, address=args.address, resume=args.resume, make_probe=_probe(cfg), progress=not args.quiet)
     last = result.metrics[-1]
     print(f"run dir: {result.run_dir}")
@@ -122,7 +132,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     overrides += list(args.overrides)
     if args.allow_missing_scorers:
         overrides.append("evaluation.suite.allow_missing_scorers=true")
-    cfg = load_config(args.config, overrides)
+    cfg = _computing(load_config(args.config, overrides))
     if args.describe:
         if not args.protocol:
             raise UserInputError("--describe needs --protocol NAME")
@@ -152,7 +162,7 @@ def cmd_eval_compare(args: argparse.Namespace) -> int:
 def cmd_attack(args: argparse.Namespace) -> int:
     from safediff.evaluation.attacks.run import run_attack
 
-    cfg = load_config(args.config, list(args.overrides))
+    cfg = _computing(load_config(args.config, list(args.overrides)))
     adapter = cfg.run.output_dir / args.run / "adapter" if args.run is not None else args.adapter
     out = run_attack(cfg, args.attack, adapter, args.out)
     print((out / "report.md").read_text())

@@ -29,7 +29,7 @@ from bench.fixtures import best_in_turns, cpu_name, learner_phases, saved_activa
 from safediff.actors.rollout import Rollout
 from safediff.common.config import Config, GRPOConfig, load_config
 from safediff.common.policy import Policy
-from safediff.common.process import configure_threads
+from safediff.common.process import configure_process
 from safediff.common.prompts import PromptStream
 from safediff.learner.update import GRPOUpdate, TorchOptimizer, TrainBatch, prepare_denoiser
 
@@ -76,7 +76,7 @@ def main() -> int:
 
 def measure(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    configure_threads(cfg.cluster.cpus_per_learner_worker)
+    configure_process(cfg, cfg.cluster.cpus_per_learner_worker)
     print(f"CPU: {cpu_name()}, torch threads {torch.get_num_threads()}")
     g = cfg.grpo
     policy = Policy.from_config(cfg)

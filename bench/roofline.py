@@ -33,7 +33,7 @@ from safediff.actors.render import pipeline
 from safediff.actors.rollout import Rollout
 from safediff.common.config import load_config
 from safediff.common.policy import Policy
-from safediff.common.process import configure_threads
+from safediff.common.process import configure_process
 from safediff.common.prompts import PromptStream
 from safediff.learner.update import GRPOUpdate, TorchOptimizer, TrainBatch
 
@@ -95,7 +95,7 @@ def main() -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.model.family != "unet":
         parser.error("bench.roofline measures the unet family (SD-shaped models)")
-    configure_threads(cfg.cluster.cpus_per_learner_worker)
+    configure_process(cfg, cfg.cluster.cpus_per_learner_worker)
     print(f"CPU: {cpu_name()}, torch threads {torch.get_num_threads()}")
     peak = matmul_peak()
     print(f"matmul peak (float32): {peak / 1e9:.1f} GFLOP/s")

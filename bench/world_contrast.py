@@ -20,7 +20,7 @@ from safediff.actors.rollout import Rollout
 from safediff.common.config import load_config
 from safediff.common.messages import PromptGroup
 from safediff.common.policy import Policy
-from safediff.common.process import configure_threads
+from safediff.common.process import configure_process
 from safediff.common.prompts import read_prompt_file
 from safediff.world.judges import detect, unsafe
 
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
-    configure_threads(cfg.cluster.cpus_per_rollout_actor)
+    configure_process(cfg, cfg.cluster.cpus_per_rollout_actor)
     counts = flagged_per_group(cfg, args.family)
     size = cfg.grpo.group_size
     flat = sum(c in (0, size) for c in counts)

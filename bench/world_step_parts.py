@@ -28,7 +28,7 @@ from bench.fixtures import best_in_turns, best_of, cpu_name, learner_phases
 from safediff.actors.rollout import Rollout
 from safediff.common.config import load_config
 from safediff.common.policy import Policy
-from safediff.common.process import configure_threads, free_port
+from safediff.common.process import configure_process, free_port
 from safediff.common.prompts import PromptStream
 from safediff.learner.engine import init_process_group, zero_updater
 from safediff.learner.update import GRPOUpdate, TorchOptimizer, TrainBatch
@@ -50,7 +50,7 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config("world", args.overrides)
-    configure_threads(cfg.cluster.cpus_per_learner_worker)
+    configure_process(cfg, cfg.cluster.cpus_per_learner_worker)
     print(f"CPU: {cpu_name()}, torch threads {torch.get_num_threads()}")
     policy = Policy.from_config(cfg)
     groups = PromptStream.from_config(cfg.prompts, cfg.run.seed).next_groups(0, cfg.grpo.prompts_per_step)
