@@ -54,10 +54,9 @@ def _load(args: argparse.Namespace):
 def _computing(cfg: Config) -> Config:
     """`cfg`, once this process's host memory is set up for a command that computes in it (the single-process loop,
     the world table after a run, evaluations, attacks): run.keep_freed_memory, as in the actors."""
-    if cfg.run.keep_freed_memory:
-        from safediff.common.process import keep_freed_memory
+    from safediff.common.process import configure_memory
 
-        keep_freed_memory()
+    configure_memory(cfg)
     return cfg
 
 

@@ -17,7 +17,7 @@ import ray
 from safediff.common.config import Config
 from safediff.common.messages import ActorBehind
 from safediff.common.policy import Policy
-from safediff.common.process import configure_process, on_assigned_device
+from safediff.common.process import configure_process
 from safediff.common.weight_sync import PolicyHolder
 
 Probe = Callable[[Policy, int], dict[str, float]]
@@ -26,8 +26,7 @@ Probe = Callable[[Policy, int], dict[str, float]]
 @ray.remote
 class EvalActor(PolicyHolder):
     def __init__(self, cfg: Config, make_probe: Callable[[Config], Probe]):
-        configure_process(cfg, cfg.cluster.cpus_per_eval_actor)
-        cfg = on_assigned_device(cfg, cfg.cluster.gpus_per_eval_actor)
+        cfg = configure_process(cfg, cfg.cluster.cpus_per_eval_actor, cfg.cluster.gpus_per_eval_actor)
         self.policy = Policy.from_config(cfg)
         self.probe = make_probe(cfg)
 

@@ -16,7 +16,7 @@ from safediff.actors.rollout import Rollout
 from safediff.common.config import Config, SuiteConfig
 from safediff.common.messages import ActorBehind, PromptGroup
 from safediff.common.policy import Policy
-from safediff.common.process import configure_process, on_assigned_device, peak_memory
+from safediff.common.process import configure_process, peak_memory
 from safediff.common.types import EvalRow
 from safediff.common.weight_sync import PolicyHolder
 
@@ -24,8 +24,7 @@ from safediff.common.weight_sync import PolicyHolder
 @ray.remote
 class RolloutActor(PolicyHolder):
     def __init__(self, cfg: Config):
-        configure_process(cfg, cfg.cluster.cpus_per_rollout_actor)
-        cfg = on_assigned_device(cfg, cfg.cluster.gpus_per_rollout_actor)
+        cfg = configure_process(cfg, cfg.cluster.cpus_per_rollout_actor, cfg.cluster.gpus_per_rollout_actor)
         self.cfg, self.pipe = cfg, None
         self.policy = Policy.from_config(cfg)
         self.rollout = Rollout(self.policy, cfg.sampler, cfg.grpo.group_size, cfg.run.seed)

@@ -74,11 +74,13 @@ class RunConfig(_Strict):
                               "`reward_hacking_alarm` event when a step's prompt alignment (cos_prompt_mean) or "
                               "within-group image diversity (diversity_mean) falls below (1 - alarm_drop) times its "
                               "first step's value.")
-    keep_freed_memory: bool = Field(True, description="Every process that computes (actors, the driver) keeps the "
-                                    "host memory it frees for reuse instead of giving it back to the OS and faulting "
-                                    "it in again (glibc mallopt: blocks up to 32 MiB from the heap, no trimming): on "
-                                    "CPU the world's rollouts ran 1.16x and its updates 1.23x as fast (`python -m "
-                                    "bench.host_memory`); each process's RSS stays near its peak. No effect off glibc.")
+    keep_freed_memory: bool = Field(True, description="Every process that computes on the CPU (actors, the driver) "
+                                    "keeps the host memory it frees for reuse instead of giving it back to the OS "
+                                    "and faulting it in again (glibc mallopt: blocks up to 32 MiB from the heap, no "
+                                    "trimming): the world's rollouts ran 1.16x and its updates 1.23x as fast "
+                                    "(`python -m bench.host_memory`); each such process's RSS stays near its peak. "
+                                    "Processes computing on a GPU, and C libraries other than glibc, are left as "
+                                    "they are.")
 
     @field_validator("name")
     @classmethod

@@ -9,7 +9,7 @@ import socket
 
 import torch
 
-from safediff.common.config import Config
+from safediff.common.config import Config, resolve_device_dtype
 
 
 def configure_threads(cpus: float) -> int:
@@ -40,21 +40,29 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
-def configure_process(cfg: Config, cpus: float) -> int:
-    """The settings of a process that computes as an actor that reserved `cpus` does (the actors, and benches that
-    stand in for one): torch's threads
-    (`configure_threads`) and, with run.keep_freed_memory, `keep_freed_memory`. Returns the thread count."""
-    if cfg.run.keep_freed_memory:
-        keep_freed_memory()
-    return configure_threads(cpus)
-
-
 def on_assigned_device(cfg: Config, gpus: float) -> Config:
     """The config an actor should run with: an actor that reserved no GPU runs on the CPU even on a GPU
     node (Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for num_gpus=0, so 'auto' would pick cuda:0)."""
     if gpus > 0:
         return cfg
     return cfg.model_copy(update={"run": cfg.run.model_copy(update={"device": "cpu"})})
+
+
+def configure_memory(cfg: Config) -> bool:
+    """run.keep_freed_memory for a process that computes on `cfg`'s device: `keep_freed_memory` when that is the CPU.
+    On a GPU the activations live in the GPU's memory, and kept host memory would only hold what loading the weights
+    freed. Returns whether the settings were taken."""
+    return cfg.run.keep_freed_memory and resolve_device_dtype(cfg.run)[0] == "cpu" and keep_freed_memory()
+
+
+def configure_process(cfg: Config, cpus: float, gpus: float = 0.0) -> Config:
+    """Set up a process that computes as an actor that reserved `cpus` CPUs and `gpus` GPUs does (the actors, and
+    benches standing in for one), and return the config it runs with (`on_assigned_device`): torch's threads
+    (`configure_threads`) and its host memory (`configure_memory`)."""
+    cfg = on_assigned_device(cfg, gpus)
+    configure_threads(cpus)
+    configure_memory(cfg)
+    return cfg
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:

@@ -20,7 +20,7 @@ from safediff.common.checkpoint import TrainerState
 from safediff.common.config import Config
 from safediff.common.messages import AdapterUpdate
 from safediff.common.policy import Policy
-from safediff.common.process import configure_process, free_port, on_assigned_device, peak_memory
+from safediff.common.process import configure_process, free_port, peak_memory
 from safediff.common.trainable import state_checksum
 from safediff.common.types import Trajectory
 from safediff.common.weight_sync import publish
@@ -96,8 +96,7 @@ def gathered_state(policy: Policy, zero_stage: int) -> dict[str, torch.Tensor]:
 @ray.remote
 class LearnerWorker:
     def __init__(self, cfg: Config, rank: int, world_size: int):
-        configure_process(cfg, cfg.cluster.cpus_per_learner_worker)
-        cfg = on_assigned_device(cfg, cfg.cluster.gpus_per_learner_worker)
+        cfg = configure_process(cfg, cfg.cluster.cpus_per_learner_worker, cfg.cluster.gpus_per_learner_worker)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.engine = None
 

@@ -19,7 +19,7 @@ import torch
 from safediff.common.config import Config, SamplerConfig
 from safediff.common.messages import ActorBehind
 from safediff.common.policy import Policy
-from safediff.common.process import configure_process, on_assigned_device
+from safediff.common.process import configure_process
 from safediff.common.prompts import read_prompt_file
 from safediff.common.seeds import derive_seed, generator, trajectory_noise
 from safediff.common.weight_sync import PolicyHolder
@@ -47,8 +47,7 @@ def base_picture(policy: Policy, sampler: SamplerConfig, prompt: str, seed: int)
 @ray.remote
 class AttackActor(PolicyHolder):
     def __init__(self, cfg: Config):
-        configure_process(cfg, cfg.cluster.cpus_per_attack_actor)
-        cfg = on_assigned_device(cfg, cfg.cluster.gpus_per_attack_actor)
+        cfg = configure_process(cfg, cfg.cluster.cpus_per_attack_actor, cfg.cluster.gpus_per_attack_actor)
         self.cfg, self.adversarial = cfg, cfg.prompts.adversarial
         self.policy = Policy.from_config(cfg)
         self.targets = read_prompt_file(self.adversarial.targets).prompts

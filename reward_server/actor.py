@@ -8,7 +8,7 @@ import ray
 import torch
 
 from safediff.common.config import Config, resolve_device_dtype
-from safediff.common.process import configure_process, on_assigned_device
+from safediff.common.process import configure_process
 from safediff.reward_server.batching import MicroBatcher
 from safediff.reward_server.steering import DIAGNOSTICS, RewardOutput, SteeringReward
 
@@ -21,8 +21,7 @@ class RewardActor:
     `reward.batch_max_wait_ms`) into one CLIP forward; results come back per request."""
 
     def __init__(self, cfg: Config):
-        configure_process(cfg, cfg.cluster.cpus_per_reward_actor)
-        cfg = on_assigned_device(cfg, cfg.cluster.gpus_per_reward_actor)
+        cfg = configure_process(cfg, cfg.cluster.cpus_per_reward_actor, cfg.cluster.gpus_per_reward_actor)
         self.reward = SteeringReward.from_config(cfg.reward, resolve_device_dtype(cfg.run)[0])
         self.batcher: MicroBatcher[Request, RewardOutput] = MicroBatcher(
             self._score_many, cfg.reward.batch_max_images, cfg.reward.batch_max_wait_ms / 1000)

@@ -249,3 +249,13 @@ def test_keeping_freed_memory_stops_the_kernel_mapping_the_same_pages_again():
     pages_per_round = 64 * 2**20 // resource.getpagesize()
     assert faults("glibc") > 8 * pages_per_round  # given back to the OS and faulted in again every round
     assert faults("keep") < 2 * pages_per_round   # kept: faulted in once, in the first round
+
+
+def test_host_memory_is_kept_only_by_processes_computing_on_the_cpu(monkeypatch):
+    from safediff.common.process import configure_memory
+
+    cfg = load_config("cpu_demo", ["run.device=auto"])
+    assert configure_memory(cfg) == (platform.libc_ver()[0] == "glibc")  # no GPU here: the CPU computes
+    assert not configure_memory(load_config("cpu_demo", ["run.device=auto", "run.keep_freed_memory=false"]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not configure_memory(cfg)  # a GPU computes: its activations are not in host memory
