@@ -163,15 +163,17 @@ def node_of(actor) -> str:
     return ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
 
 
+def timed(work) -> float:
+    """Seconds one call of `work()` took."""
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
 def best_of(repeats: int, work) -> float:
     """The best time of `repeats` calls of `work()`, after one warm-up call."""
     work()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(timed(work) for _ in range(repeats))
 
 
 def best_in_turns(repeats: int, *works, warm_up: bool = True) -> list[float]:
@@ -183,7 +185,5 @@ def best_in_turns(repeats: int, *works, warm_up: bool = True) -> list[float]:
     times: list[list[float]] = [[] for _ in works]
     for _ in range(repeats):
         for work, out in zip(works, times):
-            start = time.perf_counter()
-            work()
-            out.append(time.perf_counter() - start)
+            out.append(timed(work))
     return [min(t) for t in times]

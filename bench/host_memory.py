@@ -18,11 +18,10 @@ import json
 import resource
 import subprocess
 import sys
-import time
 
 import torch
 
-from bench.fixtures import cpu_name
+from bench.fixtures import cpu_name, timed
 from safediff.actors.rollout import Rollout
 from safediff.common.config import load_config
 from safediff.common.policy import Policy
@@ -33,12 +32,6 @@ from safediff.learner.update import GRPOUpdate, TorchOptimizer, TrainBatch
 SETTINGS = (False, True)  # run.keep_freed_memory, in the order each turn runs them
 
 
-def timed(work) -> float:
-    start = time.perf_counter()
-    work()
-    return time.perf_counter() - start
-
-
 def child(overrides: list[str]) -> dict:
     """One measurement, in this process: seconds of the timed rollout, of the first update and of the next two,
     system CPU seconds and minor page faults of the whole process."""
@@ -47,11 +40,10 @@ def child(overrides: list[str]) -> dict:
     policy = Policy.from_config(cfg)
     groups = PromptStream.from_config(cfg.prompts, cfg.run.seed).next_groups(0, cfg.grpo.prompts_per_step)
     rollout = Rollout(policy, cfg.sampler, cfg.grpo.group_size, cfg.run.seed)
-    rollout.generate(groups)
-    trajectories = []
-    rollout_s = timed(lambda: trajectories.append(rollout.generate(groups)))
+    trajectories = rollout.generate(groups)  # the warm-up call; the timed one renders the same samples
+    rollout_s = timed(lambda: rollout.generate(groups))
     advantages = torch.randn(len(groups), cfg.grpo.group_size, generator=torch.Generator().manual_seed(0))
-    batch, start = TrainBatch.from_trajectories(trajectories[0], advantages), policy.state()
+    batch, start = TrainBatch.from_trajectories(trajectories, advantages), policy.state()
 
     def update():
         policy.load_state(start, 0)

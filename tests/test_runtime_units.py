@@ -216,15 +216,15 @@ def test_actors_without_a_gpu_run_on_cpu(tiny_dir, tmp_path, prompt_file, tiny_c
 
 
 # What a training pass does to host memory: the same activations allocated, written and freed again, round after
-# round (64 blocks of 1 MiB, 10 rounds); prints the minor page faults the rounds cost the process. "keep": the actors'
-# setup; "glibc": glibc's initial settings, held (glibc raises them by itself as blocks are freed, which makes its
-# default depend on what the process did before).
+# round (64 blocks of 1 MiB, 10 rounds); prints the minor page faults the rounds cost the process. "keep": a CPU
+# process's setup, which must be taken; "glibc": glibc's initial settings, held (glibc raises them by itself as blocks
+# are freed, which makes its default depend on what the process did before).
 CHURN = """
 import ctypes, resource, sys, torch
 from safediff.common import process
 from safediff.common.config import load_config
 if sys.argv[1] == "keep":
-    process.configure_process(load_config("cpu_demo"), 1)  # run.keep_freed_memory is on by default
+    assert process.configure_memory(load_config("cpu_demo"))  # run.keep_freed_memory is on by default
 else:
     libc = ctypes.CDLL(None)
     libc.mallopt(process.M_MMAP_THRESHOLD, 128 * 1024)
@@ -239,23 +239,24 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="run.keep_freed_memory sets glibc's malloc")
 def test_keeping_freed_memory_stops_the_kernel_mapping_the_same_pages_again():
-    from safediff.common.process import keep_freed_memory
-
     def faults(setting: str) -> int:
         run = subprocess.run([sys.executable, "-c", CHURN, setting], capture_output=True, text=True, check=True)
         return int(run.stdout.split()[-1])
 
-    assert keep_freed_memory()  # glibc took both settings
     pages_per_round = 64 * 2**20 // resource.getpagesize()
     assert faults("glibc") > 8 * pages_per_round  # given back to the OS and faulted in again every round
     assert faults("keep") < 2 * pages_per_round   # kept: faulted in once, in the first round
 
 
 def test_host_memory_is_kept_only_by_processes_computing_on_the_cpu(monkeypatch):
-    from safediff.common.process import configure_memory
+    from safediff.common import process
 
+    calls = []  # recorded instead of set: this test process keeps glibc's settings and its torch threads
+    monkeypatch.setattr(process, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(process, "configure_threads", lambda cpus: 1)
     cfg = load_config("cpu_demo", ["run.device=auto"])
-    assert configure_memory(cfg) == (platform.libc_ver()[0] == "glibc")  # no GPU here: the CPU computes
-    assert not configure_memory(load_config("cpu_demo", ["run.device=auto", "run.keep_freed_memory=false"]))
+    assert process.configure_process(cfg, 1).run.device == "cpu" and len(calls) == 1  # an actor without a GPU
+    assert not process.configure_memory(load_config("cpu_demo", ["run.keep_freed_memory=false"])) and len(calls) == 1
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert not configure_memory(cfg)  # a GPU computes: its activations are not in host memory
+    assert process.configure_process(cfg, 1, gpus=0.5).run.device == "auto" and len(calls) == 1  # a GPU computes
+    assert process.configure_process(cfg, 1).run.device == "cpu" and len(calls) == 2  # on a GPU node, without one
