@@ -186,8 +186,8 @@ def _with_option(cfg, **option) -> tuple[torch.Tensor, dict, int]:
     """Each minibatch's gradient and the update's metrics under a learner option, and the activation bytes the
     update kept for backward (each storage once; counted in eager mode only)."""
     policy, updater = _setup(cfg, "standard", record=True, **option)
+    batch, metrics = _batch(cfg, policy), {}  # generated before the option applies: the same batch for every option
     prepare_denoiser(policy, updater.cfg)
-    batch, metrics = _batch(cfg, policy), {}
 
     def update():
         metrics.update(updater.update(batch, step=0))
