@@ -148,11 +148,20 @@ def _listener(port: int) -> str | None:
 
 
 def _kill_under(root: Path) -> None:
-    """Stop this head only: the processes whose command line or working directory is under `root` (the job's
-    driver runs in its working-directory copy there; `ray stop` would stop every Ray cluster on the machine)."""
+    """Stop this head only (`ray stop` would stop every Ray cluster on the machine): the processes whose command line
+    or working directory is under `root` (the job's driver runs in its working-directory copy there), and all their
+    descendants, gathered before any is killed. The descendants include the raylet's dashboard and runtime-env agents,
+    which rewrite their command line as `ray::DashboardAgent`; an agent orphaned by its raylet spins a core at nice 0
+    for about a minute, starving the next test's actors (Ray runs workers at nice 15)."""
     import psutil
 
+    head = []
     for proc in psutil.process_iter(["cmdline", "cwd"]):
         with contextlib.suppress(psutil.Error):
             if str(root) in " ".join(proc.info["cmdline"] or ()) or str(root) in (proc.info["cwd"] or ""):
-                proc.kill()
+                head += [proc, *proc.children(recursive=True)]
+    for proc in head:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    _, alive = psutil.wait_procs(head, timeout=60)
+    assert not alive, f"still running 60 s after SIGKILL: {alive}"
